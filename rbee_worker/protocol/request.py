@@ -1,0 +1,86 @@
+"""The body of `POST /v1/inference`, validated the same way wherever it is built."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import ErrorCode, RbeeError
+
+MAX_PROMPT_CHARS = 1_000_000
+MAX_STOP_SEQUENCES = 4
+
+
+def _invalid(field_name: str, message: str) -> RbeeError:
+    return RbeeError(
+        ErrorCode.INVALID_REQUEST, f"{field_name}: {message}", status=400, details={"field": field_name}
+    )
+
+
+@dataclass(slots=True)
+class InferenceRequest:
+    prompt: str
+    max_tokens: int = 128
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 40
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, body: Any) -> InferenceRequest:
+        if not isinstance(body, dict):
+            raise _invalid("body", "expected a JSON object")
+        unknown = set(body) - set(cls.__dataclass_fields__)
+        if unknown:
+            name = sorted(unknown)[0]
+            raise _invalid(name, "unknown field")
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise _invalid("prompt", "expected a non-empty string")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise _invalid("prompt", f"longer than {MAX_PROMPT_CHARS} characters")
+        req = cls(prompt=prompt)
+        req.max_tokens = _int(body, "max_tokens", req.max_tokens, 1, 1_000_000)
+        req.temperature = _float(body, "temperature", req.temperature, 0.0, 2.0)
+        req.top_p = _float(body, "top_p", req.top_p, 0.0, 1.0)
+        req.top_k = _int(body, "top_k", req.top_k, 0, 1_000_000)
+        seed = body.get("seed")
+        if seed is not None:
+            req.seed = _int(body, "seed", 0, 0, 2**31 - 1)
+        stop = body.get("stop", [])
+        if isinstance(stop, str):
+            stop = [stop]
+        if stop is None:
+            stop = []
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise _invalid("stop", "expected a string or a list of non-empty strings")
+        if len(stop) > MAX_STOP_SEQUENCES:
+            raise _invalid("stop", f"at most {MAX_STOP_SEQUENCES} sequences")
+        req.stop = stop
+        return req
+
+
+def _int(body: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _invalid(name, "expected an integer")
+    if not lo <= value <= hi:
+        raise _invalid(name, f"expected {lo}–{hi}, got {value}")
+    return value
+
+
+def _float(body: dict[str, Any], name: str, default: float, lo: float, hi: float) -> float:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _invalid(name, "expected a number")
+    if not lo <= value <= hi:
+        raise _invalid(name, f"expected {lo}–{hi}, got {value}")
+    return float(value)
