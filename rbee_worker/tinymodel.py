@@ -17,7 +17,7 @@ N_EMBD = 64
 N_LAYER = 2
 N_HEAD = 4
 N_FF = 128
-N_CTX = 512
+N_CTX = 4096
 
 _SPECIALS = [("<unk>", TokenType.UNKNOWN), ("<s>", TokenType.CONTROL), ("</s>", TokenType.CONTROL)]
 _PIECES = ["\u2581"] + list(string.ascii_letters + string.digits) + ["\u2581" + w for w in ("the", "a", "bee", "hive", "rbee")]

@@ -1,0 +1,170 @@
+"""One request's generation: a runtime loop on its slot's thread, read from asyncio.
+
+The blocking runtime runs on a dedicated thread and never waits for the client:
+each finished piece is handed to the event loop with `call_soon_threadsafe`, so
+tokens/s through HTTP is the runtime's own rate. Cancellation is a flag checked
+between tokens, so a DELETE or a disconnect stops the runtime within one token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from ..protocol import events
+from ..protocol.errors import ErrorCode, RbeeError
+from ..protocol.request import InferenceRequest
+from ..runtimes import Runtime, SamplingParams
+
+
+@dataclass(slots=True)
+class GenerationStats:
+    tokens_out: int = 0
+    prompt_tokens: int = 0
+    ttft_ms: float = 0.0
+    decode_ms: float = 0.0
+    stop_reason: str = events.STOP_MAX_TOKENS
+    last_token_at: float = 0.0
+
+    def end_payload(self) -> dict[str, object]:
+        return {
+            "tokens_out": self.tokens_out,
+            "prompt_tokens": self.prompt_tokens,
+            "decode_ms": round(self.decode_ms, 3),
+            "ttft_ms": round(self.ttft_ms, 3),
+            "stop_reason": self.stop_reason,
+        }
+
+
+class StopMatcher:
+    """Holds back text that might be the start of a stop sequence."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self._stops = stops
+        self._pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Return (text safe to emit, whether a stop sequence was hit)."""
+        if not self._stops:
+            return text, False
+        self._pending += text
+        hits = [(self._pending.find(s), s) for s in self._stops if s in self._pending]
+        if hits:
+            cut = min(pos for pos, _ in hits)
+            out, self._pending = self._pending[:cut], ""
+            return out, True
+        keep = 0
+        for stop in self._stops:
+            for n in range(min(len(stop) - 1, len(self._pending)), 0, -1):
+                if self._pending.endswith(stop[:n]):
+                    keep = max(keep, n)
+                    break
+        split = len(self._pending) - keep
+        out, self._pending = self._pending[:split], self._pending[split:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self._pending = self._pending, ""
+        return out
+
+
+_FINISHED = object()
+
+
+@dataclass(eq=False)
+class Generation:
+    """A running generation; iterate `pieces()` for text, then read `stats`."""
+
+    request_id: str
+    request: InferenceRequest
+    runtime: Runtime
+    on_token: Callable[[], None] = lambda: None
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    _cancel: threading.Event = field(default_factory=threading.Event)
+    _queue: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
+    _error: RbeeError | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def start(self, run_on_thread: Callable[[Callable[[], None]], object]) -> None:
+        loop = asyncio.get_running_loop()
+        self._put = lambda item: loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        run_on_thread(self._run)
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    async def pieces(self) -> AsyncIterator[tuple[str, int]]:
+        """(text, index of the last token in it); raises the runtime's error at the end."""
+        while True:
+            item = await self._queue.get()
+            if item is _FINISHED:
+                if self._error is not None:
+                    raise self._error
+                return
+            yield item  # type: ignore[misc]
+
+    def _run(self) -> None:
+        try:
+            self._generate()
+        except RbeeError as exc:
+            self._error = exc
+        except Exception as exc:
+            self._error = RbeeError(ErrorCode.INFERENCE_FAILED, f"{type(exc).__name__}: {exc}", status=500)
+        finally:
+            self._put(_FINISHED)
+
+    def _generate(self) -> None:
+        req, runtime, stats = self.request, self.runtime, self.stats
+        started = time.perf_counter()
+        prompt_tokens = runtime.tokenize(req.prompt)
+        stats.prompt_tokens = len(prompt_tokens)
+        room = runtime.context_length - len(prompt_tokens)
+        if room <= 0:
+            raise RbeeError(
+                ErrorCode.INVALID_REQUEST,
+                f"prompt: {len(prompt_tokens)} tokens do not fit the {runtime.context_length}-token context",
+                status=400,
+                details={"field": "prompt"},
+            )
+        budget = min(req.max_tokens, room)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stops = StopMatcher(req.stop)
+        params = SamplingParams(req.temperature, req.top_p, req.top_k, req.seed)
+        first_at = 0.0
+        for token in runtime.generate(prompt_tokens, params):
+            if self._cancel.is_set():
+                stats.stop_reason = events.STOP_CANCELLED
+                break
+            if runtime.is_eos(token):
+                stats.stop_reason = events.STOP_EOS
+                break
+            now = time.perf_counter()
+            if stats.tokens_out == 0:
+                first_at = now
+                stats.ttft_ms = (now - started) * 1000
+            stats.tokens_out += 1
+            stats.last_token_at = time.time()
+            text, hit_stop = stops.feed(decoder.decode(runtime.token_bytes(token)))
+            if text:
+                self._put((text, stats.tokens_out - 1))
+            self.on_token()
+            if hit_stop:
+                stats.stop_reason = events.STOP_STOP
+                break
+            if stats.tokens_out >= budget:
+                stats.stop_reason = events.STOP_MAX_TOKENS
+                break
+        if stats.stop_reason != events.STOP_STOP:
+            tail = stops.flush() + decoder.decode(b"", final=True)
+            if tail:
+                self._put((tail, max(stats.tokens_out - 1, 0)))
+        if first_at:
+            stats.decode_ms = (time.perf_counter() - first_at) * 1000

@@ -1,0 +1,199 @@
+"""HTTP routes of the worker (DESIGN §5)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..protocol import events
+from ..protocol.errors import ErrorCode, RbeeError
+from ..protocol.request import InferenceRequest
+from .generation import Generation
+from .metrics import CONTENT_TYPE_LATEST
+from .slots import RETRY_AFTER_SECONDS
+from .state import Phase, WorkerState
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+def _state(request: Request) -> WorkerState:
+    return request.app.state.worker
+
+
+async def health(request: Request) -> Response:
+    return JSONResponse({"status": "ok", "ts": time.time()})
+
+
+async def ready(request: Request) -> Response:
+    state = _state(request)
+    return JSONResponse(state.ready_body(), status_code=200 if state.phase is Phase.READY else 503)
+
+
+async def loading_progress(request: Request) -> Response:
+    state = _state(request)
+
+    async def stream() -> AsyncIterator[bytes]:
+        while True:
+            changed = state.changed
+            yield events.encode_event(events.PROGRESS, state.ready_body())
+            if state.phase is not Phase.LOADING:
+                break
+            await changed.wait()
+        yield events.encode_done()
+
+    return StreamingResponse(stream(), media_type=events.SSE_MEDIA_TYPE, headers=events.SSE_HEADERS)
+
+
+async def _read_json(request: Request) -> object:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise RbeeError(
+                ErrorCode.INVALID_REQUEST, f"body larger than {MAX_BODY_BYTES} bytes", status=413
+            )
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RbeeError(
+            ErrorCode.INVALID_REQUEST, f"body: invalid JSON ({exc})", status=400, details={"field": "body"}
+        ) from None
+
+
+def _check_serving(state: WorkerState) -> None:
+    if state.phase is Phase.READY:
+        return
+    if state.phase is Phase.LOADING:
+        raise RbeeError(
+            ErrorCode.MODEL_LOADING,
+            "model is still loading",
+            status=503,
+            details={"progress": state.progress, "retry_after": RETRY_AFTER_SECONDS},
+        )
+    if state.phase is Phase.DRAINING:
+        raise RbeeError(ErrorCode.WORKER_DRAINING, "worker is shutting down", status=503)
+    raise RbeeError(
+        ErrorCode.MODEL_LOAD_FAILED,
+        state.error.message if state.error else "model failed to load",
+        status=503,
+    )
+
+
+async def inference(request: Request) -> Response:
+    state = _state(request)
+    _check_serving(state)
+    infer = InferenceRequest.from_json(await _read_json(request))
+    request_id = request.state.request_id
+    if request_id in state.generations:
+        raise RbeeError(ErrorCode.INVALID_REQUEST, f"request id {request_id} is already running", status=409)
+    state.pool.reserve()
+    state.metrics.queue_depth.set(state.pool.waiting)
+    return StreamingResponse(
+        _stream(state, request_id, infer),
+        media_type=events.SSE_MEDIA_TYPE,
+        headers=events.SSE_HEADERS,
+    )
+
+
+async def _stream(state: WorkerState, request_id: str, infer: InferenceRequest) -> AsyncIterator[bytes]:
+    """Wait for a slot, stream one generation; the slot is released by its thread's end."""
+    metrics = state.metrics
+    try:
+        slot = await state.pool.acquire()
+    except BaseException:
+        state.pool.unreserve()
+        raise
+    metrics.queue_depth.set(state.pool.waiting)
+    metrics.slots_busy.set(state.pool.busy)
+
+    def on_token() -> None:
+        metrics.last_token.set(time.time())
+
+    generation = Generation(request_id, infer, slot.runtime, on_token=on_token)
+    state.generations[request_id] = generation
+    loop = asyncio.get_running_loop()
+
+    def finish() -> None:
+        state.generations.pop(request_id, None)
+        state.pool.release(slot)
+        metrics.slots_busy.set(state.pool.busy)
+        generation.done.set()
+
+    def run_then_release(work: object) -> None:
+        def body() -> None:
+            try:
+                work()  # type: ignore[operator]
+            finally:
+                loop.call_soon_threadsafe(finish)
+
+        slot.run_on_thread(body)
+
+    outcome = "error"
+    try:
+        generation.start(run_then_release)
+        yield events.encode_event(events.STARTED, {"request_id": request_id, "model": state.model_name})
+        async for text, index in generation.pieces():
+            yield events.token_event(text, index)
+        stats = generation.stats
+        outcome = stats.stop_reason if stats.stop_reason == events.STOP_CANCELLED else "ok"
+        if stats.tokens_out:
+            metrics.tokens.inc(stats.tokens_out)
+            metrics.ttft.observe(stats.ttft_ms / 1000)
+            metrics.decode.observe(stats.decode_ms / 1000 / max(1, stats.tokens_out))
+        if stats.stop_reason == events.STOP_CANCELLED:
+            error = RbeeError(ErrorCode.REQUEST_CANCELED, f"request {request_id} was cancelled", status=499)
+            yield events.encode_event(events.ERROR, error.body()["error"])
+        else:
+            yield events.encode_event(events.END, stats.end_payload())
+    except RbeeError as exc:
+        yield events.encode_event(events.ERROR, exc.body()["error"])
+    except BaseException:
+        outcome = "disconnected"
+        raise
+    finally:
+        generation.cancel()
+        metrics.requests.labels(outcome).inc()
+    yield events.encode_done()
+
+
+async def cancel_inference(request: Request) -> Response:
+    state = _state(request)
+    request_id = request.path_params["request_id"]
+    generation = state.generations.get(request_id)
+    if generation is None:
+        raise RbeeError(ErrorCode.NOT_FOUND, f"no running request {request_id}", status=404)
+    generation.cancel()
+    return JSONResponse({"request_id": request_id, "cancelled": True})
+
+
+async def admin_shutdown(request: Request) -> Response:
+    state = _state(request)
+    drain = request.app.state.drain
+    if state.phase is not Phase.DRAINING:
+        asyncio.get_running_loop().call_soon(drain)
+    return JSONResponse({"state": "draining", "running": len(state.generations)}, status_code=202)
+
+
+async def metrics(request: Request) -> Response:
+    state = _state(request)
+    state.metrics.queue_depth.set(state.pool.waiting)
+    state.metrics.slots_busy.set(state.pool.busy)
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+ROUTES = [
+    Route("/health", health, methods=["GET"]),
+    Route("/v1/ready", ready, methods=["GET"]),
+    Route("/v1/loading/progress", loading_progress, methods=["GET"]),
+    Route("/v1/inference", inference, methods=["POST"]),
+    Route("/v1/inference/{request_id}", cancel_inference, methods=["DELETE"]),
+    Route("/v1/admin/shutdown", admin_shutdown, methods=["POST"]),
+    Route("/metrics", metrics, methods=["GET"]),
+]
+PUBLIC_PATHS = frozenset({"/health"})

@@ -1,0 +1,196 @@
+"""Assemble the worker's ASGI app and run it: bind first, then load, then report."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from ..gguf_info import read_gguf_info
+from ..protocol.errors import ErrorCode, RbeeError
+from ..runtimes import choose_backend, runtime_factory
+from .middleware import BearerAuthMiddleware, HeadersTimeoutMiddleware, RequestIdMiddleware
+from .routes import PUBLIC_PATHS, ROUTES
+from .state import Phase, WorkerConfig, WorkerState
+
+log = logging.getLogger("rbee.worker")
+
+
+async def _rbee_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RbeeError)
+    headers = {"Retry-After": str(exc.details["retry_after"])} if "retry_after" in exc.details else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+async def _not_found(request: Request, exc: Exception) -> JSONResponse:
+    status = getattr(exc, "status_code", 404)
+    code = ErrorCode.NOT_FOUND if status == 404 else ErrorCode.INVALID_REQUEST
+    return JSONResponse(RbeeError(code, f"{request.method} {request.url.path}: {exc}").body(), status)
+
+
+def create_app(config: WorkerConfig, *, load: bool = True) -> Starlette:
+    """The worker app; with `load`, its lifespan loads the model in the background."""
+    state_box: dict[str, WorkerState] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        state = WorkerState(config)
+        state_box["state"] = state
+        app.state.worker = state
+        app.state.drain = lambda: _drain(app)
+        app.state.exit_code = 0
+        task = asyncio.create_task(load_model(app)) if load else None
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+            for generation in list(state.generations.values()):
+                generation.cancel()
+
+    return Starlette(
+        routes=ROUTES,
+        lifespan=lifespan,
+        exception_handlers={RbeeError: _rbee_error, 404: _not_found, 405: _not_found},
+        middleware=[
+            Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"]),
+            Middleware(RequestIdMiddleware),
+            Middleware(BearerAuthMiddleware, api_key=config.api_key, public_paths=PUBLIC_PATHS),
+            Middleware(HeadersTimeoutMiddleware, seconds=config.request_timeout_s),
+        ],
+    )
+
+
+async def load_model(app: Starlette) -> None:
+    state: WorkerState = app.state.worker
+    config = state.config
+    loop = asyncio.get_running_loop()
+    try:
+        info = await asyncio.to_thread(read_gguf_info, config.model_path)
+        state.info = info
+        backend = choose_backend(info, config.backend)
+        state.backend = backend
+        factory = runtime_factory(backend)
+        ctx = config.ctx or info.context_length or 2048
+        threads = config.threads or default_threads()
+        for index in range(config.slots):
+
+            def progress(fraction: float, index: int = index) -> None:
+                loop.call_soon_threadsafe(state.set_progress, (index + fraction) / config.slots)
+
+            try:
+                runtime = await asyncio.to_thread(
+                    factory, config.model_path, context_length=ctx, threads=threads, progress=progress
+                )
+            except (RuntimeError, ValueError, OSError) as exc:
+                raise RbeeError(
+                    ErrorCode.MODEL_LOAD_FAILED, f"{backend} could not load {config.model_path}: {exc}"
+                ) from None
+            state.pool.add(runtime)
+        state.metrics.slots_total.set(config.slots)
+        state.set_progress(1.0)
+        state.set_phase(Phase.READY)
+        log.info("ready: %s on %s with %s, %d slot(s)", info.name, state.url, backend, config.slots)
+    except RbeeError as exc:
+        state.set_phase(Phase.FAILED, exc)
+        app.state.exit_code = 1
+        log.error("failed: %s", exc.message)
+    await _report(state)
+    if state.phase is Phase.FAILED:
+        await asyncio.sleep(config.failed_linger_s)
+        app.state.server.should_exit = True
+
+
+async def _report(state: WorkerState) -> None:
+    """Tell the hive (or whoever spawned us) the outcome of loading; never fatal."""
+    config = state.config
+    if not config.callback_url:
+        return
+    body = {
+        "worker_id": config.worker_id,
+        "state": state.phase.value,
+        "url": state.url,
+        "model": state.model_name,
+        "backend": state.backend,
+        "pid": os.getpid(),
+        "error": state.error.body()["error"] if state.error else None,
+    }
+    transport = httpx.AsyncHTTPTransport(uds=config.callback_uds) if config.callback_uds else None
+    try:
+        async with httpx.AsyncClient(transport=transport, timeout=10) as client:
+            await client.post(config.callback_url, json=body)
+    except httpx.HTTPError as exc:
+        log.warning("ready callback to %s failed: %s", config.callback_url, exc)
+
+
+def _drain(app: Starlette) -> None:
+    """Refuse new work, let running requests finish, then exit."""
+    state: WorkerState = app.state.worker
+    if state.phase is Phase.DRAINING:
+        return
+    state.set_phase(Phase.DRAINING)
+
+    async def wait_then_exit() -> None:
+        while state.pool.active:
+            await asyncio.sleep(0.05)
+        app.state.server.should_exit = True
+
+    app.state.drain_task = asyncio.create_task(wait_then_exit())
+
+
+def default_threads() -> int:
+    """Half the cores: ggml's spinning threads collapse when they outnumber idle cores."""
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind before loading, so a taken port fails fast and callers can connect at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise RbeeError(
+            ErrorCode.NO_PORT_AVAILABLE, f"cannot bind {host}:{port}: {exc.strerror}", details={"port": port}
+        ) from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(config: WorkerConfig) -> int:
+    """Run until shut down; return the process exit code."""
+    sock = bind_socket(config.host, config.port)
+    if config.port == 0:
+        config = WorkerConfig(**{**config.__dict__, "port": sock.getsockname()[1]})
+    app = create_app(config)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=30,
+            lifespan="on",
+        )
+    )
+    app.state.server = server
+    app.state.exit_code = 0
+    asyncio.run(server.serve(sockets=[sock]))
+    code = app.state.exit_code
+    if code and getattr(app.state, "worker", None) is not None and app.state.worker.error is not None:
+        print(f"rbee-worker: {app.state.worker.error.message}", file=sys.stderr)
+    return code

@@ -1,0 +1,92 @@
+"""Generation slots: one runtime instance and one thread each, plus a bounded queue.
+
+Runtimes are not thread-safe, so concurrency comes from owning several loaded
+instances. Requests beyond `slots + queue` are refused at once with
+ALL_SLOTS_BUSY instead of piling up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..protocol.errors import ErrorCode, RbeeError
+from ..runtimes import Runtime
+
+RETRY_AFTER_SECONDS = 1
+
+
+@dataclass(eq=False)
+class Slot:
+    index: int
+    runtime: Runtime
+    busy: bool = False
+
+    def run_on_thread(self, fn: Callable[[], None]) -> None:
+        threading.Thread(target=fn, name=f"rbee-slot-{self.index}", daemon=True).start()
+
+
+@dataclass(eq=False)
+class SlotPool:
+    queue_limit: int
+    _slots: list[Slot] = field(default_factory=list)
+    _free: asyncio.Queue[Slot] = field(default_factory=asyncio.Queue)
+    _waiting: int = 0
+    _reserved: int = 0
+
+    def add(self, runtime: Runtime) -> None:
+        slot = Slot(len(self._slots), runtime)
+        self._slots.append(slot)
+        self._free.put_nowait(slot)
+
+    @property
+    def size(self) -> int:
+        return len(self._slots)
+
+    @property
+    def busy(self) -> int:
+        return sum(slot.busy for slot in self._slots)
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    @property
+    def active(self) -> int:
+        """Requests admitted and not finished: running or queued."""
+        return self._reserved
+
+    def reserve(self) -> None:
+        """Admit one request or refuse it now; pair with `acquire` or `unreserve`."""
+        if self._reserved >= self.size + self.queue_limit:
+            raise RbeeError(
+                ErrorCode.ALL_SLOTS_BUSY,
+                f"all {self.size} slots busy and {self.queue_limit} requests queued; retry later",
+                status=503,
+                details={"slots": self.size, "queue": self.queue_limit, "retry_after": RETRY_AFTER_SECONDS},
+            )
+        self._reserved += 1
+
+    def unreserve(self) -> None:
+        self._reserved -= 1
+
+    async def acquire(self) -> Slot:
+        self._waiting += 1
+        try:
+            slot = await self._free.get()
+        finally:
+            self._waiting -= 1
+        slot.busy = True
+        return slot
+
+    def release(self, slot: Slot) -> None:
+        slot.busy = False
+        self._reserved -= 1
+        self._free.put_nowait(slot)
+
+    def close(self) -> None:
+        for slot in self._slots:
+            slot.runtime.close()
+        self._slots.clear()

@@ -1,0 +1,92 @@
+"""What a worker is and knows: its configuration, phase, slots and running requests."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from ..gguf_info import GGUFInfo
+from ..protocol.errors import RbeeError
+from .generation import Generation
+from .metrics import WorkerMetrics
+from .slots import SlotPool
+
+
+class Phase(StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    DRAINING = "draining"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    model_path: str
+    api_key: str
+    host: str = "127.0.0.1"
+    port: int = 8081
+    backend: str = "auto"
+    slots: int = 1
+    queue: int = 8
+    ctx: int | None = None
+    threads: int | None = None
+    worker_id: str = "worker"
+    callback_url: str | None = None
+    callback_uds: str | None = None
+    failed_linger_s: float = 5.0
+    request_timeout_s: float = 300.0
+
+
+@dataclass(eq=False)
+class WorkerState:
+    config: WorkerConfig
+    phase: Phase = Phase.LOADING
+    progress: float = 0.0
+    error: RbeeError | None = None
+    info: GGUFInfo | None = None
+    backend: str | None = None
+    started_at: float = field(default_factory=time.time)
+    pool: SlotPool = field(init=False)
+    generations: dict[str, Generation] = field(default_factory=dict)
+    metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.pool = SlotPool(queue_limit=self.config.queue)
+
+    @property
+    def model_name(self) -> str:
+        return self.info.name if self.info else self.config.model_path
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.config.port}"
+
+    def set_phase(self, phase: Phase, error: RbeeError | None = None) -> None:
+        self.phase, self.error = phase, error
+        self.metrics.set_state(phase.value)
+        self._notify()
+
+    def set_progress(self, fraction: float) -> None:
+        self.progress = max(self.progress, min(1.0, fraction))
+        self._notify()
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def ready_body(self) -> dict[str, object]:
+        body: dict[str, object] = {
+            "state": self.phase.value,
+            "progress": round(self.progress, 3),
+            "worker_id": self.config.worker_id,
+            "model": self.model_name,
+            "backend": self.backend,
+            "slots": self.config.slots,
+            "slots_busy": self.pool.busy,
+        }
+        if self.error is not None:
+            body["error"] = self.error.body()["error"]
+        return body

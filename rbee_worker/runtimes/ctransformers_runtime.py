@@ -1,0 +1,64 @@
+"""ctransformers: the default runtime for llama-architecture GGUF with an SPM vocabulary."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from ctypes import c_int
+
+from .base import ProgressCallback, SamplingParams
+
+NAME = "ctransformers"
+
+
+class CTransformersRuntime:
+    name = NAME
+
+    def __init__(
+        self, path: str, *, context_length: int, threads: int | None, progress: ProgressCallback
+    ) -> None:
+        from ctransformers import LLM, Config
+
+        progress(0.0)
+        # ctransformers defaults to a 512-token context whatever the file says.
+        config = Config(context_length=context_length, threads=threads or -1, gpu_layers=0, reset=True)
+        self._llm = LLM(path, model_type="llama", config=config)
+        self._threads = threads or -1
+        progress(1.0)
+
+    @property
+    def context_length(self) -> int:
+        return int(self._llm.context_length)
+
+    def tokenize(self, text: str) -> list[int]:
+        # LLM.tokenize sizes its output buffer in characters, so text whose UTF-8 is
+        # longer than its character count (CJK, emoji) overflows it. Size by bytes.
+        data = text.encode()
+        buffer = (c_int * (len(data) + 2))()
+        n = self._llm.ctransformers_llm_tokenize(data, True, buffer)
+        return list(buffer[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        return self._llm.ctransformers_llm_detokenize(token)
+
+    def is_eos(self, token: int) -> bool:
+        return bool(self._llm.is_eos_token(token))
+
+    def generate(self, prompt_tokens: list[int], params: SamplingParams) -> Iterator[int]:
+        llm = self._llm
+        pending = llm.prepare_inputs_for_generation(prompt_tokens, reset=True)
+        llm.eval(pending, threads=self._threads)
+        seed = -1 if params.seed is None else params.seed
+        while True:
+            token = llm.sample(
+                top_k=params.top_k,
+                top_p=params.top_p,
+                temperature=params.temperature,
+                repetition_penalty=1.0,
+                last_n_tokens=64,
+                seed=seed,
+            )
+            yield token
+            llm.eval([token], threads=self._threads)
+
+    def close(self) -> None:
+        del self._llm
