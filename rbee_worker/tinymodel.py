@@ -20,7 +20,11 @@ N_FF = 128
 N_CTX = 4096
 
 _SPECIALS = [("<unk>", TokenType.UNKNOWN), ("<s>", TokenType.CONTROL), ("</s>", TokenType.CONTROL)]
-_PIECES = ["\u2581"] + list(string.ascii_letters + string.digits) + ["\u2581" + w for w in ("the", "a", "bee", "hive", "rbee")]
+_PIECES = (
+    ["\u2581"]
+    + list(string.ascii_letters + string.digits)
+    + ["\u2581" + w for w in ("the", "a", "bee", "hive", "rbee")]
+)
 
 
 def _vocab() -> tuple[list[str], list[float], list[int]]:

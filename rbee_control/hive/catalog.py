@@ -57,7 +57,9 @@ class ModelRow:
         return data
 
 
-_COLUMNS = [f for f in ModelRow.__dataclass_fields__]
+_COLUMNS = list(ModelRow.__dataclass_fields__)
+_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM models"
+_INSERT = f"INSERT INTO models ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 
 
 class Catalog:
@@ -84,7 +86,7 @@ class Catalog:
 
     def get(self, name: str) -> ModelRow | None:
         with self._connect() as db:
-            row = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM models WHERE name = ?", (name,)).fetchone()
+            row = db.execute(f"{_SELECT} WHERE name = ?", (name,)).fetchone()
         return ModelRow(*row) if row else None
 
     def require(self, name: str) -> ModelRow:
@@ -101,7 +103,7 @@ class Catalog:
 
     def list(self) -> list[ModelRow]:
         with self._connect() as db:
-            rows = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM models ORDER BY name").fetchall()
+            rows = db.execute(f"{_SELECT} ORDER BY name").fetchall()
         return [ModelRow(*r) for r in rows]
 
     def add(self, row: ModelRow) -> ModelRow:
@@ -109,14 +111,9 @@ class Catalog:
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
-                existing = db.execute(
-                    f"SELECT {', '.join(_COLUMNS)} FROM models WHERE name = ?", (row.name,)
-                ).fetchone()
+                existing = db.execute(f"{_SELECT} WHERE name = ?", (row.name,)).fetchone()
                 if existing is None:
-                    db.execute(
-                        f"INSERT INTO models ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
-                        _values(row),
-                    )
+                    db.execute(_INSERT, _values(row))
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -127,7 +124,7 @@ class Catalog:
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
-                row = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM models WHERE name = ?", (name,)).fetchone()
+                row = db.execute(f"{_SELECT} WHERE name = ?", (name,)).fetchone()
                 db.execute("DELETE FROM models WHERE name = ?", (name,))
                 db.execute("COMMIT")
             except BaseException:

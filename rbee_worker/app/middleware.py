@@ -26,8 +26,11 @@ async def send_error(send: Send, error: RbeeError, headers: Iterable[tuple[bytes
         {
             "type": "http.response.start",
             "status": error.status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-            + list(headers),
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
         }
     )
     await send({"type": "http.response.body", "body": body})
@@ -72,9 +75,7 @@ class BearerAuthMiddleware:
         if scope["type"] == "http" and scope["path"] not in self.public_paths:
             given = _header(scope, b"authorization") or b""
             if not hmac.compare_digest(given, self.expected):
-                error = RbeeError(
-                    ErrorCode.INVALID_API_KEY, "missing or wrong bearer token", status=401
-                )
+                error = RbeeError(ErrorCode.INVALID_API_KEY, "missing or wrong bearer token", status=401)
                 await send_error(send, error, [(b"www-authenticate", b"Bearer")])
                 return
         await self.app(scope, receive, send)
@@ -106,7 +107,9 @@ class HeadersTimeoutMiddleware:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-                error = RbeeError(ErrorCode.REQUEST_TIMEOUT, f"no response within {self.seconds:g} s", status=504)
+                error = RbeeError(
+                    ErrorCode.REQUEST_TIMEOUT, f"no response within {self.seconds:g} s", status=504
+                )
                 await send_error(send, error)
                 return
             await task

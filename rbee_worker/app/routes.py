@@ -55,9 +55,7 @@ async def _read_json(request: Request) -> object:
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_BODY_BYTES:
-            raise RbeeError(
-                ErrorCode.INVALID_REQUEST, f"body larger than {MAX_BODY_BYTES} bytes", status=413
-            )
+            raise RbeeError(ErrorCode.INVALID_REQUEST, f"body larger than {MAX_BODY_BYTES} bytes", status=413)
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -122,7 +120,12 @@ async def _stream(state: WorkerState, request_id: str, infer: InferenceRequest) 
     def finish() -> None:
         state.generations.pop(request_id, None)
         state.pool.release(slot)
+        stats = generation.stats
         metrics.slots_busy.set(state.pool.busy)
+        if stats.tokens_out:
+            metrics.tokens.inc(stats.tokens_out)
+            metrics.ttft.observe(stats.ttft_ms / 1000)
+            metrics.decode.observe(stats.decode_ms / 1000 / stats.tokens_out)
         generation.done.set()
 
     def run_then_release(work: object) -> None:
@@ -141,16 +144,8 @@ async def _stream(state: WorkerState, request_id: str, infer: InferenceRequest) 
         async for text, index in generation.pieces():
             yield events.token_event(text, index)
         stats = generation.stats
-        outcome = stats.stop_reason if stats.stop_reason == events.STOP_CANCELLED else "ok"
-        if stats.tokens_out:
-            metrics.tokens.inc(stats.tokens_out)
-            metrics.ttft.observe(stats.ttft_ms / 1000)
-            metrics.decode.observe(stats.decode_ms / 1000 / max(1, stats.tokens_out))
-        if stats.stop_reason == events.STOP_CANCELLED:
-            error = RbeeError(ErrorCode.REQUEST_CANCELED, f"request {request_id} was cancelled", status=499)
-            yield events.encode_event(events.ERROR, error.body()["error"])
-        else:
-            yield events.encode_event(events.END, stats.end_payload())
+        outcome = "cancelled" if stats.stop_reason == events.STOP_CANCELLED else "ok"
+        yield events.encode_event(events.END, stats.end_payload())
     except RbeeError as exc:
         yield events.encode_event(events.ERROR, exc.body()["error"])
     except BaseException:

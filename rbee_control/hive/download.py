@@ -1,0 +1,257 @@
+"""Moving model bytes into a `.part` file: HTTP with Range resume and retries, or a local import.
+
+The `.part` file is the checkpoint: it survives a dropped connection, a killed
+process or a full disk, and the next attempt (or the next `models add`) resumes
+from its size. Nothing here touches the catalog; `models.py` decides what a
+finished `.part` file is worth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from rbee_control.node_events import Emitter
+from rbee_worker.protocol.errors import ErrorCode, RbeeError
+
+from .refs import Source, TransientError
+
+CHUNK = 1 << 20
+_CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """6 attempts with 100, 200, 400, 800, 1600 ms (±50 % jitter) between them.
+
+    `RBEE_HIVE_DOWNLOAD_BACKOFF` (seconds) changes the first delay and
+    `RBEE_HIVE_DOWNLOAD_STALL` the seconds without a byte before a read counts as failed.
+    """
+
+    attempts: int = 6
+    base_delay: float = 0.1
+    stall_timeout: float = 60.0
+
+    @classmethod
+    def from_env(cls) -> RetryPolicy:
+        env = os.environ
+        return cls(
+            attempts=int(env.get("RBEE_HIVE_DOWNLOAD_ATTEMPTS", cls.attempts)),
+            base_delay=float(env.get("RBEE_HIVE_DOWNLOAD_BACKOFF", cls.base_delay)),
+            stall_timeout=float(env.get("RBEE_HIVE_DOWNLOAD_STALL", cls.stall_timeout)),
+        )
+
+    def delay(self, failures: int) -> float:
+        return self.base_delay * 2 ** (failures - 1) * random.uniform(0.5, 1.5)
+
+
+class _Meter:
+    """Bytes and speed for progress events; speed counts only this attempt's bytes."""
+
+    def __init__(self, emitter: Emitter, phase: str, start: int, total: int | None) -> None:
+        self.emitter, self.phase, self.done, self.total = emitter, phase, start, total
+        self._start, self._t0 = start, time.monotonic()
+
+    def add(self, n: int, force: bool = False) -> None:
+        self.done += n
+        elapsed = time.monotonic() - self._t0
+        speed = (self.done - self._start) / elapsed if elapsed > 0 else None
+        self.emitter.progress(self.phase, self.done, self.total, speed, force=force)
+
+
+def _disk_full(part: Path, needed: int | None = None) -> RbeeError:
+    free = shutil.disk_usage(part.parent).free
+    details: dict[str, object] = {"path": str(part), "free_bytes": free}
+    if needed is not None:
+        details["needed_bytes"] = needed
+    kept = part.exists() and part.stat().st_size > 0
+    return RbeeError(
+        ErrorCode.DISK_FULL,
+        f"not enough disk space in {part.parent}" + (" (partial download kept for resume)" if kept else ""),
+        status=507,
+        details=details,
+        hint="free some space (rbee-hive models rm NAME) and run the same command again",
+    )
+
+
+async def download(
+    resolve: Callable[[], Awaitable[Source]],
+    part: Path,
+    emitter: Emitter,
+    policy: RetryPolicy,
+) -> Source:
+    """Fill `part` from the source `resolve()` names; return the source (with size) once whole."""
+    source: Source | None = None
+    last: Exception | None = None
+    timeout = httpx.Timeout(connect=10.0, read=policy.stall_timeout, write=30.0, pool=10.0)
+    async with httpx.AsyncClient(timeout=timeout, follow_redirects=True) as client:
+        for attempt in range(1, policy.attempts + 1):
+            if attempt > 1:
+                delay = policy.delay(attempt - 1)
+                emitter.log(
+                    f"retrying download (attempt {attempt}/{policy.attempts}) in {delay * 1000:.0f} ms: {last}"
+                )
+                await asyncio.sleep(delay)
+            try:
+                if source is None:
+                    source = await resolve()
+                await _fetch_once(client, source, part, emitter)
+                return source
+            except TransientError as exc:
+                last = exc
+            except httpx.TransportError as exc:
+                last = TransientError(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+    raise RbeeError(
+        ErrorCode.DOWNLOAD_FAILED,
+        f"download failed after {policy.attempts} attempts: {last}",
+        status=502,
+        details={
+            "url": source.url if source else None,
+            "attempts": policy.attempts,
+            "last_error": str(last),
+            "partial_bytes": part.stat().st_size if part.exists() else 0,
+        },
+        hint="run the same command again: it resumes from the partial file",
+    )
+
+
+async def _fetch_once(client: httpx.AsyncClient, source: Source, part: Path, emitter: Emitter) -> None:
+    offset = part.stat().st_size if part.exists() else 0
+    if source.size is not None:
+        if offset == source.size and offset > 0:
+            return
+        if offset > source.size:
+            part.unlink()
+            offset = 0
+    headers = {**source.headers, "Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    async with client.stream("GET", source.url, headers=headers) as resp:
+        status = resp.status_code
+        if status == 416:
+            m = re.search(r"/(\d+)", resp.headers.get("content-range", ""))
+            if m and int(m.group(1)) == offset:
+                source.size = offset
+                return
+            part.unlink(missing_ok=True)
+            raise TransientError("server refused to resume; starting over")
+        if status == 404:
+            raise RbeeError(
+                ErrorCode.MODEL_NOT_FOUND, f"not found: {source.url}", status=404, details={"url": source.url}
+            )
+        if status in (401, 403):
+            raise RbeeError(
+                ErrorCode.DOWNLOAD_FAILED,
+                f"access denied (HTTP {status}): {source.url}",
+                status=403,
+                details={"url": source.url, "status": status},
+                hint="for Hugging Face models export HF_TOKEN=... on the node",
+            )
+        if status >= 500 or status in (408, 429):
+            raise TransientError(f"HTTP {status}")
+        if status not in (200, 206):
+            raise RbeeError(
+                ErrorCode.DOWNLOAD_FAILED,
+                f"unexpected HTTP {status} from {source.url}",
+                status=502,
+                details={"url": source.url, "status": status},
+            )
+        if status == 206:
+            m = _CONTENT_RANGE_RE.fullmatch(resp.headers.get("content-range", ""))
+            if not m or int(m.group(1)) != offset:
+                part.unlink(missing_ok=True)
+                raise TransientError("server sent the wrong range; starting over")
+            total: int | None = int(m.group(3)) if m.group(3) != "*" else source.size
+        else:
+            if offset:
+                emitter.log("server does not support resume; starting over")
+            offset = 0
+            length = resp.headers.get("content-length")
+            total = int(length) if length and length.isdigit() else source.size
+        if total is not None:
+            source.size = total
+            if shutil.disk_usage(part.parent).free < total - offset:
+                raise _disk_full(part, total - offset)
+        if offset:
+            emitter.log(f"resuming at byte {offset}")
+        meter = _Meter(emitter, "download", offset, total)
+        meter.add(0, force=True)
+        try:
+            with part.open("ab" if offset else "wb") as f:
+                async for chunk in resp.aiter_raw(CHUNK):
+                    f.write(chunk)
+                    meter.add(len(chunk))
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise _disk_full(part) from None
+            raise
+        meter.add(0, force=True)
+    if total is not None and meter.done != total:
+        raise TransientError(f"connection closed at byte {meter.done} of {total}")
+
+
+async def import_file(src: Path, part: Path, emitter: Emitter) -> str:
+    """Bring a node-local file in: a hard link when on the same filesystem, else a copy."""
+    try:
+        size = src.stat().st_size
+    except OSError as exc:
+        raise RbeeError(
+            ErrorCode.MODEL_NOT_FOUND,
+            f"{src}: {exc.strerror}",
+            status=404,
+            details={"path": str(src)},
+        ) from None
+    part.unlink(missing_ok=True)
+    try:
+        os.link(src, part)
+        emitter.progress("import", size, size, None, force=True)
+        return "link"
+    except OSError:
+        pass
+    if shutil.disk_usage(part.parent).free < size:
+        raise _disk_full(part, size)
+    meter = _Meter(emitter, "import", 0, size)
+    meter.add(0, force=True)
+
+    def copy() -> None:
+        with src.open("rb") as fin, part.open("wb") as fout:
+            while chunk := fin.read(CHUNK):
+                fout.write(chunk)
+                meter.add(len(chunk))
+
+    try:
+        await asyncio.to_thread(copy)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _disk_full(part) from None
+        raise
+    meter.add(0, force=True)
+    return "copy"
+
+
+async def sha256_file(path: Path, emitter: Emitter | None = None) -> str:
+    """Hash in a thread (hashlib releases the GIL), with `verify` progress for big files."""
+    size = path.stat().st_size
+    meter = _Meter(emitter, "verify", 0, size) if emitter else None
+
+    def run() -> str:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+                if meter:
+                    meter.add(len(chunk))
+        return h.hexdigest()
+
+    return await asyncio.to_thread(run)

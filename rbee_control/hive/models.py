@@ -1,0 +1,246 @@
+"""`models add/list/rm/verify`: the path from a reference to a catalogued, loadable file.
+
+    fetch into <name>.gguf.part → check size and sha256 → parse as GGUF → rename → catalog row
+
+Each step can refuse, and a refusal leaves the catalog as it was: a bad file is
+deleted, an interrupted transfer keeps its `.part` for resume, and the row is
+written last. A per-name lock file serialises two `add`s of the same model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from rbee_control.node_events import Emitter
+from rbee_worker.gguf_info import read_gguf_info
+from rbee_worker.protocol.errors import ErrorCode, RbeeError
+
+from .catalog import Catalog, ModelRow
+from .download import RetryPolicy, download, import_file, sha256_file
+from .paths import HivePaths, check_model_name
+from .refs import ModelRef, Source, TransientError, hf_source, http_source, name_from_filename, parse_ref
+
+
+@contextmanager
+def _name_lock(path: Path) -> Iterator[None]:
+    with path.open("w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+    path.unlink(missing_ok=True)
+
+
+def _cached(row: ModelRow) -> dict[str, Any]:
+    return {**row.to_json(), "cached": True}
+
+
+def _lookup_cached(catalog: Catalog, ref: ModelRef, name: str | None) -> ModelRow | None:
+    """A catalogued model whose file is still there; a row whose file vanished is dropped."""
+    row = catalog.get(name) if name else next((r for r in catalog.list() if r.ref == ref.raw), None)
+    if row is None:
+        return None
+    if row.ref != ref.raw:
+        raise RbeeError(
+            ErrorCode.INVALID_REQUEST,
+            f"model name {row.name!r} is already used for {row.ref}",
+            status=409,
+            details={"name": row.name, "ref": row.ref},
+            hint=f"choose another --name, or rbee-hive models rm {row.name}",
+        )
+    if not Path(row.path).is_file():
+        catalog.remove(row.name)
+        return None
+    return row
+
+
+async def add_model(
+    paths: HivePaths,
+    raw_ref: str,
+    emitter: Emitter,
+    name: str | None = None,
+    sha256: str | None = None,
+    policy: RetryPolicy | None = None,
+) -> dict[str, Any]:
+    """Fetch, verify, validate and catalogue one model; return its catalog row (+ `cached`)."""
+    paths.ensure()
+    ref = parse_ref(raw_ref)
+    if name is not None:
+        check_model_name(name)
+    if sha256 is not None:
+        sha256 = sha256.lower()
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise RbeeError(ErrorCode.INVALID_REQUEST, "--sha256 must be 64 hex digits", status=400)
+    catalog = Catalog(paths.db)
+    row = _lookup_cached(catalog, ref, name or ref.default_name)
+    if row is not None:
+        return _cached(row)
+
+    policy = policy or RetryPolicy.from_env()
+    source: Source | None = None
+    if ref.kind == "hf" and name is None and ref.filename is None:
+        source = await _resolve_with_retries(ref, policy)
+        row = _lookup_cached(catalog, ref, name_from_filename(source.filename))
+        if row is not None:
+            return _cached(row)
+    name = name or ref.default_name or name_from_filename(source.filename if source else "model")
+    with _name_lock(paths.model_lock(name)):
+        row = _lookup_cached(catalog, ref, name)
+        if row is not None:
+            return _cached(row)
+        return await _fetch_and_install(paths, catalog, ref, name, sha256, source, emitter, policy)
+
+
+async def _resolve_with_retries(ref: ModelRef, policy: RetryPolicy) -> Source:
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return await hf_source(ref)
+        except TransientError as exc:
+            if attempt == policy.attempts:
+                raise RbeeError(
+                    ErrorCode.DOWNLOAD_FAILED, f"cannot resolve {ref.raw}: {exc}", status=502
+                ) from None
+            await asyncio.sleep(policy.delay(attempt))
+    raise AssertionError("unreachable")
+
+
+async def _fetch_and_install(
+    paths: HivePaths,
+    catalog: Catalog,
+    ref: ModelRef,
+    name: str,
+    sha256: str | None,
+    source: Source | None,
+    emitter: Emitter,
+    policy: RetryPolicy,
+) -> dict[str, Any]:
+    part, final = paths.model_part(name), paths.model_file(name)
+    if ref.kind == "file":
+        how = await import_file(Path(ref.location), part, emitter)
+        digest = await _check_sha(part, sha256, emitter, refused_by=ref.raw)
+    else:
+        how = "download"
+        digest = await _download_verified(ref, part, sha256, source, emitter, policy)
+    try:
+        info = read_gguf_info(part)
+    except RbeeError:
+        part.unlink(missing_ok=True)
+        raise
+    part.replace(final)
+    row = ModelRow(
+        name=name,
+        ref=ref.raw,
+        path=str(final),
+        size=info.size,
+        sha256=digest,
+        architecture=info.architecture,
+        tokenizer_model=info.tokenizer_model,
+        quantization=info.quantization,
+        context_length=info.context_length,
+        chat_template=info.chat_template,
+        added_at=round(time.time(), 3),
+    )
+    stored = catalog.add(row)
+    emitter.log(f"{name}: {info.architecture} {info.quantization}, {info.size} bytes ({how})")
+    return {**stored.to_json(), "cached": False}
+
+
+async def _download_verified(
+    ref: ModelRef, part: Path, sha256: str | None, source: Source | None, emitter: Emitter, policy: RetryPolicy
+) -> str:
+    """Download until size and sha256 agree; return the digest."""
+
+    async def resolve() -> Source:
+        nonlocal source
+        if source is None:
+            source = await hf_source(ref) if ref.kind == "hf" else http_source(ref)
+        return source
+
+    resumed = part.exists() and part.stat().st_size > 0
+    while True:
+        got = await download(resolve, part, emitter, policy)
+        try:
+            _check_size(part, got)
+            return await _check_sha(part, sha256 or got.sha256, emitter, refused_by=ref.raw)
+        except RbeeError as exc:
+            part.unlink(missing_ok=True)
+            # a resumed file may splice two versions of the source: one clean retry is worth it
+            if not resumed or exc.code != ErrorCode.CHECKSUM_MISMATCH:
+                raise
+            resumed = False
+            emitter.log("checksum mismatch on a resumed download; downloading again from the start")
+
+
+def _check_size(part: Path, source: Source) -> None:
+    size = part.stat().st_size
+    if source.size is not None and size != source.size:
+        raise RbeeError(
+            ErrorCode.DOWNLOAD_FAILED,
+            f"size mismatch: got {size} bytes, expected {source.size}",
+            status=502,
+            details={"size": size, "expected_size": source.size, "url": source.url},
+        )
+
+
+async def _check_sha(part: Path, expected: str | None, emitter: Emitter, refused_by: str) -> str:
+    digest = await sha256_file(part, emitter)
+    if expected is not None and digest != expected:
+        part.unlink(missing_ok=True)
+        raise RbeeError(
+            ErrorCode.CHECKSUM_MISMATCH,
+            f"sha256 mismatch for {refused_by}: file deleted",
+            status=422,
+            details={"expected": expected, "actual": digest, "ref": refused_by},
+            hint="check the --sha256 value against the model's page",
+        )
+    return digest
+
+
+def list_models(paths: HivePaths) -> list[ModelRow]:
+    return Catalog(paths.ensure().db).list()
+
+
+def remove_model(paths: HivePaths, name: str) -> dict[str, Any]:
+    """Drop the row first (nothing may load a file being deleted), then the file and any `.part`."""
+    check_model_name(name)
+    catalog = Catalog(paths.ensure().db)
+    row = catalog.require(name)
+    catalog.remove(name)
+    file = Path(row.path)
+    freed = file.stat().st_size if file.exists() else 0
+    file.unlink(missing_ok=True)
+    paths.model_part(name).unlink(missing_ok=True)
+    return {"name": name, "removed": True, "path": row.path, "freed_bytes": freed}
+
+
+async def verify_model(paths: HivePaths, name: str, emitter: Emitter) -> dict[str, Any]:
+    """Re-hash and re-parse a catalogued file: did it change or rot since it was added?"""
+    check_model_name(name)
+    row = Catalog(paths.ensure().db).require(name)
+    path = Path(row.path)
+    if not path.is_file():
+        raise RbeeError(
+            ErrorCode.INVALID_MODEL_FILE,
+            f"{name}: file {path} is missing",
+            status=422,
+            details={"name": name, "path": str(path)},
+            hint=f"rbee-hive models rm {name} && rbee-hive models add {row.ref}",
+        )
+    digest = await sha256_file(path, emitter)
+    if digest != row.sha256:
+        raise RbeeError(
+            ErrorCode.CHECKSUM_MISMATCH,
+            f"{name}: file changed since it was added",
+            status=422,
+            details={"name": name, "expected": row.sha256, "actual": digest, "path": str(path)},
+            hint=f"rbee-hive models rm {name} && rbee-hive models add {row.ref}",
+        )
+    info = read_gguf_info(path)
+    return {"name": name, "ok": True, "path": str(path), "size": info.size, "sha256": digest}

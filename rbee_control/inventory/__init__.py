@@ -1,0 +1,1 @@
+"""The operator's `inventory.yaml`: its typed model, loader, editor and the keeper's secrets."""
