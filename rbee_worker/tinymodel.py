@@ -83,7 +83,11 @@ def write_tiny_model(path: str | Path, seed: int = 0, name: str = "rbee-tiny") -
         writer.add_tensor(f"{blk}.ffn_up.weight", weight(N_FF, N_EMBD))
         writer.add_tensor(f"{blk}.ffn_down.weight", weight(N_EMBD, N_FF))
     writer.add_tensor("output_norm.weight", np.ones(N_EMBD, dtype=np.float32))
-    writer.add_tensor("output.weight", weight(n_vocab, N_EMBD))
+    output = weight(n_vocab, N_EMBD)
+    # A zero row gives the special tokens a logit of 0, far below the top-k cut of
+    # the random others: streams run to max_tokens instead of stopping at random.
+    output[: len(_SPECIALS)] = 0.0
+    writer.add_tensor("output.weight", output)
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -45,3 +45,12 @@ def tiny_worker(worker_factory: type[WorkerProcess], tiny_model: Path) -> Worker
     worker = worker_factory(tiny_model, ctx=16384)
     worker.wait_ready()
     return worker
+
+
+@pytest.fixture(scope="module")
+def shared_tiny_worker(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[WorkerProcess]:
+    """One worker for a whole module of tests that leave it as they found it."""
+    worker = WorkerProcess(tiny_model, log_dir=tmp_path_factory.mktemp("worker"), ctx=16384)
+    worker.wait_ready()
+    yield worker
+    worker.kill()

@@ -79,7 +79,9 @@ class Catalog:
             yield db
         except sqlite3.OperationalError as exc:
             raise RbeeError(
-                ErrorCode.INTERNAL_ERROR, f"model catalog {self.path}: {exc}", details={"path": str(self.path)}
+                ErrorCode.INTERNAL_ERROR,
+                f"model catalog {self.path}: {exc}",
+                details={"path": str(self.path)},
             ) from exc
         finally:
             db.close()

@@ -47,9 +47,9 @@ class RetryPolicy:
     def from_env(cls) -> RetryPolicy:
         env = os.environ
         return cls(
-            attempts=int(env.get("RBEE_HIVE_DOWNLOAD_ATTEMPTS", cls.attempts)),
-            base_delay=float(env.get("RBEE_HIVE_DOWNLOAD_BACKOFF", cls.base_delay)),
-            stall_timeout=float(env.get("RBEE_HIVE_DOWNLOAD_STALL", cls.stall_timeout)),
+            attempts=int(env.get("RBEE_HIVE_DOWNLOAD_ATTEMPTS", 6)),
+            base_delay=float(env.get("RBEE_HIVE_DOWNLOAD_BACKOFF", 0.1)),
+            stall_timeout=float(env.get("RBEE_HIVE_DOWNLOAD_STALL", 60.0)),
         )
 
     def delay(self, failures: int) -> float:
@@ -100,7 +100,7 @@ async def download(
             if attempt > 1:
                 delay = policy.delay(attempt - 1)
                 emitter.log(
-                    f"retrying download (attempt {attempt}/{policy.attempts}) in {delay * 1000:.0f} ms: {last}"
+                    f"retrying download (attempt {attempt}/{policy.attempts}) in {delay:.2f} s: {last}"
                 )
                 await asyncio.sleep(delay)
             try:
@@ -189,7 +189,7 @@ async def _fetch_once(client: httpx.AsyncClient, source: Source, part: Path, emi
         meter.add(0, force=True)
         try:
             with part.open("ab" if offset else "wb") as f:
-                async for chunk in resp.aiter_raw(CHUNK):
+                async for chunk in resp.aiter_raw():  # unbuffered: a drop loses nothing
                     f.write(chunk)
                     meter.add(len(chunk))
         except OSError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,13 +30,21 @@ from .refs import ModelRef, Source, TransientError, hf_source, http_source, name
 
 @contextmanager
 def _name_lock(path: Path) -> Iterator[None]:
-    with path.open("w") as f:
+    """An exclusive lock per model name, removed when released (inode check: no two holders)."""
+    while True:
+        f = path.open("a")
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-    path.unlink(missing_ok=True)
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()  # the file we locked was unlinked by the previous holder: take the new one
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        f.close()
 
 
 def _cached(row: ModelRow) -> dict[str, Any]:
@@ -153,7 +162,12 @@ async def _fetch_and_install(
 
 
 async def _download_verified(
-    ref: ModelRef, part: Path, sha256: str | None, source: Source | None, emitter: Emitter, policy: RetryPolicy
+    ref: ModelRef,
+    part: Path,
+    sha256: str | None,
+    source: Source | None,
+    emitter: Emitter,
+    policy: RetryPolicy,
 ) -> str:
     """Download until size and sha256 agree; return the digest."""
 

@@ -40,7 +40,10 @@ def check_model_name(name: str) -> str:
 def check_worker_id(worker_id: str) -> str:
     if not WORKER_ID_RE.fullmatch(worker_id):
         raise RbeeError(
-            ErrorCode.INVALID_REQUEST, f"invalid worker id {worker_id!r}", status=400, details={"id": worker_id}
+            ErrorCode.INVALID_REQUEST,
+            f"invalid worker id {worker_id!r}",
+            status=400,
+            details={"id": worker_id},
         )
     return worker_id
 
@@ -94,7 +97,8 @@ class HivePaths:
         return self.workers_dir / f"{check_worker_id(worker_id)}.json"
 
     def worker_log(self, worker_id: str) -> Path:
-        return self.logs_dir / f"worker-{check_worker_id(worker_id)}.log"
+        """`logs/worker-<hex>.log`: worker ids already start with `worker-`."""
+        return self.logs_dir / f"{check_worker_id(worker_id)}.log"
 
     def ensure(self) -> HivePaths:
         """Create the home (0700: it holds worker keys) and its subdirectories."""

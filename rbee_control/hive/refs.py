@@ -36,7 +36,7 @@ class TransientError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class ModelRef:
-    raw: str
+    raw: str  # canonical spelling: what the catalog stores
     kind: str  # "hf" | "http" | "file"
     location: str  # repo id, URL or absolute path
     filename: str | None = None
@@ -86,7 +86,8 @@ def parse_ref(raw: str) -> ModelRef:
         if path.startswith("//"):  # file:///abs/path
             path = path[2:]
         if path.startswith("/"):
-            return ModelRef(ref, "file", os.path.normpath(path), Path(path).name)
+            path = os.path.normpath(path)  # one spelling per file, so a re-add finds the cached row
+            return ModelRef(f"file:{path}", "file", path, Path(path).name)
     raise RbeeError(
         ErrorCode.INVALID_REQUEST,
         f"invalid model reference {raw!r}",

@@ -7,8 +7,13 @@ from collections.abc import Iterable
 
 
 def closest(word: str, choices: Iterable[str]) -> str | None:
-    """The most similar choice, if any is similar enough to be a likely typo."""
-    matches = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    """The most similar choice, if any is similar enough to be a likely typo.
+
+    Short names get a lower bar: one wrong character in `n4` is half of it.
+    """
+    options = list(choices)
+    cutoff = 0.6 if len(word) > 4 else 0.5
+    matches = difflib.get_close_matches(word, options, n=1, cutoff=cutoff)
     return matches[0] if matches else None
 
 

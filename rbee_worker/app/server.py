@@ -172,20 +172,38 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+class WorkerServer(uvicorn.Server):
+    """The first SIGTERM/SIGINT drains (running requests finish, exit 0); a second one forces."""
+
+    def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
+        super().__init__(config)
+        self._app = app
+        self._signalled = False
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        if self._signalled or getattr(self._app.state, "worker", None) is None:
+            self.should_exit = True
+            self.force_exit = self._signalled
+            return
+        self._signalled = True
+        asyncio.get_event_loop().call_soon_threadsafe(self._app.state.drain)
+
+
 def serve(config: WorkerConfig) -> int:
     """Run until shut down; return the process exit code."""
     sock = bind_socket(config.host, config.port)
     if config.port == 0:
         config = WorkerConfig(**{**config.__dict__, "port": sock.getsockname()[1]})
     app = create_app(config)
-    server = uvicorn.Server(
+    server = WorkerServer(
         uvicorn.Config(
             app,
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=30,
             lifespan="on",
-        )
+        ),
+        app,
     )
     app.state.server = server
     app.state.exit_code = 0

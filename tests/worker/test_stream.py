@@ -85,7 +85,9 @@ async def test_health_and_metrics(tiny_worker: WorkerProcess) -> None:
         await collect(client, {"prompt": "x", "max_tokens": 5})
         metrics = (await client.get("/metrics")).text
     families = {f.name: f for f in text_string_to_metric_families(metrics)}
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples
+    }
     assert samples[("rbee_worker_tokens_total", ())] == 5
     assert samples[("rbee_worker_requests_total", (("outcome", "ok"),))] == 1
     assert samples[("rbee_worker_state", (("state", "ready"),))] == 1

@@ -1,0 +1,284 @@
+"""`rbee-hive`: the node-side commands the keeper runs over SSH (or as a local subprocess).
+
+Every subcommand is non-interactive, takes `--home` and `--json`, and ends with
+exactly one `result` or `error` event (exit 0 / 1; 2 for usage errors). `models`
+commands work without the daemon; `worker` commands need it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import fields
+from typing import Any
+
+from rbee_control.node_events import Emitter
+from rbee_worker.protocol.errors import ErrorCode, RbeeError
+from rbee_worker.runtimes import BACKENDS
+
+from . import __version__
+from .config import HiveConfig
+from .paths import HivePaths
+
+# Handlers import what they use: `models list` over SSH should not pay for uvicorn.
+
+
+def _mb(n: int | None) -> str:
+    return "?" if n is None else f"{n / 1e6:.1f} MB"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    if not rows:
+        return ""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]
+    )
+
+
+# --- handlers: (args, paths, emitter) -> None, ending in emitter.result -------
+
+
+def cmd_daemon(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
+    from . import daemon
+
+    options = {f.name: getattr(args, f.name, None) for f in fields(HiveConfig)}
+    config = HiveConfig.from_sources(**options)
+    if args.detach:
+        info = daemon.detach(paths, config)
+        out.result(
+            info, f"hive {info['status'].replace('_', ' ')} (pid {info['pid']}, socket {info['socket']})"
+        )
+        return
+    daemon.run_daemon(
+        paths,
+        config,
+        on_serving=lambda info: out.result(
+            info, f"hive {info['status'].replace('_', ' ')} (pid {info['pid']}, socket {info['socket']})"
+        ),
+    )
+
+
+def cmd_status(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
+    from . import daemon
+
+    info = asyncio.run(daemon.hive_status(paths))
+    node = info["node"]
+    state = f"running, pid {info['pid']}" if info["running"] else "not running"
+    backends = ", ".join(node["backends"]) or "none"
+    lines = [
+        f"hive: {state} ({info['home']})",
+        f"node: {node['hostname']}, {node['cpus']} cpus, {_mb(node['ram_available'])} of "
+        f"{_mb(node['ram_total'])} RAM free, {_mb(node['disk_free'])} disk free, backends {backends}",
+        f"models: {node['models']}, workers: {len(info['workers'])}",
+    ]
+    out.result(info, "\n".join(lines))
+
+
+def cmd_stop(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
+    from . import daemon
+
+    info = asyncio.run(daemon.stop_hive(paths, grace=args.timeout))
+    text = f"hive stopped (pid {info['pid']}, {info['how']})" if info["stopped"] else "hive was not running"
+    if info["orphans_stopped"]:
+        text += f"; stopped {info['orphans_stopped']} leftover workers"
+    out.result(info, text)
+
+
+def cmd_models_add(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
+    from . import models
+
+    row = asyncio.run(models.add_model(paths, args.ref, out, name=args.name, sha256=args.sha256))
+    state = "already in the catalog" if row["cached"] else "added"
+    out.result(
+        row, f"{row['name']}: {state} ({row['architecture']} {row['quantization']}, {_mb(row['size'])})"
+    )
+
+
+def cmd_models_list(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
+    from . import models
+
+    rows = models.list_models(paths)
+    table = _table(
+        [[r.name, r.architecture, r.quantization or "", _mb(r.size), r.ref] for r in rows],
+        ["NAME", "ARCH", "QUANT", "SIZE", "REF"],
+    )
+    out.result({"models": [r.to_json() for r in rows]}, table or "no models")
+
+
+def cmd_models_rm(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
+    from . import models
+    from .pidfiles import running_hive
+
+    if not args.force and running_hive(paths) is not None:
+        using = [
+            w["id"]
+            for w in asyncio.run(_with_hive(paths, lambda h: h.list_workers()))
+            if w["model"] == args.name
+        ]
+        if using:
+            raise RbeeError(
+                ErrorCode.INVALID_REQUEST,
+                f"model {args.name!r} is in use by {', '.join(using)}",
+                status=409,
+                details={"name": args.name, "workers": using},
+                hint=f"rbee-hive worker stop {using[0]} (or models rm --force)",
+            )
+    info = models.remove_model(paths, args.name)
+    out.result(info, f"{info['name']}: removed ({_mb(info['freed_bytes'])} freed)")
+
+
+def cmd_models_verify(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
+    from . import models
+
+    info = asyncio.run(models.verify_model(paths, args.name, out))
+    out.result(info, f"{info['name']}: ok (sha256 {info['sha256']})")
+
+
+async def _with_hive(paths: HivePaths, call: Callable[[Any], Any]) -> Any:
+    from .client import HiveClient
+
+    async with HiveClient(paths) as hive:
+        return await call(hive)
+
+
+def cmd_worker_spawn(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
+    info = asyncio.run(
+        _with_hive(
+            paths,
+            lambda h: h.spawn(
+                args.model,
+                backend=args.backend,
+                slots=args.slots,
+                ctx=args.ctx,
+                threads=args.threads,
+                idle_timeout=args.idle_timeout,
+                wait=args.wait,
+                timeout=args.timeout,
+            ),
+        )
+    )
+    out.result(
+        info,
+        f"{info['id']}: {info['state']} at {info['url']} (pid {info['pid']}, {info['backend']})\n"
+        f"api key: {info['api_key']}",
+    )
+
+
+def cmd_worker_list(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
+    workers = asyncio.run(_with_hive(paths, lambda h: h.list_workers()))
+    table = _table(
+        [[w["id"], w["state"], w["model"], w["backend"], w["url"], str(w["pid"])] for w in workers],
+        ["ID", "STATE", "MODEL", "BACKEND", "URL", "PID"],
+    )
+    out.result({"workers": workers}, table or "no workers")
+
+
+def cmd_worker_stop(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
+    info = asyncio.run(_with_hive(paths, lambda h: h.stop_worker(args.id)))
+    out.result(info, f"{info['id']}: stopped ({info['how']})")
+
+
+# --- parser ------------------------------------------------------------------
+
+
+def _common(parser: argparse.ArgumentParser, top: bool) -> None:
+    """`--home` and `--json` work before or after the subcommand."""
+    default: Any = None if top else argparse.SUPPRESS
+    parser.add_argument(
+        "--home", default=default, help="node state dir (default $RBEE_HOME or ~/.local/share/rbee)"
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=False if top else argparse.SUPPRESS,
+        help="JSON lines on stdout (progress events, then one result or error)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rbee-hive", description="rbee node daemon and node commands")
+    parser.add_argument("--version", action="version", version=f"rbee-hive {__version__}")
+    _common(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def leaf(group: Any, name: str, handler: Callable[..., None], help_text: str) -> argparse.ArgumentParser:
+        p = group.add_parser(name, help=help_text, description=help_text)
+        _common(p, top=False)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = leaf(sub, "daemon", cmd_daemon, "run the node daemon (idempotent)")
+    p.add_argument("--detach", action="store_true", help="start in the background; return once it answers")
+    for f in fields(HiveConfig):
+        p.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f.name,
+            type=type(f.default),
+            default=None,
+            metavar=type(f.default).__name__.upper(),
+            help=f"default {f.default}",
+        )
+    leaf(sub, "status", cmd_status, "is the daemon up; node facts; workers")
+    p = leaf(sub, "stop", cmd_stop, "stop the daemon and every worker (cascading)")
+    p.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds for the daemon to stop before SIGTERM"
+    )
+
+    models_p = sub.add_parser("models", help="the node's model catalog (no daemon needed)")
+    msub = models_p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    p = leaf(msub, "add", cmd_models_add, "download or import a GGUF model into the catalog")
+    p.add_argument("ref", help="hf:owner/repo[:file.gguf] | https://…/file.gguf | file:/abs/path.gguf")
+    p.add_argument("--name", help="catalog name (default: the file name without .gguf)")
+    p.add_argument("--sha256", help="expected sha256 of the file")
+    leaf(msub, "list", cmd_models_list, "list catalogued models")
+    p = leaf(msub, "rm", cmd_models_rm, "remove a model and its file")
+    p.add_argument("name")
+    p.add_argument("--force", action="store_true", help="even if a worker is serving it")
+    p = leaf(msub, "verify", cmd_models_verify, "re-hash and re-parse a catalogued model")
+    p.add_argument("name")
+
+    worker_p = sub.add_parser("worker", help="model workers (needs the daemon)")
+    wsub = worker_p.add_subparsers(dest="worker_command", required=True, metavar="ACTION")
+    p = leaf(wsub, "spawn", cmd_worker_spawn, "start a worker for a catalogued model")
+    p.add_argument("--model", required=True)
+    p.add_argument("--backend", choices=["auto", *BACKENDS], default="auto")
+    p.add_argument("--slots", type=int, default=1)
+    p.add_argument("--ctx", type=int)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--idle-timeout", type=float, help="seconds idle before it is stopped (default: daemon's)")
+    p.add_argument("--wait", action="store_true", help="return when the model is loaded (or failed)")
+    p.add_argument(
+        "--timeout", type=float, help="seconds to wait for --wait (default: daemon's loading timeout)"
+    )
+    leaf(wsub, "list", cmd_worker_list, "list this node's workers")
+    p = leaf(wsub, "stop", cmd_worker_stop, "stop one worker gracefully")
+    p.add_argument("id")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Emitter(json_mode=args.json)
+    try:
+        paths = HivePaths.resolve(args.home)
+        args.handler(args, paths, out)
+    except RbeeError as err:
+        out.error(err)
+        return 1
+    except KeyboardInterrupt:
+        if not out.finished:
+            out.error(RbeeError(ErrorCode.REQUEST_CANCELED, "interrupted"))
+        return 130
+    except Exception as exc:  # a bug: still end the stream with one error event
+        traceback.print_exc(file=sys.stderr)
+        out.error(RbeeError(ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Talking to a node's hive daemon over its Unix socket.
+
+Used by the `rbee-hive` CLI on the node, and by anything else running there (the
+keeper with `transport: local`, tests). Remote callers run the CLI over SSH
+instead and read its JSON lines (`rbee_control.node_events`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from rbee_worker.protocol.errors import ErrorCode, RbeeError
+
+from .paths import HivePaths
+
+
+def hive_not_running(paths: HivePaths) -> RbeeError:
+    return RbeeError(
+        ErrorCode.HIVE_NOT_RUNNING,
+        f"the hive daemon is not running (no answer on {paths.socket})",
+        status=503,
+        details={"socket": str(paths.socket)},
+        hint=f"rbee-hive daemon --detach --home {paths.home}",
+    )
+
+
+class HiveClient:
+    """`async with HiveClient(paths) as hive: await hive.spawn("tiny", wait=True)`"""
+
+    def __init__(self, paths: HivePaths, timeout: float = 10.0) -> None:
+        self.paths = paths
+        self._http = httpx.AsyncClient(
+            transport=httpx.AsyncHTTPTransport(uds=str(paths.socket)),
+            base_url="http://hive",
+            timeout=httpx.Timeout(timeout, connect=2.0),
+        )
+
+    async def __aenter__(self) -> HiveClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _call(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
+        kwargs: dict[str, Any] = {"json": body} if body is not None else {}
+        if timeout is not None:
+            kwargs["timeout"] = httpx.Timeout(timeout, connect=2.0)
+        try:
+            resp = await self._http.request(method, path, **kwargs)
+        except (httpx.ConnectError, httpx.RemoteProtocolError, FileNotFoundError, ConnectionRefusedError):
+            raise hive_not_running(self.paths) from None
+        except httpx.TimeoutException as exc:
+            raise RbeeError(
+                ErrorCode.CONNECTION_TIMEOUT, f"the hive did not answer {method} {path} in time", status=504
+            ) from exc
+        try:
+            data = resp.json()
+        except ValueError:
+            data = None
+        if resp.status_code >= 400:
+            err = RbeeError.from_body(data, status=resp.status_code)
+            if isinstance(data, dict) and isinstance(data.get("error"), dict):
+                err.hint = data["error"].get("hint")
+            raise err
+        return data
+
+    async def health(self) -> dict[str, Any]:
+        return await self._call("GET", "/v1/health", timeout=3.0)
+
+    async def spawn(
+        self,
+        model: str,
+        backend: str = "auto",
+        slots: int = 1,
+        ctx: int | None = None,
+        threads: int | None = None,
+        idle_timeout: float | None = None,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Start a worker; the answer carries `{id, url, api_key, model, backend, state, pid, port}`."""
+        body = {
+            "model": model,
+            "backend": backend,
+            "slots": slots,
+            "ctx": ctx,
+            "threads": threads,
+            "idle_timeout": idle_timeout,
+            "wait": wait,
+            "timeout": timeout,
+        }
+        body = {k: v for k, v in body.items() if v is not None}
+        # the daemon waits up to `timeout` (default: its loading timeout) plus start-up
+        http_timeout = (timeout or 300.0) + 60.0 if wait else 60.0
+        return await self._call("POST", "/v1/workers/spawn", body, timeout=http_timeout)
+
+    async def list_workers(self) -> list[dict[str, Any]]:
+        return (await self._call("GET", "/v1/workers/list"))["workers"]
+
+    async def stop_worker(self, worker_id: str) -> dict[str, Any]:
+        return await self._call("POST", f"/v1/workers/{worker_id}/stop", timeout=90.0)
+
+    async def shutdown(self) -> dict[str, Any]:
+        return await self._call("POST", "/v1/admin/shutdown")
+
+
+async def wait_for_hive(paths: HivePaths, timeout: float, alive: Any = None) -> dict[str, Any]:
+    """Poll health until the daemon answers; `alive()` returning False aborts early (it died)."""
+    deadline = time.monotonic() + timeout
+    async with HiveClient(paths, timeout=2.0) as hive:
+        while True:
+            try:
+                return await hive.health()
+            except RbeeError as exc:
+                if exc.code != ErrorCode.HIVE_NOT_RUNNING:
+                    raise
+                if time.monotonic() >= deadline or (alive is not None and not alive()):
+                    raise
+            await asyncio.sleep(0.05)

@@ -1,0 +1,243 @@
+"""Running, detaching and stopping the hive daemon.
+
+One daemon per `$RBEE_HOME`: the pid file decides, and a second start reports the
+first instead of failing. The socket is bound by us (not uvicorn, which would make
+it 0666) under umask 077, so only the node's user can spawn workers or read keys.
+Whatever way the daemon ends — `stop`, SIGTERM, SIGINT, Ctrl-C twice — its workers
+are stopped first; `stop` also cleans up after a daemon that was killed outright.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from typing import Any
+
+import httpx
+import psutil
+import uvicorn
+
+from rbee_worker.protocol.errors import ErrorCode, RbeeError
+
+from . import API_VERSION, __version__
+from .api import create_app
+from .catalog import Catalog
+from .client import HiveClient, hive_not_running, wait_for_hive
+from .config import HiveConfig
+from .paths import HivePaths
+from .pidfiles import claim_hive_pid, read_worker_files, release_hive_pid, running_hive
+from .process import is_alive, terminate, wait_gone
+from .spawn import available_backends
+from .supervisor import Supervisor, stop_worker_process
+
+log = logging.getLogger("rbee.hive")
+
+DETACH_TIMEOUT = 20.0
+
+
+def _bind_socket(paths: HivePaths) -> socket.socket:
+    paths.socket.unlink(missing_ok=True)  # stale: the pid file says no daemon owns it
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(paths.socket))
+    finally:
+        os.umask(old)
+    os.chmod(paths.socket, 0o600)
+    return sock
+
+
+def _setup_logging(paths: HivePaths) -> None:
+    handler = logging.FileHandler(paths.hive_log)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def base_info(paths: HivePaths, pid: int | None) -> dict[str, Any]:
+    return {
+        "pid": pid,
+        "home": str(paths.home),
+        "socket": str(paths.socket),
+        "log": str(paths.hive_log),
+        "version": __version__,
+        "api_version": API_VERSION,
+    }
+
+
+def run_daemon(paths: HivePaths, config: HiveConfig, on_serving: Any = None) -> int:
+    """Serve in the foreground until stopped; 0 also when another daemon already runs."""
+    paths.ensure()
+    other = claim_hive_pid(paths)
+    if other is not None:
+        if on_serving:
+            on_serving({"status": "already_running", **base_info(paths, other)})
+        return 0
+    _setup_logging(paths)
+    log.info(
+        "hive %s starting (pid %d, home %s, workers on %s)",
+        __version__,
+        os.getpid(),
+        paths.home,
+        config.address,
+    )
+    try:
+        asyncio.run(_serve(paths, config, on_serving))
+    finally:
+        paths.socket.unlink(missing_ok=True)
+        release_hive_pid(paths)
+        log.info("hive stopped")
+    return 0
+
+
+async def _serve(paths: HivePaths, config: HiveConfig, on_serving: Any) -> None:
+    supervisor = Supervisor(paths, config)
+    server: uvicorn.Server | None = None
+
+    def request_exit(*_: Any) -> None:
+        if server is not None:
+            server.should_exit = True
+
+    # uvicorn re-raises a captured signal after serving; these handlers make that harmless
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, request_exit)
+    app = create_app(supervisor, request_exit)
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+    )
+    sock = _bind_socket(paths)
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.02)
+        if server.started:
+            log.info("serving on %s", paths.socket)
+            if on_serving:
+                on_serving({"status": "started", **base_info(paths, os.getpid())})
+        await serving
+    finally:
+        await supervisor.close()  # a forced exit skips the lifespan; the cascade must not be skipped
+
+
+def detach(paths: HivePaths, config: HiveConfig) -> dict[str, Any]:
+    """Start the daemon in its own session and return once its socket answers health."""
+    paths.ensure()
+    pid = running_hive(paths)
+    if pid is not None:
+        return {"status": "already_running", **base_info(paths, pid)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "rbee_control.hive.cli",
+        "daemon",
+        "--home",
+        str(paths.home),
+        *config.to_args(),
+    ]
+    with paths.hive_log.open("ab") as logf:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True, cwd=paths.home
+        )
+    try:
+        health = asyncio.run(wait_for_hive(paths, DETACH_TIMEOUT, alive=lambda: proc.poll() is None))
+    except RbeeError:
+        code = proc.poll()
+        if code is None:  # never answered: do not leave a half-started daemon behind
+            proc.kill()
+            proc.wait()
+        other = running_hive(paths)
+        if other is not None:  # lost a start race to another daemon, which is fine
+            return {"status": "already_running", **base_info(paths, other)}
+        raise RbeeError(
+            ErrorCode.INTERNAL_ERROR,
+            "the hive daemon did not start" + (f" (exit code {code})" if code is not None else ""),
+            details={"log": str(paths.hive_log), "log_tail": _tail(paths.hive_log)},
+            hint=f"tail {paths.hive_log}",
+        ) from None
+    status = "started" if health["pid"] == proc.pid else "already_running"
+    return {"status": status, **base_info(paths, health["pid"])}
+
+
+async def stop_hive(paths: HivePaths, grace: float = 30.0) -> dict[str, Any]:
+    """Stop the daemon (it cascades to its workers), then any worker a dead daemon left behind."""
+    pid = running_hive(paths)
+    workers = 0
+    how = "not_running"
+    if pid is not None:
+        try:
+            async with HiveClient(paths) as hive:
+                workers = (await hive.shutdown()).get("workers", 0)
+            how = "graceful"
+        except RbeeError:
+            os.kill(pid, signal.SIGTERM)
+            how = "terminated"
+        if not await wait_gone(pid, None, grace):
+            how = await terminate(pid, None, term_grace=10.0)
+    orphans = 0
+    async with httpx.AsyncClient(timeout=5.0) as http:
+        leftovers = [f for f in read_worker_files(paths) if is_alive(f.pid, f.create_time)]
+        await asyncio.gather(*(stop_worker_process(http, f, 10.0) for f in leftovers))
+    for f in read_worker_files(paths):
+        f.remove(paths)
+    orphans = len(leftovers)
+    if pid is None:
+        paths.socket.unlink(missing_ok=True)
+    return {
+        "stopped": pid is not None,
+        "how": how,
+        "workers_stopped": workers,
+        "orphans_stopped": orphans,
+        **base_info(paths, pid),
+    }
+
+
+def node_facts(paths: HivePaths) -> dict[str, Any]:
+    """What the keeper shows per node and needs for placement: memory, disk, runtimes, models."""
+    mem = psutil.virtual_memory()
+    return {
+        "hostname": socket.gethostname(),
+        "cpus": os.cpu_count(),
+        "ram_total": mem.total,
+        "ram_available": mem.available,
+        "disk_free": shutil.disk_usage(paths.home).free,
+        "backends": available_backends(),
+        "models": len(Catalog(paths.db).list()),
+    }
+
+
+async def hive_status(paths: HivePaths) -> dict[str, Any]:
+    paths.ensure()
+    pid = running_hive(paths)
+    if pid is None:
+        return {"running": False, "workers": [], "node": node_facts(paths), **base_info(paths, None)}
+    try:
+        async with HiveClient(paths) as hive:
+            health = await hive.health()
+            workers = await hive.list_workers()
+    except RbeeError as exc:
+        if exc.code == ErrorCode.HIVE_NOT_RUNNING:  # pid alive but socket silent: starting or wedged
+            raise hive_not_running(paths) from None
+        raise
+    return {
+        "running": True,
+        "workers": workers,
+        "node": node_facts(paths),
+        **base_info(paths, health.get("pid", pid)),
+    }
+
+
+def _tail(path: os.PathLike[str], lines: int = 20) -> str:
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 8192))
+        return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-lines:])
+    return ""

@@ -1,0 +1,389 @@
+"""The daemon's duties towards its workers: spawn, watch, idle them out, stop them all.
+
+Three things change a worker's fate, and all of them land here:
+- its own process (an exit noticed at once for our children, by pid for adopted ones),
+- its ready callback (`loading` → `idle`, or failed with the worker's reason),
+- the loops: health (dead pid / 3 failed probes / stuck loading) and activity
+  (busy or idle from `/metrics`; idle past `idle_timeout` → graceful shutdown).
+Stopping is always the same ladder: ask over HTTP, wait, SIGTERM, SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from rbee_worker.protocol.errors import ErrorCode, RbeeError
+
+from . import spawn
+from .catalog import Catalog
+from .config import HiveConfig
+from .paths import HivePaths
+from .pidfiles import WorkerFile, read_worker_files
+from .process import is_alive, terminate, wait_gone
+from .registry import Registry, Worker, WorkerState
+
+log = logging.getLogger("rbee.hive")
+
+_PORT_RETRIES = 3
+
+
+class Supervisor:
+    def __init__(self, paths: HivePaths, config: HiveConfig) -> None:
+        self.paths = paths
+        self.config = config
+        self.registry = Registry()
+        self.catalog = Catalog(paths.db)
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=2.0))
+        self._spawn_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping: dict[str, asyncio.Task[str]] = {}
+        self._closing: asyncio.Future[None] | None = None
+
+    # --- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.adopt()
+        self._background(self._loop(self.config.health_interval, self.check_health))
+        self._background(self._loop(self.config.poll_interval, self.check_activity))
+
+    async def close(self) -> None:
+        """Cascade: every worker is stopped before the daemon exits (a second call joins the first)."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await self.stop_all("hive shutting down")
+        await self.http.aclose()
+
+    def _background(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _loop(self, interval: float, step: Any) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await step()
+            except Exception:
+                log.exception("supervisor step %s failed", step.__name__)
+
+    # --- spawn -----------------------------------------------------------------
+
+    async def spawn(self, req: spawn.SpawnRequest, wait: bool, timeout: float | None) -> Worker:
+        model = self.catalog.require(req.model)
+        backend = spawn.choose_backend(req.backend, model)
+        spawn.check_ram(model, self.config.ram_factor)
+        worker = await self._launch_bound(req, model, backend)
+        if wait:
+            await self.wait_ready(worker, timeout or self.config.loading_timeout)
+        return worker
+
+    async def _launch_bound(self, req: spawn.SpawnRequest, model: Any, backend: str) -> Worker:
+        """Launch and wait until the worker's port answers; retry another port if it lost a bind race."""
+        skip: set[int] = set()
+        for _ in range(_PORT_RETRIES):
+            async with self._spawn_lock:
+                port = spawn.pick_port(self.config, self.registry.ports() | skip)
+                worker_id = spawn.new_worker_id()
+                log_start = spawn.log_size(self.paths, worker_id)
+                record, proc = await spawn.launch(
+                    self.paths, self.config, req, model, backend, worker_id, port
+                )
+                worker = Worker(file=record, process=proc, idle_timeout=req.idle_timeout)
+                self.registry.add(worker)
+            log.info(
+                "spawned %s (pid %d) for %s on %s, backend %s",
+                worker_id,
+                proc.pid,
+                model.name,
+                record.url,
+                backend,
+            )
+            self._background(self._watch_exit(worker))
+            if await self._wait_http(worker):
+                return worker
+            tail = spawn.log_tail(self.paths, worker_id)
+            if "address already in use" in spawn.log_since(self.paths, worker_id, log_start).lower():
+                log.warning("%s lost port %d to another process; trying the next one", worker_id, port)
+                skip.add(port)
+                await self._forget(worker)
+                continue
+            if self.registry.get(worker.id) is worker:
+                await self.stop_worker(worker.id, "did not start")
+            err = worker.error or {"code": ErrorCode.WORKER_CRASHED, "message": "its port never answered"}
+            raise RbeeError(
+                err["code"],
+                f"worker {worker_id} failed to start: {err['message']}",
+                status=500,
+                details={"id": worker_id, "log": str(self.paths.worker_log(worker_id)), "log_tail": tail},
+                hint=f"tail {self.paths.worker_log(worker_id)}",
+            )
+        raise RbeeError(ErrorCode.NO_PORT_AVAILABLE, "lost the race for a port three times", status=503)
+
+    async def _wait_http(self, worker: Worker) -> bool:
+        """True once `/health` answers (or the worker already called back ready)."""
+        deadline = time.monotonic() + self.config.startup_timeout
+        while time.monotonic() < deadline:
+            if worker.settled.is_set():
+                return worker.error is None
+            if worker.process is not None and worker.process.returncode is not None:
+                return False
+            with contextlib.suppress(httpx.HTTPError):
+                resp = await self.http.get(f"{worker.url}/health", timeout=1.0)
+                if resp.status_code == 200:
+                    return True
+            await asyncio.sleep(0.05)
+        return False
+
+    async def wait_ready(self, worker: Worker, timeout: float) -> None:
+        """Block until the worker left `loading`; raise its failure, or LOADING_TIMEOUT (and stop it)."""
+        try:
+            await asyncio.wait_for(worker.settled.wait(), timeout)
+        except TimeoutError:
+            await self.stop_worker(worker.id, f"still loading after {timeout:g} s")
+            raise RbeeError(
+                ErrorCode.LOADING_TIMEOUT,
+                f"worker {worker.id} still loading after {timeout:g} s; stopped",
+                status=504,
+                details={"id": worker.id, "log": str(self.paths.worker_log(worker.id))},
+                hint=f"tail {self.paths.worker_log(worker.id)}",
+            ) from None
+        if worker.error is not None:
+            err = worker.error
+            raise RbeeError(
+                err.get("code") or ErrorCode.WORKER_CRASHED,
+                f"worker {worker.id} failed: {err.get('message')}",
+                status=500,
+                details={"id": worker.id, **(err.get("details") or {})},
+                hint=f"tail {self.paths.worker_log(worker.id)}",
+            )
+
+    def on_ready(self, payload: dict[str, Any]) -> Worker:
+        """The worker's callback: loaded (→ idle) or failed (keeps the reason for whoever waits)."""
+        worker = self.registry.require(str(payload.get("worker_id")))
+        if payload.get("state") == "ready":
+            now = time.time()
+            worker.state, worker.ready_at, worker.last_activity = WorkerState.IDLE, now, now
+            if payload.get("backend"):
+                worker.file.backend = str(payload["backend"])
+            log.info(
+                "%s ready (%s, %s) after %.2f s",
+                worker.id,
+                worker.file.model,
+                worker.file.backend,
+                now - worker.file.started_at,
+            )
+        else:
+            err = payload.get("error") or {}
+            worker.error = {
+                "code": err.get("code") or ErrorCode.MODEL_LOAD_FAILED,
+                "message": err.get("message") or "load failed",
+                "details": {"log_tail": spawn.log_tail(self.paths, worker.id)},
+            }
+            log.warning("%s failed to load: %s", worker.id, worker.error["message"])
+            self._background(self.stop_worker(worker.id, "failed to load"))
+        worker.settled.set()
+        return worker
+
+    # --- death and stopping ----------------------------------------------------
+
+    async def _watch_exit(self, worker: Worker) -> None:
+        assert worker.process is not None
+        code = await worker.process.wait()
+        if self.registry.get(worker.id) is worker and worker.id not in self._stopping:
+            self._record_death(worker, f"exited with code {code}")
+
+    def _record_death(self, worker: Worker, why: str) -> None:
+        if worker.state == WorkerState.LOADING and worker.error is None:
+            worker.error = {
+                "code": ErrorCode.WORKER_CRASHED,
+                "message": f"process {why} while loading",
+                "details": {"log_tail": spawn.log_tail(self.paths, worker.id)},
+            }
+        log.warning("%s removed: %s", worker.id, why)
+        worker.settled.set()
+        self.registry.remove(worker.id)
+        worker.file.remove(self.paths)
+
+    async def _forget(self, worker: Worker) -> None:
+        if worker.process is not None:
+            await worker.process.wait()
+        self.registry.remove(worker.id)
+        worker.file.remove(self.paths)
+
+    async def stop_worker(self, worker_id: str, reason: str, ask: bool = True) -> str:
+        """Stop one worker (a second call joins the first); return how it ended.
+
+        `ask=False` skips the HTTP request for a worker that stopped answering.
+        """
+        task = self._stopping.get(worker_id)
+        if task is None:
+            worker = self.registry.require(worker_id)
+            task = asyncio.create_task(self._stop(worker, reason, ask))
+            self._stopping[worker_id] = task
+            task.add_done_callback(lambda _: self._stopping.pop(worker_id, None))
+        return await asyncio.shield(task)
+
+    async def _stop(self, worker: Worker, reason: str, ask: bool) -> str:
+        f = worker.file
+        log.info("stopping %s (pid %d): %s", worker.id, f.pid, reason)
+        worker.state = WorkerState.DRAINING
+        how = await stop_worker_process(self.http, f, self.config.stop_timeout, ask)
+        if worker.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                await asyncio.wait_for(worker.process.wait(), 5.0)
+        if worker.error is None and not worker.settled.is_set():
+            worker.error = {"code": ErrorCode.WORKER_CRASHED, "message": f"stopped: {reason}"}
+        worker.settled.set()
+        self.registry.remove(worker.id)
+        f.remove(self.paths)
+        log.info("%s stopped (%s)", worker.id, how)
+        return how
+
+    async def stop_all(self, reason: str) -> int:
+        workers = self.registry.list()
+        if workers:
+            log.info("shutting down %d workers...", len(workers))
+        results = await asyncio.gather(
+            *(self.stop_worker(w.id, reason) for w in workers), return_exceptions=True
+        )
+        for w, r in zip(workers, results, strict=True):
+            if isinstance(r, BaseException) and not isinstance(r, RbeeError):
+                log.error("stopping %s failed: %r", w.id, r)
+        if workers:
+            log.info("all workers stopped")
+        return len(workers)
+
+    # --- loops -----------------------------------------------------------------
+
+    async def check_health(self) -> None:
+        """A dead pid or N failed `/health` probes remove a worker; so does loading past the timeout."""
+        now = time.time()
+        probed = []
+        for worker in self.registry.list():
+            if worker.id in self._stopping:
+                continue
+            if not is_alive(worker.file.pid, worker.file.create_time):
+                self._record_death(worker, "process is gone")
+            elif (
+                worker.state == WorkerState.LOADING
+                and now - worker.file.started_at > self.config.loading_timeout
+            ):
+                worker.error = {"code": ErrorCode.LOADING_TIMEOUT, "message": "loading timed out"}
+                self._background(self.stop_worker(worker.id, f"loading > {self.config.loading_timeout:g} s"))
+            else:
+                probed.append(worker)
+        answers = await asyncio.gather(*(self._probe(w) for w in probed))
+        for worker, ok in zip(probed, answers, strict=True):
+            worker.failed_probes = 0 if ok else worker.failed_probes + 1
+            if worker.failed_probes >= self.config.failed_probes_limit and worker.id not in self._stopping:
+                reason = f"{worker.failed_probes} failed health probes"
+                self._background(self.stop_worker(worker.id, reason, ask=False))
+
+    async def _probe(self, worker: Worker) -> bool:
+        timeout = min(5.0, max(0.2, self.config.health_interval))
+        try:
+            return (await self.http.get(f"{worker.url}/health", timeout=timeout)).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    async def check_activity(self) -> None:
+        """Busy or idle from each worker's metrics; idle past the timeout → graceful shutdown."""
+        now = time.time()
+        for worker in self.registry.list():
+            if worker.state not in (WorkerState.IDLE, WorkerState.BUSY) or worker.id in self._stopping:
+                continue
+            if not await self._poll_metrics(worker):
+                continue  # unknown activity never counts as idle
+            limit = worker.idle_timeout if worker.idle_timeout is not None else self.config.idle_timeout
+            if worker.state == WorkerState.IDLE and worker.idle_for(now) > limit:
+                self._background(self.stop_worker(worker.id, f"idle for {worker.idle_for(now):.0f} s"))
+
+    async def _poll_metrics(self, worker: Worker) -> bool:
+        try:
+            resp = await self.http.get(
+                f"{worker.url}/metrics", headers={"Authorization": f"Bearer {worker.file.api_key}"}
+            )
+            resp.raise_for_status()
+            samples = [s for fam in text_string_to_metric_families(resp.text) for s in fam.samples]
+        except (httpx.HTTPError, ValueError) as exc:
+            log.debug("%s: metrics unavailable: %s", worker.id, exc)
+            return False
+        busy = int(sum(s.value for s in samples if s.name == "rbee_worker_slots_busy"))
+        last_token = max(
+            (s.value for s in samples if s.name == "rbee_worker_last_token_timestamp_seconds"), default=0
+        )
+        worker.slots_busy = busy
+        if busy > 0:
+            worker.state, worker.last_activity = WorkerState.BUSY, time.time()
+        else:
+            worker.state = WorkerState.IDLE
+            worker.last_activity = max(worker.last_activity, last_token)
+        return True
+
+    # --- restart ---------------------------------------------------------------
+
+    async def adopt(self) -> None:
+        """Rebuild the registry from worker files: keep only workers that prove they are alive."""
+        for record in read_worker_files(self.paths):
+            worker = Worker(file=record)
+            if not is_alive(record.pid, record.create_time):
+                log.info("%s: pid %d is gone; dropping its record", record.id, record.pid)
+                record.remove(self.paths)
+                continue
+            state = await self._probe_ready(worker)
+            if state is None:
+                self.registry.add(worker)
+                await self.stop_worker(record.id, "unresponsive after hive restart")
+                continue
+            worker.state = state
+            worker.ready_at = time.time() if state != WorkerState.LOADING else None
+            if state == WorkerState.IDLE:
+                worker.settled.set()
+            self.registry.add(worker)
+            log.info("%s adopted (%s, %s)", record.id, record.model, state)
+
+    async def _probe_ready(self, worker: Worker) -> WorkerState | None:
+        try:
+            health = await self.http.get(f"{worker.url}/health")
+            if health.status_code != 200:
+                return None
+            resp = await self.http.get(
+                f"{worker.url}/v1/ready", headers={"Authorization": f"Bearer {worker.file.api_key}"}
+            )
+        except httpx.HTTPError:
+            return None
+        if resp.status_code == 200:
+            return WorkerState.IDLE
+        with contextlib.suppress(ValueError):
+            if resp.status_code == 503 and resp.json().get("state") == "loading":
+                return WorkerState.LOADING
+        return None
+
+
+async def stop_worker_process(http: httpx.AsyncClient, f: WorkerFile, grace: float, ask: bool = True) -> str:
+    """The stop ladder: ask over HTTP (the worker finishes its running request), wait, SIGTERM, SIGKILL.
+
+    Each wait is `grace` seconds, so a stop is bounded by about twice that.
+    """
+    if not is_alive(f.pid, f.create_time):
+        return "exited"
+    if ask:
+        with contextlib.suppress(httpx.HTTPError):
+            auth = {"Authorization": f"Bearer {f.api_key}"}
+            await http.post(f"{f.url}/v1/admin/shutdown", headers=auth, timeout=2.0)
+        if await wait_gone(f.pid, f.create_time, grace):
+            return "graceful"
+    return await terminate(f.pid, f.create_time, term_grace=grace)

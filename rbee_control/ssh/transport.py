@@ -1,0 +1,129 @@
+"""`NodeTransport`: the one way the keeper acts on a node, whether over SSH or locally.
+
+Callers write `await transport.run([...])`, `transport.stream([...])` and
+`await transport.put(src, dst)` and never learn which transport they hold;
+`LocalTransport` and `SshTransport` are held to the same semantics by the tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import shlex
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from rbee_control.inventory.model import Node
+from rbee_control.ssh.command import CommandResult
+from rbee_control.ssh.stream import CommandStream, StderrCallback
+from rbee_worker.protocol.errors import ErrorCode, RbeeError
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    """An upload: the file's full size and the offset it resumed from (0 for a fresh copy)."""
+
+    size: int
+    resumed_from: int
+
+    @property
+    def sent(self) -> int:
+        return self.size - self.resumed_from
+
+
+class NodeTransport(ABC):
+    """Run commands on, and copy files to, one node."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def __aenter__(self) -> NodeTransport:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def connect(self) -> None:  # noqa: B027 - optional hook; local nodes need no connection
+        """Open the connection now, so errors surface before the first command."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release the connection; running streams are killed."""
+
+    @abstractmethod
+    def stream(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        stdin: bytes | None = None,
+        on_stderr: StderrCallback | None = None,
+    ) -> CommandStream:
+        """A command to start with `async with` (see `CommandStream`)."""
+
+    @abstractmethod
+    async def put(
+        self,
+        local_path: str | os.PathLike[str],
+        remote_path: str,
+        progress_cb: ProgressCallback | None = None,
+        *,
+        resume: bool = True,
+    ) -> PutResult:
+        """Copy a file to the node, continuing a partial copy at `remote_path` when `resume`.
+
+        A leading `~/` in `remote_path` means the node user's home. The caller
+        verifies the content (size, sha256) and renames a `.part` file into place.
+        """
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        stdin: bytes | None = None,
+    ) -> CommandResult:
+        """Run to completion and collect output; on `timeout` the command is killed (REQUEST_TIMEOUT)."""
+        try:
+            async with asyncio.timeout(timeout), self.stream(argv, env=env, stdin=stdin) as proc:
+                return await proc.wait()
+        except TimeoutError:
+            raise RbeeError(
+                ErrorCode.REQUEST_TIMEOUT,
+                f"command on node {self.node.name} timed out after {timeout:g}s: {shlex.join(argv)[:200]}",
+                status=504,
+                details={"node": self.node.name, "timeout": timeout},
+            ) from None
+
+
+def source_size(path: Path) -> int:
+    """Size of a local file about to be uploaded, or a clear error naming it."""
+    try:
+        return path.stat().st_size
+    except OSError as exc:
+        raise RbeeError(
+            ErrorCode.INVALID_REQUEST,
+            f"cannot read {path}: {exc.strerror or exc}",
+            status=400,
+            details={"path": str(path)},
+        ) from None
+
+
+def put_failed(node: Node, target: object, exc: BaseException) -> RbeeError:
+    no_space = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+    return RbeeError(
+        ErrorCode.DISK_FULL if no_space else ErrorCode.INTERNAL_ERROR,
+        f"upload to node {node.name} ({target}) failed: {getattr(exc, 'strerror', None) or exc}",
+        status=507 if no_space else 500,
+        details={"node": node.name, "path": str(target)},
+    )

