@@ -69,7 +69,7 @@ async def test_busy_worker_queues_then_refuses(worker_factory: type[WorkerProces
             ) as queued:
                 assert queued.status_code == 200
                 refused = await client.post("/v1/inference", json={"prompt": "r", "max_tokens": 3})
-                assert refused.status_code == 503
+            assert refused.status_code == 503
                 assert refused.json()["error"]["code"] == "ALL_SLOTS_BUSY"
                 assert int(refused.headers["retry-after"]) >= 1
                 assert await metric(client, "rbee_worker_queue_depth") == 1
@@ -128,16 +128,18 @@ async def test_client_disconnect_stops_generation(tiny_worker: WorkerProcess) ->
 
 async def test_shutdown_drains_running_request(tiny_worker: WorkerProcess) -> None:
     body = {"prompt": "drain", "max_tokens": 3000, "seed": 2}
-    async with tiny_worker.async_client() as client:
-        async with client.stream("POST", "/v1/inference", json=body) as response:
-            reader = Reader(response)
-            await reader.tokens(1)
-            shutdown = await client.post("/v1/admin/shutdown")
-            assert shutdown.status_code == 202 and shutdown.json()["running"] == 1
-            refused = await client.post("/v1/inference", json={"prompt": "late"})
+    async with (
+        tiny_worker.async_client() as client,
+        client.stream("POST", "/v1/inference", json=body) as response,
+    ):
+        reader = Reader(response)
+        await reader.tokens(1)
+        shutdown = await client.post("/v1/admin/shutdown")
+        assert shutdown.status_code == 202 and shutdown.json()["running"] == 1
+        refused = await client.post("/v1/inference", json={"prompt": "late"})
             assert refused.status_code == 503
-            assert refused.json()["error"]["code"] == "WORKER_DRAINING"
-            rest = await reader.rest()
+        assert refused.json()["error"]["code"] == "WORKER_DRAINING"
+        rest = await reader.rest()
     assert rest[-1].name == "end" and rest[-1].data["stop_reason"] == "max_tokens"
     assert rest[-1].data["tokens_out"] == 3000
     assert tiny_worker.wait_exit(30) == 0

@@ -19,12 +19,12 @@ def in_process_text(model: Path, backend: str, prompt: str, n: int, seed: int) -
 
     runtime = runtime_factory(backend)(str(model), context_length=16384, threads=1, progress=lambda f: None)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    out, count = [], 0
-    for token in runtime.generate(runtime.tokenize(prompt), SamplingParams(temperature=0.9, seed=seed)):
+    out = []
+    tokens = runtime.generate(runtime.tokenize(prompt), SamplingParams(temperature=0.9, seed=seed))
+    for count, token in enumerate(tokens, start=1):
         if runtime.is_eos(token):
             break
         out.append(decoder.decode(runtime.token_bytes(token)))
-        count += 1
         if count == n:
             break
     out.append(decoder.decode(b"", final=True))
