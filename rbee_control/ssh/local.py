@@ -41,7 +41,7 @@ class LocalCommandStream(CommandStream):
         self._spawn_failure: tuple[int, str] | None = None
         self._stdin_task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
+    async def _start(self) -> None:
         argv = local_argv(self.argv)
         try:
             self._proc = await asyncio.create_subprocess_exec(

@@ -59,7 +59,7 @@ class SshCommandStream(CommandStream):
         self._holding = False
         self._feeder: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
+    async def _start(self) -> None:
         await self._transport.channels.acquire()
         self._holding = True
         try:

@@ -48,6 +48,7 @@ class CommandStream(ABC):
         self.pid: int | None = None
         self._pid_known = asyncio.Event()
         self._released = False
+        self._started = False
         #: Called once when the stream ends (finished or cancelled); transports use it to forget it.
         self.on_done: Callable[[CommandStream], None] | None = None
 
@@ -69,8 +70,15 @@ class CommandStream(ABC):
     def __aiter__(self) -> AsyncIterator[str]:
         return self.lines()
 
+    async def start(self) -> None:
+        """Start the command (done by `async with`, `lines()` or `wait()` if not yet)."""
+        if not self._started:
+            self._started = True
+            await self._start()
+
     async def lines(self) -> AsyncIterator[str]:
         """stdout, one decoded line at a time, as soon as the node writes it."""
+        await self.start()
         while not self._stdout_done:
             raw = await self._readline()
             if not raw:
@@ -82,6 +90,7 @@ class CommandStream(ABC):
         """Wait for the exit; `stdout` holds whatever `lines()` did not consume."""
         if self._result is not None:
             return self._result
+        await self.start()
         rest = b"" if self._stdout_done else await self._read_rest()
         self._stdout_done = True
         if self._stderr_task is not None:
@@ -93,7 +102,7 @@ class CommandStream(ABC):
 
     async def cancel(self, grace: float = DEFAULT_GRACE) -> None:
         """Stop the command on the node (TERM, then KILL after `grace` seconds) and free its channel."""
-        if self._result is not None or self._cancelled:
+        if self._result is not None or self._cancelled or not self._started:
             return
         self._cancelled = True
         try:
@@ -117,7 +126,7 @@ class CommandStream(ABC):
     # -- for subclasses -------------------------------------------------------------
 
     @abstractmethod
-    async def start(self) -> None:
+    async def _start(self) -> None:
         """Start the process (and `_pump_stderr`)."""
 
     @abstractmethod

@@ -69,7 +69,7 @@ async def test_busy_worker_queues_then_refuses(worker_factory: type[WorkerProces
             ) as queued:
                 assert queued.status_code == 200
                 refused = await client.post("/v1/inference", json={"prompt": "r", "max_tokens": 3})
-            assert refused.status_code == 503
+                assert refused.status_code == 503
                 assert refused.json()["error"]["code"] == "ALL_SLOTS_BUSY"
                 assert int(refused.headers["retry-after"]) >= 1
                 assert await metric(client, "rbee_worker_queue_depth") == 1
@@ -137,7 +137,7 @@ async def test_shutdown_drains_running_request(tiny_worker: WorkerProcess) -> No
         shutdown = await client.post("/v1/admin/shutdown")
         assert shutdown.status_code == 202 and shutdown.json()["running"] == 1
         refused = await client.post("/v1/inference", json={"prompt": "late"})
-            assert refused.status_code == 503
+        assert refused.status_code == 503
         assert refused.json()["error"]["code"] == "WORKER_DRAINING"
         rest = await reader.rest()
     assert rest[-1].name == "end" and rest[-1].data["stop_reason"] == "max_tokens"
