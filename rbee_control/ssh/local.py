@@ -116,7 +116,7 @@ class LocalTransport(NodeTransport):
 
     def __init__(self, node: Node) -> None:
         super().__init__(node)
-        self._streams: set[LocalCommandStream] = set()
+        self._streams: set[CommandStream] = set()
 
     def stream(
         self,
@@ -127,7 +127,7 @@ class LocalTransport(NodeTransport):
         on_stderr: StderrCallback | None = None,
     ) -> CommandStream:
         proc = LocalCommandStream(check_argv(argv), env, stdin, on_stderr)
-        proc.on_done = lambda done: self._streams.discard(done)  # type: ignore[arg-type]
+        proc.on_done = self._streams.discard
         self._streams.add(proc)
         return proc
 

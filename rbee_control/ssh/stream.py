@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shlex
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 
 from rbee_control.ssh.command import PID_MARKER, CommandResult
+from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
 StderrCallback = Callable[[str], None]
 STDERR_KEEP_BYTES = 256 * 1024
@@ -90,6 +92,10 @@ class CommandStream(ABC):
         """Wait for the exit; `stdout` holds whatever `lines()` did not consume."""
         if self._result is not None:
             return self._result
+        if self._cancelled:
+            raise RbeeError(
+                ErrorCode.REQUEST_CANCELED, f"command was cancelled: {shlex.join(self.argv)[:200]}"
+            )
         await self.start()
         rest = b"" if self._stdout_done else await self._read_rest()
         self._stdout_done = True
@@ -102,9 +108,12 @@ class CommandStream(ABC):
 
     async def cancel(self, grace: float = DEFAULT_GRACE) -> None:
         """Stop the command on the node (TERM, then KILL after `grace` seconds) and free its channel."""
-        if self._result is not None or self._cancelled or not self._started:
+        if self._result is not None or self._cancelled:
             return
         self._cancelled = True
+        if not self._started:
+            await self._finish()
+            return
         try:
             await self._terminate(grace)
         finally:
