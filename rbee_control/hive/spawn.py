@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from rbee_worker.gguf_info import read_gguf_info
+from rbee_worker.gguf_info import GGUFInfo
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from rbee_worker.runtimes import BACKENDS, is_installed
 from rbee_worker.runtimes import choose_backend as worker_choose_backend
@@ -47,8 +47,28 @@ def available_backends() -> list[str]:
 
 
 def choose_backend(requested: str, model: ModelRow) -> str:
-    """Re-read the file's metadata (it must still be there and sane) and pick as the worker would."""
-    return worker_choose_backend(read_gguf_info(model.path), requested)
+    """Pick as the worker would, from the metadata catalogued at add time (re-parsing costs seconds)."""
+    if not os.path.isfile(model.path):
+        raise RbeeError(
+            ErrorCode.MODEL_NOT_FOUND,
+            f"the file of model {model.name!r} is gone: {model.path}",
+            status=404,
+            details={"name": model.name, "path": model.path},
+            hint=f"rbee-hive models rm {model.name} && rbee-hive models add {model.ref}",
+        )
+    info = GGUFInfo(
+        path=model.path,
+        size=model.size,
+        architecture=model.architecture,
+        tokenizer_model=model.tokenizer_model,
+        name=model.name,
+        context_length=model.context_length,
+        quantization=model.quantization or "unknown",
+        chat_template=model.chat_template,
+        bos_token=None,
+        eos_token=None,
+    )
+    return worker_choose_backend(info, requested)
 
 
 def check_ram(model: ModelRow, factor: float) -> None:

@@ -112,9 +112,10 @@ def _refuse_hostile(yaml: YAML, text: str, source: str) -> None:
                 mark.column,
                 "anchors (&name) are not allowed in an inventory; write the values out",
             )
-        if isinstance(event, NodeEvent) and getattr(event, "tag", None) is not None:
+        tag = getattr(event, "tag", None)
+        if tag is not None:
             raise located_error(
-                source, mark.line, mark.column, f"YAML tags ({event.tag}) are not allowed in an inventory"
+                source, mark.line, mark.column, f"YAML tags ({tag}) are not allowed in an inventory"
             )
         if isinstance(event, DocumentStartEvent):
             documents += 1

@@ -42,7 +42,7 @@ class NodePath(str):
         """The path on this machine (for `transport: local`)."""
         return os.path.expanduser(str(self))
 
-    def join(self, *parts: str) -> NodePath:
+    def joinpath(self, *parts: str) -> NodePath:
         return NodePath("/".join([self.rstrip("/"), *parts]))
 
 

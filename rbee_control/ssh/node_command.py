@@ -25,12 +25,12 @@ def node_home(node: Node) -> NodePath:
 
 
 def venv_dir(node: Node) -> NodePath:
-    return node_home(node).join("venv")
+    return node_home(node).joinpath("venv")
 
 
 def venv_bin(node: Node, executable: str) -> NodePath:
     """`<home>/venv/bin/<executable>` on the node."""
-    return venv_dir(node).join("bin", executable)
+    return venv_dir(node).joinpath("bin", executable)
 
 
 def program_path(node: Node, program: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -95,7 +96,7 @@ class TransportPool:
             task = asyncio.create_task(
                 open_transport(target, known_hosts=self.known_hosts, connect_timeout=self._connect_timeout)
             )
-            task.add_done_callback(lambda t, name=target.name: self._note_failure(name, t))
+            task.add_done_callback(functools.partial(self._note_failure, target.name))
             self._opening[target.name] = task
         return await asyncio.shield(task)
 

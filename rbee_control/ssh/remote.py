@@ -14,7 +14,7 @@ import os
 import posixpath
 import shlex
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -38,6 +38,7 @@ PID_WAIT = 2.0
 CHANNEL_RETRY_DELAYS = (0.02, 0.05, 0.1, 0.2, 0.4)
 T = TypeVar("T")
 NETWORK_ERRORS: tuple[type[BaseException], ...] = (asyncssh.Error, OSError)
+KILL_GIVE_UP: tuple[type[BaseException], ...] = (*NETWORK_ERRORS, TimeoutError)
 
 
 class SshCommandStream(CommandStream):
@@ -63,7 +64,7 @@ class SshCommandStream(CommandStream):
         await self._transport.channels.acquire()
         self._holding = True
         try:
-            self._proc = await self._transport.open_channel(
+            proc = await self._transport.open_channel(
                 lambda conn: conn.create_process(self._command, encoding=None)
             )
         except RbeeError:
@@ -72,13 +73,12 @@ class SshCommandStream(CommandStream):
         except NETWORK_ERRORS as exc:
             await self._finish()
             raise connection_lost(self._transport.node.name, exc) from None
+        self._proc = proc
         if self._stdin is None:
-            self._proc.stdin.write_eof()
+            proc.stdin.write_eof()
         else:
             self._feeder = asyncio.create_task(self._feed(self._stdin))
-        self._stderr_task = asyncio.create_task(
-            self._pump_stderr(self._proc.stderr.readline, expect_pid=True)
-        )
+        self._stderr_task = asyncio.create_task(self._pump_stderr(proc.stderr.readline, expect_pid=True))
 
     async def _feed(self, data: bytes) -> None:
         assert self._proc is not None
@@ -245,7 +245,7 @@ class SshTransport(NodeTransport):
                 if delay is None:
                     return
                 await asyncio.sleep(delay)
-            except (*NETWORK_ERRORS, TimeoutError):
+            except KILL_GIVE_UP:
                 return
 
     async def put(
@@ -259,7 +259,7 @@ class SshTransport(NodeTransport):
         source = Path(local_path)
         total = source_size(source)
         target = sftp_path(remote_path)
-        async with self._channel():
+        async with self.channels:
             try:
                 sftp = await self.open_channel(lambda conn: conn.start_sftp_client())
                 async with sftp:
@@ -272,11 +272,6 @@ class SshTransport(NodeTransport):
                 raise put_failed(self.node, remote_path, exc) from None
             except asyncssh.Error as exc:
                 raise connection_lost(self.node.name, exc) from None
-
-    @contextlib.asynccontextmanager
-    async def _channel(self) -> AsyncIterator[None]:
-        async with self.channels:
-            yield
 
     async def close(self) -> None:
         self._closed = True

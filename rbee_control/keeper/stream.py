@@ -1,0 +1,136 @@
+"""Stream one inference from a worker over HTTP/SSE, as `rbee-keeper infer` does.
+
+Busy workers are retried with backoff (honouring Retry-After); a stream that
+breaks mid-way keeps the text received so far; cancelling the caller's task
+(Ctrl-C) sends DELETE for the request so the worker stops generating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from rbee_worker.protocol import events
+from rbee_worker.protocol.errors import ErrorCode, RbeeError
+from rbee_worker.protocol.request import InferenceRequest
+
+BUSY_RETRIES = 5
+
+
+@dataclass
+class StreamResult:
+    request_id: str
+    text: list[str] = field(default_factory=list)
+    end: dict[str, Any] | None = None
+    started_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def tokens_out(self) -> int:
+        return int(self.end["tokens_out"]) if self.end else len(self.text)
+
+    @property
+    def ttft_ms(self) -> float | None:
+        return None if self.first_token_at is None else (self.first_token_at - self.started_at) * 1000
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        if self.first_token_at is None or self.finished_at is None or self.tokens_out < 2:
+            return None
+        elapsed = self.finished_at - self.first_token_at
+        return (self.tokens_out - 1) / elapsed if elapsed > 0 else None
+
+
+def _worker_error(response_body: bytes, status: int) -> RbeeError:
+    import json
+
+    try:
+        body = json.loads(response_body)
+    except ValueError:
+        body = response_body.decode(errors="replace")
+    return RbeeError.from_body(body, status)
+
+
+async def stream_inference(
+    client: httpx.AsyncClient,
+    url: str,
+    api_key: str,
+    request: InferenceRequest,
+    on_text: Callable[[str], None],
+    *,
+    on_busy: Callable[[float], None] | None = None,
+) -> StreamResult:
+    """Stream `request` from the worker at `url`, calling `on_text` per piece as it arrives."""
+    result = StreamResult(request_id=uuid.uuid4().hex)
+    headers = {"Authorization": f"Bearer {api_key}", "X-Request-ID": result.request_id}
+    for attempt in range(BUSY_RETRIES + 1):
+        try:
+            await _stream_once(client, url, headers, request, on_text, result)
+            return result
+        except RbeeError as exc:
+            if exc.code != ErrorCode.ALL_SLOTS_BUSY or attempt == BUSY_RETRIES or result.text:
+                raise
+            delay = min(8.0, float(exc.details.get("retry_after", 1)) * (2**attempt) / 2)
+            if on_busy:
+                on_busy(delay)
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+async def _stream_once(
+    client: httpx.AsyncClient,
+    url: str,
+    headers: dict[str, str],
+    request: InferenceRequest,
+    on_text: Callable[[str], None],
+    result: StreamResult,
+) -> None:
+    try:
+        async with client.stream(
+            "POST", f"{url}/v1/inference", json=request.to_json(), headers=headers
+        ) as response:
+            if response.status_code != 200:
+                raise _worker_error(await response.aread(), response.status_code)
+            async for event in events.iter_events(response.aiter_lines()):
+                if event.name == events.TOKEN:
+                    if result.first_token_at is None:
+                        result.first_token_at = time.perf_counter()
+                    result.text.append(event.data["t"])
+                    on_text(event.data["t"])
+                elif event.name == events.END:
+                    result.end = event.data
+                elif event.name == events.ERROR:
+                    raise RbeeError.from_body({"error": event.data}, 500)
+    except asyncio.CancelledError:
+        await _cancel_remote(client, url, headers)
+        raise
+    except httpx.HTTPError as exc:
+        raise RbeeError(
+            ErrorCode.WORKER_CRASHED,
+            f"the worker at {url} stopped answering mid-stream ({type(exc).__name__})",
+            details={"url": url, "tokens_received": len(result.text)},
+        ) from None
+    finally:
+        result.finished_at = time.perf_counter()
+    if result.end is None:
+        raise RbeeError(
+            ErrorCode.WORKER_CRASHED,
+            f"the stream from {url} ended without an end event",
+            details={"url": url, "tokens_received": len(result.text)},
+        )
+
+
+async def _cancel_remote(client: httpx.AsyncClient, url: str, headers: dict[str, str]) -> None:
+    """Best effort, bounded: the worker also stops when it sees the disconnect."""
+    request_id = headers["X-Request-ID"]
+    with contextlib.suppress(httpx.HTTPError, asyncio.CancelledError, TimeoutError):
+        async with asyncio.timeout(2):
+            await client.delete(f"{url}/v1/inference/{request_id}", headers=headers)
