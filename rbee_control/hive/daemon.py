@@ -107,13 +107,13 @@ async def _serve(paths: HivePaths, config: HiveConfig, on_serving: Any) -> None:
         if server is not None:
             server.should_exit = True
 
-    # uvicorn re-raises a captured signal after serving; these handlers make that harmless
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, request_exit)
     app = create_app(supervisor, request_exit)
     server = uvicorn.Server(
         uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=5)
     )
+    # uvicorn re-raises a captured signal after serving; these handlers make that harmless
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, request_exit)
     sock = _bind_socket(paths)
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     try:
@@ -182,20 +182,18 @@ async def stop_hive(paths: HivePaths, grace: float = 30.0) -> dict[str, Any]:
             how = "terminated"
         if not await wait_gone(pid, None, grace):
             how = await terminate(pid, None, term_grace=10.0)
-    orphans = 0
     async with httpx.AsyncClient(timeout=5.0) as http:
         leftovers = [f for f in read_worker_files(paths) if is_alive(f.pid, f.create_time)]
         await asyncio.gather(*(stop_worker_process(http, f, 10.0) for f in leftovers))
     for f in read_worker_files(paths):
         f.remove(paths)
-    orphans = len(leftovers)
     if pid is None:
         paths.socket.unlink(missing_ok=True)
     return {
         "stopped": pid is not None,
         "how": how,
         "workers_stopped": workers,
-        "orphans_stopped": orphans,
+        "orphans_stopped": len(leftovers),
         **base_info(paths, pid),
     }
 

@@ -108,16 +108,21 @@ async def add_model(
 
 
 async def _resolve_with_retries(ref: ModelRef, policy: RetryPolicy) -> Source:
-    for attempt in range(1, policy.attempts + 1):
+    attempt = 1
+    while True:
         try:
             return await hf_source(ref)
         except TransientError as exc:
-            if attempt == policy.attempts:
+            if attempt >= policy.attempts:
                 raise RbeeError(
-                    ErrorCode.DOWNLOAD_FAILED, f"cannot resolve {ref.raw}: {exc}", status=502
+                    ErrorCode.DOWNLOAD_FAILED,
+                    f"cannot resolve {ref.raw} after {attempt} attempts: {exc}",
+                    status=502,
+                    details={"ref": ref.raw, "attempts": attempt, "last_error": str(exc)},
+                    hint="check the node's network and HF_ENDPOINT",
                 ) from None
-            await asyncio.sleep(policy.delay(attempt))
-    raise AssertionError("unreachable")
+        await asyncio.sleep(policy.delay(attempt))
+        attempt += 1
 
 
 async def _fetch_and_install(
@@ -137,8 +142,9 @@ async def _fetch_and_install(
     else:
         how = "download"
         digest = await _download_verified(ref, part, sha256, source, emitter, policy)
+    emitter.log("checking GGUF metadata")
     try:
-        info = read_gguf_info(part)
+        info = await asyncio.to_thread(read_gguf_info, part)
     except RbeeError:
         part.unlink(missing_ok=True)
         raise
@@ -256,5 +262,5 @@ async def verify_model(paths: HivePaths, name: str, emitter: Emitter) -> dict[st
             details={"name": name, "expected": row.sha256, "actual": digest, "path": str(path)},
             hint=f"rbee-hive models rm {name} && rbee-hive models add {row.ref}",
         )
-    info = read_gguf_info(path)
+    info = await asyncio.to_thread(read_gguf_info, path)
     return {"name": name, "ok": True, "path": str(path), "size": info.size, "sha256": digest}

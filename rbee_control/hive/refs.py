@@ -107,14 +107,24 @@ async def hf_source(ref: ModelRef) -> Source:
     return await asyncio.to_thread(_resolve_hf, ref)
 
 
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What huggingface_hub's HTTP layer raises on network trouble (httpx2 in 1.x+, else requests)."""
+    try:
+        import httpx2
+
+        return (OSError, httpx2.TransportError)
+    except ImportError:
+        return (OSError,)
+
+
 def _resolve_hf(ref: ModelRef) -> Source:
-    import httpx2
     from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
     from huggingface_hub.errors import (
         EntryNotFoundError,
         FileMetadataError,
         GatedRepoError,
         HfHubHTTPError,
+        OfflineModeIsEnabled,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -128,6 +138,14 @@ def _resolve_hf(ref: ModelRef) -> Source:
         meta = get_hf_file_metadata(url, headers=headers, endpoint=endpoint)
     except GatedRepoError as exc:
         raise _hf_denied(ref, exc) from None
+    except OfflineModeIsEnabled:
+        raise RbeeError(
+            ErrorCode.DOWNLOAD_FAILED,
+            f"cannot fetch {ref.raw}: Hugging Face offline mode is on",
+            status=503,
+            details={"ref": ref.raw},
+            hint="unset HF_HUB_OFFLINE on the node, or add the file with a file: ref",
+        ) from None
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as exc:
         raise RbeeError(
             ErrorCode.MODEL_NOT_FOUND,
@@ -148,8 +166,15 @@ def _resolve_hf(ref: ModelRef) -> Source:
         status = exc.response.status_code if exc.response is not None else 0
         if status in (401, 403):
             raise _hf_denied(ref, exc) from None
+        if 400 <= status < 500 and status not in (408, 429):
+            raise RbeeError(
+                ErrorCode.DOWNLOAD_FAILED,
+                f"the hub refused {ref.raw} (HTTP {status})",
+                status=502,
+                details={"ref": ref.raw, "status": status, "reason": str(exc).splitlines()[0][:300]},
+            ) from None
         raise TransientError(f"hub answered HTTP {status}") from exc
-    except (httpx2.TransportError, OSError) as exc:
+    except _network_errors() as exc:
         raise TransientError(f"cannot reach the hub: {type(exc).__name__}: {exc}") from exc
     location = meta.location or url
     if urlsplit(location).hostname != urlsplit(url).hostname:

@@ -336,24 +336,29 @@ class Supervisor:
     # --- restart ---------------------------------------------------------------
 
     async def adopt(self) -> None:
-        """Rebuild the registry from worker files: keep only workers that prove they are alive."""
-        for record in read_worker_files(self.paths):
-            worker = Worker(file=record)
-            if not is_alive(record.pid, record.create_time):
-                log.info("%s: pid %d is gone; dropping its record", record.id, record.pid)
-                record.remove(self.paths)
-                continue
-            state = await self._probe_ready(worker)
-            if state is None:
-                self.registry.add(worker)
-                await self.stop_worker(record.id, "unresponsive after hive restart")
-                continue
-            worker.state = state
-            worker.ready_at = time.time() if state != WorkerState.LOADING else None
-            if state == WorkerState.IDLE:
-                worker.settled.set()
-            self.registry.add(worker)
-            log.info("%s adopted (%s, %s)", record.id, record.model, state)
+        """Rebuild the registry from worker files: keep only workers that prove they are alive.
+
+        Probes run concurrently and the unresponsive are stopped in the background, so a
+        restart with wedged workers still starts serving within seconds.
+        """
+        await asyncio.gather(*(self._adopt(record) for record in read_worker_files(self.paths)))
+
+    async def _adopt(self, record: WorkerFile) -> None:
+        worker = Worker(file=record)
+        if not is_alive(record.pid, record.create_time):
+            log.info("%s: pid %d is gone; dropping its record", record.id, record.pid)
+            record.remove(self.paths)
+            return
+        state = await self._probe_ready(worker)
+        self.registry.add(worker)
+        if state is None:
+            self._background(self.stop_worker(record.id, "unresponsive after hive restart", ask=False))
+            return
+        worker.state = state
+        if state == WorkerState.IDLE:
+            worker.ready_at = time.time()
+            worker.settled.set()
+        log.info("%s adopted (%s, %s)", record.id, record.model, state)
 
     async def _probe_ready(self, worker: Worker) -> WorkerState | None:
         try:

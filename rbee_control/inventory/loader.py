@@ -86,21 +86,21 @@ def _must_exist(path: Path, origin: str) -> Path:
 
 def _key_pos(mapping: Any, key: Any) -> Pos:
     try:
-        return tuple(mapping.lc.key(key))  # type: ignore[return-value]
+        return tuple(mapping.lc.key(key))
     except (AttributeError, KeyError, TypeError):
         return _pos(mapping)
 
 
 def _value_pos(mapping: Any, key: Any) -> Pos:
     try:
-        return tuple(mapping.lc.value(key))  # type: ignore[return-value]
+        return tuple(mapping.lc.value(key))
     except (AttributeError, KeyError, TypeError):
         return _key_pos(mapping, key)
 
 
 def _item_pos(seq: Any, index: int, fallback: Pos) -> Pos:
     try:
-        return tuple(seq.lc.item(index))  # type: ignore[return-value]
+        return tuple(seq.lc.item(index))
     except (AttributeError, KeyError, TypeError):
         return fallback
 

@@ -44,14 +44,16 @@ class SecretStore:
 
     def token(self, node: str) -> str | None:
         """The node's worker API token, if one was ever created."""
-        return self._read().get("node_tokens", {}).get(node)
+        token = self._read().get("node_tokens", {}).get(node)
+        return str(token) if token else None
 
     def get_or_create_token(self, node: str) -> str:
         """The node's worker API token, minting and saving one the first time."""
         return self._get_or_create(lambda data: data.setdefault("node_tokens", {}), node)
 
     def queen_key(self) -> str | None:
-        return self._read().get("queen_key")
+        key = self._read().get("queen_key")
+        return str(key) if key else None
 
     def get_or_create_queen_key(self) -> str:
         """The API key clients present to the queen, minted on first use."""

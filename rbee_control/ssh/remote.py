@@ -267,11 +267,12 @@ class SshTransport(NodeTransport):
                     if parent:
                         await sftp.makedirs(parent, exist_ok=True)
                     offset = await _resume_offset(sftp, target, total) if resume else 0
-                    return await _upload(sftp, source, target, total, offset, progress_cb)
+                    result = await _upload(sftp, source, target, total, offset, progress_cb)
             except (asyncssh.SFTPError, OSError) as exc:
                 raise put_failed(self.node, remote_path, exc) from None
             except asyncssh.Error as exc:
                 raise connection_lost(self.node.name, exc) from None
+        return result
 
     async def close(self) -> None:
         self._closed = True

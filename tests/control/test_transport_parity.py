@@ -150,6 +150,18 @@ async def test_leaving_the_block_early_kills_the_command(transport: NodeTranspor
                 pid = int(line)
                 raise RuntimeError("operator gave up")
     assert await gone(pid)
+    with pytest.raises(RbeeError) as info:
+        await proc.wait()
+    assert info.value.code == ErrorCode.REQUEST_CANCELED
+
+
+async def test_stream_works_without_a_with_block(transport: NodeTransport) -> None:
+    proc = transport.stream(["sh", "-c", "echo one; echo two; exit 4"])
+    assert [line async for line in proc] == ["one", "two"]
+    result = await proc.wait()
+    assert (result.exit_status, result.stdout) == (4, "")
+    unread = await transport.stream(["echo", "never iterated"]).wait()
+    assert unread.stdout == "never iterated\n"
 
 
 async def test_cancelling_the_task_kills_the_command(transport: NodeTransport) -> None:

@@ -183,32 +183,40 @@ async def test_sigterm_lets_the_running_request_finish(hive: Hive, tiny_model: P
     assert not (hive.home / "hive.sock").exists() and list((hive.home / "workers").iterdir()) == []
 
 
+def kill_daemon(hive: Hive) -> None:
+    """SIGKILL: no cascade, so the workers (in their own sessions) outlive it."""
+    pid = hive.daemon_pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: gone(pid), 5, "the killed daemon")
+
+
 def test_restart_rebuilds_the_registry_honestly(hive: Hive, tiny_model: Path) -> None:
     hive.ok("models", "add", f"file:{tiny_model}", "--name", "tiny")
     hive.start(*FAST)
-    w = spawn(hive, "--wait")
-    old = hive.daemon_pid
-    assert old is not None
-    os.kill(old, signal.SIGKILL)  # no cascade: the worker survives in its own session
-    wait_until(lambda: gone(old), 5, "the killed daemon")
-    assert not gone(w["pid"])
+    w1, w2 = spawn(hive), spawn(hive)
+    wait_idle(hive, w1["id"], w2["id"])
+    kill_daemon(hive)
+    assert not gone(w1["pid"]) and not gone(w2["pid"])
     dead = subprocess.Popen(["true"])
     dead.wait()
-    fake = {
-        **json.loads((hive.home / "workers" / f"{w['id']}.json").read_text()),
-        "id": "worker-dead",
-        "pid": dead.pid,
-    }
-    (hive.home / "workers" / "worker-dead.json").write_text(json.dumps(fake))
+    fake = {**json.loads((hive.home / "workers" / f"{w1['id']}.json").read_text()), "pid": dead.pid}
+    (hive.home / "workers" / "worker-dead.json").write_text(json.dumps({**fake, "id": "worker-dead"}))
 
     assert hive.start(*FAST)["status"] == "started"
-    adopted = workers(hive)
-    assert list(adopted) == [w["id"]] and adopted[w["id"]]["state"] == "idle"
+    adopted = {w["id"]: w for w in hive.ok("worker", "list")["workers"]}
+    assert set(adopted) == {w1["id"], w2["id"]} and {w["state"] for w in adopted.values()} == {"idle"}
     assert not (hive.home / "workers" / "worker-dead.json").exists()
-    assert "adopted" in hive.log()
-    os.kill(w["pid"], signal.SIGKILL)  # not our child any more: only the health loop can notice
-    wait_until(lambda: w["id"] not in workers(hive), 5, "the health loop to drop the dead worker")
+    assert f"{w1['id']} adopted" in hive.log()
+    os.kill(w1["pid"], signal.SIGKILL)  # not our child any more: only the health loop can notice
+    wait_until(lambda: w1["id"] not in workers(hive), 5, "the health loop to drop the dead worker")
     assert "process is gone" in hive.log()
+
+    kill_daemon(hive)  # `stop` with no daemon left still stops what it left behind
+    done = hive.stop()
+    assert not done["stopped"] and done["orphans_stopped"] == 1
+    assert gone(w2["pid"]) and port_is_free("127.0.0.1", w2["port"])
+    assert list((hive.home / "workers").iterdir()) == []
 
 
 def test_refusals_happen_before_any_process(hive: Hive, tiny_model: Path, tmp_path: Path) -> None:
