@@ -45,21 +45,15 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 def cmd_daemon(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
     from . import daemon
 
-    options = {f.name: getattr(args, f.name, None) for f in fields(HiveConfig)}
-    config = HiveConfig.from_sources(**options)
+    def report(info: dict[str, Any]) -> None:
+        status = info["status"].replace("_", " ")
+        out.result(info, f"hive {status} (pid {info['pid']}, socket {info['socket']})")
+
+    config = HiveConfig.from_sources(**{f.name: getattr(args, f.name, None) for f in fields(HiveConfig)})
     if args.detach:
-        info = daemon.detach(paths, config)
-        out.result(
-            info, f"hive {info['status'].replace('_', ' ')} (pid {info['pid']}, socket {info['socket']})"
-        )
-        return
-    daemon.run_daemon(
-        paths,
-        config,
-        on_serving=lambda info: out.result(
-            info, f"hive {info['status'].replace('_', ' ')} (pid {info['pid']}, socket {info['socket']})"
-        ),
-    )
+        report(daemon.detach(paths, config))
+    else:
+        daemon.run_daemon(paths, config, on_serving=report)
 
 
 def cmd_status(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
@@ -220,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
             type=type(f.default),
             default=None,
             metavar=type(f.default).__name__.upper(),
-            help=f"default {f.default}",
+            help=f"default {f.default!r} (env RBEE_HIVE_{f.name.upper()})",
         )
     leaf(sub, "status", cmd_status, "is the daemon up; node facts; workers")
     p = leaf(sub, "stop", cmd_stop, "stop the daemon and every worker (cascading)")

@@ -116,7 +116,7 @@ async def _stream_once(
         raise RbeeError(
             ErrorCode.WORKER_CRASHED,
             f"the worker at {url} stopped answering mid-stream ({type(exc).__name__})",
-            details={"url": url, "tokens_received": len(result.text)},
+            details={"url": url, "tokens_received": len(result.text), "partial_text": "".join(result.text)},
         ) from None
     finally:
         result.finished_at = time.perf_counter()
@@ -124,7 +124,7 @@ async def _stream_once(
         raise RbeeError(
             ErrorCode.WORKER_CRASHED,
             f"the stream from {url} ended without an end event",
-            details={"url": url, "tokens_received": len(result.text)},
+            details={"url": url, "tokens_received": len(result.text), "partial_text": "".join(result.text)},
         )
 
 

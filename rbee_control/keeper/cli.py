@@ -1,0 +1,103 @@
+"""`rbee-keeper`: the operator's command line.
+
+Exit codes: 0 ok, 1 error (one line of cause and a command to try), 2 usage,
+130 Ctrl-C (after the remote request was cancelled). Tokens go to stdout;
+narration and progress to stderr; `--json` prints machine output on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from rbee_control.inventory.loader import find_inventory, load_inventory
+from rbee_control.inventory.model import Inventory
+from rbee_worker.protocol.errors import RbeeError
+from rbee_worker.runtimes import BACKENDS
+
+from .display import Display
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+Handler = Callable[[argparse.Namespace, Display], Awaitable[int]]
+
+
+def load(args: argparse.Namespace) -> Inventory:
+    return load_inventory(find_inventory(args.inventory))
+
+
+def inventory_path(args: argparse.Namespace) -> Path:
+    return find_inventory(args.inventory)
+
+
+async def cmd_infer(args: argparse.Namespace, display: Display) -> int:
+    from .infer import InferOptions, infer
+
+    options = InferOptions(
+        node=args.node,
+        model=args.model,
+        prompt=args.prompt,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        backend=args.backend,
+        name=args.name,
+        raw=args.raw,
+    )
+    summary = await infer(load(args), options, display)
+    display.result(summary)
+    return EXIT_OK
+
+
+def _add_infer(sub: Any) -> None:
+    p = sub.add_parser("infer", help="stream an answer from a model on a node")
+    p.add_argument("--node", default="local")
+    p.add_argument("--model", required=True, help="a catalog name on the node, or file:/hf:/https: ref")
+    p.add_argument("--name", help="catalog name for a ref (default: its file name)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=20)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS])
+    p.add_argument("--raw", action="store_true", help="send the prompt as is, not as a chat turn")
+    p.set_defaults(handler=cmd_infer)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import fleet_commands, setup_commands
+
+    parser = argparse.ArgumentParser(prog="rbee-keeper", description="drive your rbee fleet")
+    parser.add_argument("--inventory", help="inventory file (default: $RBEE_INVENTORY, ./inventory.yaml, …)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_infer(sub)
+    setup_commands.register(sub)
+    fleet_commands.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    display = Display(json_mode=args.json)
+    handler: Handler = args.handler
+    try:
+        return asyncio.run(handler(args, display))
+    except RbeeError as exc:
+        display.error(exc)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        display.narrate("\n[yellow]interrupted[/yellow]")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""`hive`, `models`, `worker` and `status`: one node or the whole fleet, concurrently."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from rbee_control.inventory.model import Inventory, Node
+from rbee_control.ssh.pool import NodeOutcome, TransportPool
+from rbee_control.ssh.transport import NodeTransport
+from rbee_worker.protocol.errors import ErrorCode, RbeeError
+from rbee_worker.runtimes import BACKENDS
+
+from .display import Display, NodeProgress, human_bytes, table
+from .node_client import NodeClient
+from .provision import ensure_model
+
+NodeAction = Callable[[NodeClient], Awaitable[Any]]
+
+
+def _targets(inventory: Inventory, args: argparse.Namespace) -> list[Node]:
+    if getattr(args, "all", False) or not getattr(args, "node", None):
+        return list(inventory)
+    return [inventory.node(args.node)]
+
+
+async def fan_out(
+    inventory: Inventory, nodes: list[Node], action: NodeAction, timeout: float = 120
+) -> dict[str, NodeOutcome[Any]]:
+    async with TransportPool(inventory) as pool:
+
+        async def run(transport: NodeTransport) -> Any:
+            return await action(NodeClient(transport.node, transport))
+
+        return await pool.fan_out(nodes, run, timeout=timeout)
+
+
+def _report(display: Display, outcomes: dict[str, NodeOutcome[Any]], human: Callable[[str, Any], str]) -> int:
+    failed = 0
+    for name, outcome in outcomes.items():
+        if outcome.error is not None:
+            failed += 1
+            display.narrate(f"[red]{name}[/red]: {outcome.error.message}")
+        else:
+            display.narrate(f"[green]{name}[/green]: {human(name, outcome.value)}")
+    display.result(
+        {
+            name: (o.value if o.ok else {"error": o.error.body()["error"]})  # type: ignore[union-attr]
+            for name, o in outcomes.items()
+        }
+    )
+    return 1 if failed else 0
+
+
+# --- hive ----------------------------------------------------------------------------
+
+
+async def cmd_hive(args: argparse.Namespace, display: Display) -> int:
+    from .cli import load
+
+    inventory = load(args)
+    action: NodeAction = {
+        "start": lambda c: c.hive_start(),
+        "stop": lambda c: c.hive_stop(),
+        "status": lambda c: c.hive_status(),
+    }[args.action]
+    outcomes = await fan_out(inventory, _targets(inventory, args), action)
+    return _report(
+        display, outcomes, lambda name, v: str(v.get("status", "ok")) if isinstance(v, dict) else "ok"
+    )
+
+
+# --- models --------------------------------------------------------------------------
+
+
+async def cmd_models(args: argparse.Namespace, display: Display) -> int:
+    from .cli import load
+
+    inventory = load(args)
+    if args.action == "list":
+        outcomes = await fan_out(inventory, _targets(inventory, args), lambda c: c.models_list())
+        rows = [
+            [name, m.get("name"), m.get("architecture"), m.get("quantization"), human_bytes(m.get("size"))]
+            for name, o in outcomes.items()
+            if o.ok
+            for m in o.value or []
+        ]
+        if not display.json_mode:
+            display.out.print(table("models", ["node", "name", "architecture", "quant", "size"], rows))
+        for name, o in outcomes.items():
+            if o.error is not None:
+                display.narrate(f"[red]{name}[/red]: {o.error.message}")
+        display.result(
+            {n: o.value if o.ok else {"error": o.error.body()["error"]} for n, o in outcomes.items()}
+        )  # type: ignore[union-attr]
+        return 0 if all(o.ok for o in outcomes.values()) else 1
+    node = _one_node(inventory, args)
+    async with TransportPool(inventory) as pool:
+        client = NodeClient(node, await pool.get(node))
+        if args.action == "add":
+            with NodeProgress(display) as progress:
+                entry = await ensure_model(client, args.ref, progress, name=args.name, sha256=args.sha256)
+            display.result(
+                entry, f"{node.name}: {entry.get('name')} ready ({human_bytes(entry.get('size'))})"
+            )
+        else:
+            removed = await client.models_rm(args.name)
+            display.result(removed, f"{node.name}: removed {args.name}")
+    return 0
+
+
+def _one_node(inventory: Inventory, args: argparse.Namespace) -> Node:
+    if not args.node:
+        raise RbeeError(ErrorCode.INVALID_REQUEST, "--node is required", hint="rbee-keeper setup list-nodes")
+    return inventory.node(args.node)
+
+
+# --- worker --------------------------------------------------------------------------
+
+
+async def cmd_worker(args: argparse.Namespace, display: Display) -> int:
+    from .cli import load
+
+    inventory = load(args)
+    if args.action == "list":
+        outcomes = await fan_out(inventory, _targets(inventory, args), lambda c: c.worker_list())
+        rows = [
+            [name, w.get("id"), w.get("model"), w.get("state"), w.get("url"), w.get("backend")]
+            for name, o in outcomes.items()
+            if o.ok
+            for w in o.value or []
+        ]
+        if not display.json_mode:
+            display.out.print(table("workers", ["node", "id", "model", "state", "url", "backend"], rows))
+        safe = {
+            n: [{k: v for k, v in w.items() if k != "api_key"} for w in o.value or []] if o.ok else None
+            for n, o in outcomes.items()
+        }
+        display.result(safe)
+        return 0 if all(o.ok for o in outcomes.values()) else 1
+    node = _one_node(inventory, args)
+    async with TransportPool(inventory) as pool:
+        client = NodeClient(node, await pool.get(node))
+        if args.action == "spawn":
+            await client.hive_start()
+            with display.err.status(f"loading {args.model} on {node.name}"):
+                spawned = await client.worker_spawn(args.model, args.backend, slots=args.slots, wait=True)
+            public = {k: v for k, v in spawned.items() if k != "api_key"}
+            display.result(
+                public,
+                f"{node.name}: worker {spawned.get('id')} {spawned.get('state')} at {spawned.get('url')}",
+            )
+        else:
+            stopped = await client.worker_stop(args.id)
+            display.result(stopped, f"{node.name}: stopped {args.id}")
+    return 0
+
+
+# --- status --------------------------------------------------------------------------
+
+
+async def cmd_status(args: argparse.Namespace, display: Display) -> int:
+    from .cli import load
+
+    inventory = load(args)
+    outcomes = await fan_out(inventory, _targets(inventory, args), lambda c: c.hive_status(), timeout=60)
+    rows = []
+    for name, outcome in outcomes.items():
+        if outcome.error is not None:
+            rows.append([name, f"[red]unreachable[/red] ({outcome.error.code})", "-", "-", "-"])
+            continue
+        info = outcome.value or {}
+        node_info = info.get("node", {})
+        workers = info.get("workers", [])
+        hive = "[green]running[/green]" if info.get("running") else "stopped"
+        worker_text = ", ".join(f"{w.get('model')}:{w.get('state')}" for w in workers) or "-"
+        ram = f"{human_bytes(node_info.get('ram_available'))} free"
+        rows.append([name, hive, worker_text, str(node_info.get("models", "-")), ram])
+    if not display.json_mode:
+        display.out.print(table("rbee fleet", ["node", "hive", "workers", "models", "RAM"], rows))
+    display.result(
+        {
+            n: ({k: v for k, v in (o.value or {}).items()} if o.ok else {"error": o.error.body()["error"]})  # type: ignore[union-attr]
+            for n, o in outcomes.items()
+        }
+    )
+    return 0 if all(o.ok for o in outcomes.values()) else 1
+
+
+def register(sub: Any) -> None:
+    def nodes(p: argparse.ArgumentParser) -> None:
+        group = p.add_mutually_exclusive_group()
+        group.add_argument("--node")
+        group.add_argument("--all", action="store_true")
+
+    hive = sub.add_parser("hive", help="start, stop or inspect node daemons")
+    hive.add_argument("action", choices=["start", "stop", "status"])
+    nodes(hive)
+    hive.set_defaults(handler=cmd_hive)
+
+    models = sub.add_parser("models", help="model catalogs of the nodes")
+    msub = models.add_subparsers(dest="action", required=True)
+    p = msub.add_parser("add", help="provision a model on a node (file: refs are pushed over SFTP)")
+    p.add_argument("ref")
+    p.add_argument("--node", required=True)
+    p.add_argument("--name")
+    p.add_argument("--sha256")
+    p = msub.add_parser("list")
+    nodes(p)
+    p = msub.add_parser("rm")
+    p.add_argument("name")
+    p.add_argument("--node", required=True)
+    models.set_defaults(handler=cmd_models)
+
+    worker = sub.add_parser("worker", help="model workers on the nodes")
+    wsub = worker.add_subparsers(dest="action", required=True)
+    p = wsub.add_parser("spawn")
+    p.add_argument("--node", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS])
+    p.add_argument("--slots", type=int, default=1)
+    p = wsub.add_parser("list")
+    nodes(p)
+    p = wsub.add_parser("stop")
+    p.add_argument("id")
+    p.add_argument("--node", required=True)
+    worker.set_defaults(handler=cmd_worker)
+
+    status = sub.add_parser("status", help="one table of every node: hive, workers, models")
+    nodes(status)
+    status.set_defaults(handler=cmd_status)

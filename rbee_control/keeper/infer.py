@@ -1,0 +1,214 @@
+"""`rbee-keeper infer`: from a prompt to streamed tokens on one node.
+
+Phases: (1) a worker this keeper already knows, checked over HTTP only;
+(2) the node's hive, started if needed; (3) an idle worker the hive already runs;
+(4) the model, provisioned if the node lacks it; (5) a new worker, waited for until
+ready; (6) tokens streamed from the worker over HTTP/SSE to stdout; (7) a summary.
+SSH is used only when phase 1 finds nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from rbee_control.inventory.model import Inventory, Node
+from rbee_control.ssh.pool import TransportPool
+from rbee_worker.protocol.errors import ErrorCode, RbeeError
+from rbee_worker.protocol.request import InferenceRequest
+
+from .display import Display, NodeProgress
+from .known_workers import KnownWorker, KnownWorkers
+from .node_client import NodeClient
+from .provision import default_name, ensure_model, is_ref
+from .stream import StreamResult, stream_inference
+
+
+@dataclass
+class InferOptions:
+    node: str
+    model: str
+    prompt: str
+    max_tokens: int = 20
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 40
+    seed: int | None = None
+    backend: str = "auto"
+    name: str | None = None
+    partial_dir: Path | None = None
+    raw: bool = False
+
+
+class Phases:
+    """Wall time per phase, for the summary line and `--json`."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.times[name] = self.times.get(name, 0.0) + (now - self._last)
+        self._last = now
+
+
+async def infer(inventory: Inventory, options: InferOptions, display: Display) -> dict[str, Any]:
+    node = inventory.node(options.node)
+    raw_request = {
+        "prompt": options.prompt,
+        "max_tokens": options.max_tokens,
+        "temperature": options.temperature,
+        "top_p": options.top_p,
+        "top_k": options.top_k,
+        "seed": options.seed,
+    }
+    request = InferenceRequest.from_json(raw_request)
+    model_name = options.name or (default_name(options.model) if is_ref(options.model) else options.model)
+    known = KnownWorkers()
+    phases = Phases()
+    timeout = httpx.Timeout(10.0, read=300.0)
+    async with httpx.AsyncClient(timeout=timeout) as http:
+        worker = await _known_ready_worker(http, known, node, model_name)
+        phases.mark("reuse")
+        if worker is None:
+            worker = await _provision_worker(inventory, node, options, model_name, display, phases)
+            known.remember(worker)
+        else:
+            display.narrate(f"[dim]using worker {worker.id} at {worker.url}[/dim]")
+        if worker.chat_template and not options.raw:
+            request = InferenceRequest.from_json({**raw_request, "prompt": _as_chat(options.prompt, worker)})
+        result = await _stream(http, worker, request, display, options, known)
+        phases.mark("stream")
+    summary = {
+        "node": node.name,
+        "model": model_name,
+        "worker": worker.id,
+        "url": worker.url,
+        "tokens": result.tokens_out,
+        "ttft_ms": round(result.ttft_ms or 0.0, 1),
+        "tokens_per_second": round(result.tokens_per_second or 0.0, 1),
+        "stop_reason": (result.end or {}).get("stop_reason"),
+        "phases_s": {k: round(v, 3) for k, v in phases.times.items()},
+        "text": "".join(result.text),
+    }
+    display.narrate(
+        f"\n[dim]{summary['tokens']} tokens, TTFT {summary['ttft_ms']} ms, "
+        f"{summary['tokens_per_second']} tokens/s, {summary['stop_reason']} "
+        f"({', '.join(f'{k} {v:.2f}s' for k, v in summary['phases_s'].items())})[/dim]"
+    )
+    return summary
+
+
+async def _known_ready_worker(
+    http: httpx.AsyncClient, known: KnownWorkers, node: Node, model: str
+) -> KnownWorker | None:
+    for worker in known.find(node.name, model):
+        try:
+            response = await http.get(
+                f"{worker.url}/v1/ready", headers={"Authorization": f"Bearer {worker.api_key}"}, timeout=2
+            )
+            if response.status_code == 200 and response.json().get("state") == "ready":
+                return worker
+        except (httpx.HTTPError, ValueError):
+            pass
+        known.forget(node.name, worker.id)
+    return None
+
+
+async def _provision_worker(
+    inventory: Inventory, node: Node, options: InferOptions, model: str, display: Display, phases: Phases
+) -> KnownWorker:
+    async with TransportPool(inventory) as pool:
+        client = NodeClient(node, await pool.get(node))
+        phases.mark("connect")
+        status = display.err.status(f"starting the hive on {node.name}")
+        with status if not display.json_mode else contextlib.nullcontext():
+            await client.hive_start()
+        phases.mark("hive")
+        with NodeProgress(display) as progress:
+            catalog_entry = await ensure_model(client, options.model, progress, name=model)
+            phases.mark("provision")
+            template = catalog_entry.get("chat_template")
+            for entry in await client.worker_list():
+                if (
+                    entry.get("model") == model
+                    and entry.get("state") in ("idle", "ready")
+                    and entry.get("api_key")
+                ):
+                    display.narrate(f"[dim]reusing worker {entry['id']} on {node.name}[/dim]")
+                    return _known(node, model, entry, template)
+            display.narrate(f"[dim]starting a worker for {model} on {node.name}[/dim]")
+            label = f"{node.name}: load {model}"
+            progress.update(label, 0, None)
+            spawned = await client.worker_spawn(
+                model, options.backend, wait=True, progress=progress.on_event(node.name)
+            )
+            progress.update(label, 1, 1)
+        phases.mark("spawn")
+        if spawned.get("state") not in ("idle", "ready"):
+            raise RbeeError(ErrorCode.MODEL_LOAD_FAILED, f"worker did not become ready: {spawned}")
+        return _known(node, model, spawned, template)
+
+
+def _as_chat(prompt: str, worker: KnownWorker) -> str:
+    """Wrap the prompt as one user turn in the model's own chat template."""
+    from rbee_control.queen.chat_template import render_chat
+
+    return render_chat([{"role": "user", "content": prompt}], worker.chat_template).prompt
+
+
+def _known(node: Node, model: str, entry: dict[str, Any], chat_template: str | None) -> KnownWorker:
+    return KnownWorker(
+        node=node.name,
+        model=model,
+        id=str(entry["id"]),
+        url=str(entry["url"]),
+        api_key=str(entry["api_key"]),
+        backend=entry.get("backend"),
+        chat_template=chat_template,
+    )
+
+
+async def _stream(
+    http: httpx.AsyncClient,
+    worker: KnownWorker,
+    request: InferenceRequest,
+    display: Display,
+    options: InferOptions,
+    known: KnownWorkers,
+) -> StreamResult:
+    def write(text: str) -> None:
+        if not display.json_mode:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    def busy(delay: float) -> None:
+        display.narrate(f"[yellow]worker busy; retrying in {delay:.1f}s[/yellow]")
+
+    try:
+        result = await stream_inference(http, worker.url, worker.api_key, request, write, on_busy=busy)
+    except RbeeError as exc:
+        if exc.code == ErrorCode.WORKER_CRASHED:
+            known.forget(worker.node, worker.id)
+            received = exc.details.get("partial_text", "")
+            if received:
+                exc.details["saved_to"] = str(_save_partial(options, received))
+        raise
+    if not display.json_mode:
+        sys.stdout.write("\n")
+    return result
+
+
+def _save_partial(options: InferOptions, text: str) -> Path:
+    directory = options.partial_dir or Path.home() / ".local" / "state" / "rbee"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"partial-{time.strftime('%Y%m%d-%H%M%S')}.txt"
+    path.write_text(text)
+    return path

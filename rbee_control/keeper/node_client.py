@@ -1,0 +1,135 @@
+"""The keeper's handle on one node: `rbee-hive --json …` over its transport.
+
+Every method runs one node command, turns its `progress` events into callbacks
+and returns its one `result` (or raises its `error`), so the keeper and the queen
+drive a node the same way whether it is this machine or one across SSH.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from rbee_control.hive import __version__ as HIVE_VERSION
+from rbee_control.inventory.model import Node
+from rbee_control.node_events import NodeEvent, parse_line
+from rbee_control.ssh.node_command import hive_command, node_env
+from rbee_control.ssh.transport import NodeTransport
+from rbee_worker.protocol.errors import ErrorCode, RbeeError
+
+ProgressCallback = Callable[[NodeEvent], None]
+
+#: Exit status of a shell that could not find or run the program.
+_NOT_INSTALLED = {126, 127}
+
+
+class NodeClient:
+    def __init__(self, node: Node, transport: NodeTransport) -> None:
+        self.node = node
+        self.transport = transport
+
+    async def call(
+        self, *args: str, progress: ProgressCallback | None = None, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Run `rbee-hive --json *args` on the node; the result payload, or its error raised."""
+        argv = hive_command(self.node, "--json", *args)
+        result: NodeEvent | None = None
+        stray: list[str] = []
+        async with asyncio.timeout(timeout):
+            async with self.transport.stream(argv, env=node_env(self.node)) as proc:
+                async for line in proc:
+                    try:
+                        event = parse_line(line)
+                    except ValueError:
+                        stray.append(line)
+                        continue
+                    if event.is_final:
+                        result = event
+                    elif progress is not None:
+                        progress(event)
+                status = await proc.wait()
+        if result is not None and result.event == "error":
+            raise result.to_error()
+        if result is not None:
+            return result.data
+        if status.exit_status in _NOT_INSTALLED:
+            raise RbeeError(
+                ErrorCode.HIVE_NOT_RUNNING,
+                f"rbee is not installed on node {self.node.name} ({argv[0]} not found)",
+                hint=f"rbee-keeper setup install --node {self.node.name}",
+            )
+        detail = (status.stderr or "\n".join(stray)).strip().splitlines()[-3:]
+        raise RbeeError(
+            ErrorCode.INTERNAL_ERROR,
+            f"rbee-hive {args[0] if args else ''} on {self.node.name} exited {status.exit_status} "
+            f"without a result: {' | '.join(detail) or 'no output'}",
+        )
+
+    # --- the daemon -------------------------------------------------------------
+
+    async def hive_start(self) -> dict[str, Any]:
+        """Start the node's daemon if it is not running (idempotent); check its version."""
+        info = await self.call("daemon", "--detach", "--address", self.node.address, timeout=60)
+        version = info.get("version")
+        if version and version != HIVE_VERSION:
+            raise RbeeError(
+                ErrorCode.VERSION_MISMATCH,
+                f"node {self.node.name} runs rbee {version}, this keeper is {HIVE_VERSION}",
+                hint=f"rbee-keeper setup install --node {self.node.name}",
+            )
+        return info
+
+    async def hive_status(self) -> dict[str, Any]:
+        return await self.call("status", timeout=30)
+
+    async def hive_stop(self) -> dict[str, Any]:
+        return await self.call("stop", timeout=90)
+
+    # --- models -----------------------------------------------------------------
+
+    async def models_list(self) -> list[dict[str, Any]]:
+        return list((await self.call("models", "list", timeout=30)).get("models", []))
+
+    async def models_add(
+        self,
+        ref: str,
+        name: str | None = None,
+        sha256: str | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> dict[str, Any]:
+        args = ["models", "add", ref]
+        if name:
+            args += ["--name", name]
+        if sha256:
+            args += ["--sha256", sha256]
+        return await self.call(*args, progress=progress)
+
+    async def models_rm(self, name: str) -> dict[str, Any]:
+        return await self.call("models", "rm", name, timeout=30)
+
+    # --- workers ----------------------------------------------------------------
+
+    async def worker_spawn(
+        self,
+        model: str,
+        backend: str = "auto",
+        *,
+        slots: int = 1,
+        ctx: int | None = None,
+        wait: bool = True,
+        timeout: float = 300,
+        progress: ProgressCallback | None = None,
+    ) -> dict[str, Any]:
+        args = ["worker", "spawn", "--model", model, "--backend", backend, "--slots", str(slots)]
+        if ctx:
+            args += ["--ctx", str(ctx)]
+        if wait:
+            args += ["--wait", "--timeout", str(timeout)]
+        return await self.call(*args, progress=progress, timeout=timeout + 30)
+
+    async def worker_list(self) -> list[dict[str, Any]]:
+        return list((await self.call("worker", "list", timeout=30)).get("workers", []))
+
+    async def worker_stop(self, worker_id: str) -> dict[str, Any]:
+        return await self.call("worker", "stop", worker_id, timeout=60)

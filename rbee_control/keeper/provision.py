@@ -1,0 +1,92 @@
+"""Make sure a node has a model: reuse its catalog entry, push a local file, or let it download.
+
+`file:` refs name a file on the keeper's machine: for a local node the hive
+imports it in place; for an SSH node the keeper pushes it over SFTP (resuming a
+partial upload) and the hive imports the pushed copy. `hf:` and `https:` refs are
+downloaded by the node itself, its progress streamed back as events.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+from rbee_worker.protocol.errors import ErrorCode, RbeeError
+
+from .display import NodeProgress
+from .node_client import NodeClient
+
+REF_SCHEMES = ("file:", "hf:", "https:", "http:")
+_NAME_OK = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def is_ref(model: str) -> bool:
+    return model.startswith(REF_SCHEMES)
+
+
+def default_name(ref: str) -> str:
+    """The catalog name a ref gets when none is given: its file name without `.gguf`."""
+    tail = ref.rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1]
+    name = _NAME_OK.sub("-", tail.removesuffix(".gguf")).strip("-.") or "model"
+    return name[:128]
+
+
+def local_file(ref: str) -> Path:
+    path = Path(unquote(ref[len("file:") :].removeprefix("//"))).expanduser()
+    if not path.is_file():
+        raise RbeeError(
+            ErrorCode.MODEL_NOT_FOUND, f"{path}: no such file on this machine", details={"path": str(path)}
+        )
+    return path.resolve()
+
+
+async def ensure_model(
+    client: NodeClient, model: str, progress: NodeProgress, name: str | None = None, sha256: str | None = None
+) -> dict[str, Any]:
+    """The node's catalog entry for `model` (a name or a ref), provisioning it if needed."""
+    wanted = name or (default_name(model) if is_ref(model) else model)
+    for entry in await client.models_list():
+        if entry.get("name") == wanted:
+            return entry
+    if not is_ref(model):
+        raise RbeeError(
+            ErrorCode.MODEL_NOT_FOUND,
+            f"model {model!r} is not on node {client.node.name}",
+            hint=f"rbee-keeper models add hf:OWNER/REPO:FILE.gguf --name {model} --node {client.node.name}",
+        )
+    ref = model
+    if model.startswith("file:"):
+        source = local_file(model)
+        if client.node.is_local:
+            ref = f"file:{source}"
+        else:
+            ref = f"file:{await push_file(client, source, progress)}"
+    return await client.models_add(
+        ref, name=wanted, sha256=sha256, progress=progress.on_event(client.node.name)
+    )
+
+
+async def push_file(client: NodeClient, source: Path, progress: NodeProgress) -> str:
+    """Upload `source` to the node's incoming directory; returns its absolute path there."""
+    transport, node = client.transport, client.node
+    base = node.home
+    if base.startswith("~"):
+        base = (await remote_home(client)) + base[1:]
+    incoming = f"{base}/incoming"
+    mkdir = await transport.run(["mkdir", "-p", incoming], timeout=30)
+    if not mkdir.ok:
+        raise RbeeError(ErrorCode.INTERNAL_ERROR, f"cannot create {incoming} on {node.name}: {mkdir.stderr}")
+    target = f"{incoming}/{source.name}"
+    label = f"{node.name}: push {source.name}"
+    await transport.put(source, target, lambda done, total: progress.update(label, done, total), resume=True)
+    return target
+
+
+async def remote_home(client: NodeClient) -> str:
+    result = await client.transport.run(["printenv", "HOME"], timeout=30)
+    home = result.stdout.strip() if result.ok else ""
+    if not home.startswith("/"):
+        raise RbeeError(ErrorCode.INTERNAL_ERROR, f"cannot find the home directory on {client.node.name}")
+    return home

@@ -1,0 +1,254 @@
+"""`setup add-node | list-nodes | remove-node | install`: putting machines into the fleet."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from rbee_control.inventory.editor import add_node, remove_node
+from rbee_control.inventory.model import Node, SshSettings
+from rbee_control.inventory.paths import known_hosts_path
+from rbee_control.ssh.known_hosts import KnownHosts, fetch_host_key, fingerprint
+from rbee_control.ssh.node_command import hive_command, node_env, venv_bin, venv_dir
+from rbee_control.ssh.pool import TransportPool
+from rbee_control.ssh.remote import SshTransport
+from rbee_worker.protocol.errors import ErrorCode, RbeeError
+
+from .display import Display, NodeProgress, table
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+# --- add-node ------------------------------------------------------------------------
+
+
+async def cmd_add_node(args: argparse.Namespace, display: Display) -> int:
+    from .cli import inventory_path
+
+    path = inventory_path(args)
+    ssh = SshSettings(host=args.ssh_host, port=args.ssh_port, user=args.ssh_user, key=args.ssh_key)
+    known = KnownHosts(known_hosts_path())
+    node = Node(
+        name=args.name,
+        transport="ssh",
+        address=args.address or args.ssh_host,
+        home=args.home or "~/.local/share/rbee",
+        python=args.python or "python3",
+        backends=["cpu"],
+        ssh=ssh,
+        labels={},
+        models_dir=None,
+    )
+
+    def check(label: str, detail: str = "OK") -> None:
+        display.narrate(f"[green]✓[/green] {label}: {detail}")
+
+    key = await fetch_host_key(args.ssh_host, args.ssh_port, timeout=10)
+    check("connection reachable", f"{args.ssh_host}:{args.ssh_port}")
+    print_fp = fingerprint(key)
+    pinned = known.lookup(args.ssh_host, args.ssh_port)
+    if pinned and not known.is_trusted(args.ssh_host, args.ssh_port, key):
+        raise RbeeError(
+            ErrorCode.HOST_KEY_CHANGED,
+            f"the host key of {args.ssh_host}:{args.ssh_port} changed (now {print_fp}); refusing to connect",
+            hint=f"if the machine was reinstalled, remove the old key from {known.path} and add the node again",
+        )
+    if not pinned:
+        if not args.trust and not _confirm(display, f"trust host key {print_fp} of {args.ssh_host}?"):
+            raise RbeeError(
+                ErrorCode.HOST_KEY_UNKNOWN,
+                f"host key {print_fp} of {args.ssh_host}:{args.ssh_port} is not trusted",
+                details={"fingerprint": print_fp},
+                hint=f"rbee-keeper setup add-node {args.name} --ssh-host {args.ssh_host} "
+                f"--ssh-port {args.ssh_port} --trust",
+            )
+        known.trust(args.ssh_host, args.ssh_port, key)
+        check("host key pinned", print_fp)
+    async with SshTransport(node, known_hosts=known) as transport:
+        check("key authentication", f"{ssh.user or 'default user'}")
+        started = time.perf_counter()
+        echo = await transport.run(["echo", "test"], timeout=10)
+        latency_ms = (time.perf_counter() - started) * 1000
+        if echo.stdout.strip() != "test":
+            raise RbeeError(
+                ErrorCode.CONNECTION_FAILED, f"command execution failed on {args.name}: {echo.stderr}"
+            )
+        check("command execution", "echo test")
+        check("latency", f"{latency_ms:.0f} ms")
+        hive = await transport.run(hive_command(node, "--version"), env=node_env(node), timeout=30)
+        installed = hive.ok
+        if installed:
+            check("rbee-hive found", hive.stdout.strip())
+        else:
+            display.narrate(
+                f"[yellow]![/yellow] rbee-hive not installed yet: rbee-keeper setup install --node {args.name}"
+            )
+    fields: dict[str, Any] = {
+        "ssh": {"host": args.ssh_host, "port": args.ssh_port, "user": args.ssh_user, "key": args.ssh_key},
+        "address": args.address,
+        "home": args.home,
+        "python": args.python,
+    }
+    add_node(path, args.name, fields)
+    display.result(
+        {
+            "node": args.name,
+            "fingerprint": print_fp,
+            "latency_ms": round(latency_ms, 1),
+            "installed": installed,
+        },
+        f"added node {args.name} to {path}",
+    )
+    return 0
+
+
+def _confirm(display: Display, question: str) -> bool:
+    if display.json_mode or not sys.stdin.isatty():
+        return False
+    display.err.print(f"{question} [y/N] ", end="")
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
+# --- list-nodes / remove-node ---------------------------------------------------------
+
+
+async def cmd_list_nodes(args: argparse.Namespace, display: Display) -> int:
+    from .cli import load
+
+    inventory = load(args)
+    rows = [
+        [n.name, n.transport, n.ssh.target if n.ssh else "-", n.address, n.home, ",".join(n.backends)]
+        for n in inventory
+    ]
+    if not display.json_mode:
+        display.out.print(
+            table(str(inventory.path), ["node", "transport", "ssh", "address", "home", "backends"], rows)
+        )
+    display.result(
+        {"nodes": [dict(zip(["name", "transport", "ssh", "address", "home", "backends"], r)) for r in rows]}
+    )
+    return 0
+
+
+async def cmd_remove_node(args: argparse.Namespace, display: Display) -> int:
+    from .cli import inventory_path
+
+    path = inventory_path(args)
+    remove_node(path, args.name)
+    display.result({"removed": args.name}, f"removed node {args.name} from {path}")
+    return 0
+
+
+# --- install -------------------------------------------------------------------------
+
+
+async def build_wheel(directory: Path) -> Path:
+    """Build this package's wheel once per run; nodes install exactly what the keeper runs."""
+    if not (PROJECT_ROOT / "pyproject.toml").exists():
+        raise RbeeError(
+            ErrorCode.INTERNAL_ERROR, f"no rbee source tree at {PROJECT_ROOT} to build a wheel from"
+        )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(directory), str(PROJECT_ROOT),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await proc.communicate()
+    wheels = sorted(directory.glob("rbee-*.whl"))
+    if proc.returncode or not wheels:
+        raise RbeeError(ErrorCode.INTERNAL_ERROR, f"building the rbee wheel failed: {err.decode()[-500:]}")
+    return wheels[-1]
+
+
+async def install_on(
+    node: Node, transport: Any, wheel: Path, extras: str | None, progress: NodeProgress
+) -> dict:
+    from .node_client import NodeClient
+    from .provision import remote_home
+
+    client = NodeClient(node, transport)
+    home = node.home
+    if home.startswith("~"):
+        home = (await remote_home(client)) + home[1:]
+    incoming = f"{home}/incoming"
+    await transport.run(["mkdir", "-p", incoming], timeout=30)
+    target = f"{incoming}/{wheel.name}"
+    label = f"{node.name}: push {wheel.name}"
+    await transport.put(wheel, target, lambda done, total: progress.update(label, done, total), resume=False)
+    python = str(venv_bin(node, "python"))
+    check = await transport.run([python, "-c", "import sys"], timeout=30)
+    if not check.ok:
+        made = await transport.run([node.python, "-m", "venv", str(venv_dir(node))], timeout=300)
+        if not made.ok:
+            raise RbeeError(
+                ErrorCode.INTERNAL_ERROR, f"creating the venv on {node.name} failed: {made.stderr[-400:]}"
+            )
+    spec = f"{target}[{extras}]" if extras else target
+    pip = await transport.run(
+        [python, "-m", "pip", "install", "--quiet", "--force-reinstall", "--no-deps", spec], timeout=900
+    )
+    deps = await transport.run([python, "-m", "pip", "install", "--quiet", spec], timeout=1800)
+    if not (pip.ok and deps.ok):
+        raise RbeeError(
+            ErrorCode.INTERNAL_ERROR,
+            f"pip install on {node.name} failed: {(pip.stderr + deps.stderr)[-600:]}",
+        )
+    version = await transport.run(hive_command(node, "--version"), env=node_env(node), timeout=60)
+    return {"node": node.name, "version": version.stdout.strip(), "wheel": wheel.name}
+
+
+async def cmd_install(args: argparse.Namespace, display: Display) -> int:
+    from .cli import load
+
+    inventory = load(args)
+    nodes = list(inventory) if args.all else [inventory.node(args.node)]
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel = await build_wheel(Path(tmp))
+        display.narrate(f"[dim]built {wheel.name}[/dim]")
+        with NodeProgress(display) as progress:
+            async with TransportPool(inventory) as pool:
+
+                async def one(transport: Any) -> dict:
+                    return await install_on(transport.node, transport, wheel, args.extras, progress)
+
+                outcomes = await pool.fan_out(nodes, one, timeout=3600)
+    failed = 0
+    for name, outcome in outcomes.items():
+        if outcome.error is not None:
+            failed += 1
+            display.narrate(f"[red]{name}[/red]: {outcome.error.message}")
+        else:
+            display.narrate(f"[green]{name}[/green]: {outcome.value['version']}")
+    display.result({n: o.value if o.ok else {"error": o.error.body()["error"]} for n, o in outcomes.items()})  # type: ignore[union-attr]
+    return 1 if failed else 0
+
+
+def register(sub: Any) -> None:
+    setup = sub.add_parser("setup", help="add, list, remove and install nodes")
+    ssub = setup.add_subparsers(dest="action", required=True)
+    p = ssub.add_parser("add-node", help="test the connection, pin the host key, record the node")
+    p.add_argument("name")
+    p.add_argument("--ssh-host", required=True)
+    p.add_argument("--ssh-port", type=int, default=22)
+    p.add_argument("--ssh-user")
+    p.add_argument("--ssh-key")
+    p.add_argument("--address", help="where its workers are reachable over HTTP (default: --ssh-host)")
+    p.add_argument("--home", help="$RBEE_HOME on the node (default ~/.local/share/rbee)")
+    p.add_argument("--python", help="python on the node for its venv (default python3)")
+    p.add_argument("--trust", action="store_true", help="pin the host key without asking")
+    p.set_defaults(handler=cmd_add_node)
+    p = ssub.add_parser("list-nodes")
+    p.set_defaults(handler=cmd_list_nodes)
+    p = ssub.add_parser("remove-node")
+    p.add_argument("name")
+    p.set_defaults(handler=cmd_remove_node)
+    p = ssub.add_parser("install", help="install rbee into a venv on the node (wheel pushed over SFTP)")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--node")
+    group.add_argument("--all", action="store_true")
+    p.add_argument("--extras", help="e.g. llama")
+    p.set_defaults(handler=cmd_install)
