@@ -56,7 +56,7 @@ async def cmd_add_node(args: argparse.Namespace, display: Display) -> int:
         raise RbeeError(
             ErrorCode.HOST_KEY_CHANGED,
             f"the host key of {args.ssh_host}:{args.ssh_port} changed (now {print_fp}); refusing to connect",
-            hint=f"if the machine was reinstalled, remove the old key from {known.path} and add the node again",
+            hint=f"if the machine was reinstalled: remove its key from {known.path}, then add the node again",
         )
     if not pinned:
         if not args.trust and not _confirm(display, f"trust host key {print_fp} of {args.ssh_host}?"):
@@ -86,7 +86,7 @@ async def cmd_add_node(args: argparse.Namespace, display: Display) -> int:
             check("rbee-hive found", hive.stdout.strip())
         else:
             display.narrate(
-                f"[yellow]![/yellow] rbee-hive not installed yet: rbee-keeper setup install --node {args.name}"
+                f"[yellow]![/yellow] rbee-hive not installed: rbee-keeper setup install --node {args.name}"
             )
     fields: dict[str, Any] = {
         "ssh": {"host": args.ssh_host, "port": args.ssh_port, "user": args.ssh_user, "key": args.ssh_key},
@@ -121,17 +121,14 @@ async def cmd_list_nodes(args: argparse.Namespace, display: Display) -> int:
     from .cli import load
 
     inventory = load(args)
+    columns = ["name", "transport", "ssh", "address", "home", "backends"]
     rows = [
         [n.name, n.transport, n.ssh.target if n.ssh else "-", n.address, n.home, ",".join(n.backends)]
         for n in inventory
     ]
     if not display.json_mode:
-        display.out.print(
-            table(str(inventory.path), ["node", "transport", "ssh", "address", "home", "backends"], rows)
-        )
-    display.result(
-        {"nodes": [dict(zip(["name", "transport", "ssh", "address", "home", "backends"], r)) for r in rows]}
-    )
+        display.out.print(table(str(inventory.path), columns, rows))
+    display.result({"nodes": [dict(zip(columns, r, strict=True)) for r in rows]})
     return 0
 
 

@@ -150,10 +150,9 @@ class WorkerTable:
         return self._workers.get(worker.id) is worker
 
     def add(self, worker: RoutedWorker) -> RoutedWorker:
-        """Add, or replace the entry with the same id (its running requests keep their lease)."""
+        """Add, or replace the entry with the same id (running requests finish on the old entry)."""
         old = self._workers.get(worker.id)
         if old is not None:
-            worker.in_flight = old.in_flight
             self._drop(old, "replaced")
         self._workers[worker.id] = worker
         self._count(worker)
