@@ -64,7 +64,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,7 @@ from rbee_worker.tinymodel import write_tiny_model
 HOST = "127.0.0.1"
 DEFAULT_PROMPT = "Once upon a time, in a busy hive at the edge of a meadow, there lived a bee who"
 DEFAULT_TOKENS = {"tiny": 2000, "smollm2": 128}
+DEFAULT_RUNS = {"tiny": 12, "smollm2": 6}
 READY_TIMEOUT_S = 180.0
 REQUEST_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 10.0
@@ -272,6 +273,10 @@ def default_tokens(label: str) -> int:
     return DEFAULT_TOKENS.get(label, DEFAULT_TOKENS["smollm2"])
 
 
+def default_runs(label: str) -> int:
+    return DEFAULT_RUNS.get(label, DEFAULT_RUNS["smollm2"])
+
+
 def make_request(args: argparse.Namespace, max_tokens: int) -> InferenceRequest:
     return InferenceRequest(
         prompt=args.prompt,
@@ -408,91 +413,92 @@ async def run_llama_server_sse(client: httpx.AsyncClient, req: InferenceRequest)
 
 # --------------------------------------------------------------- overhead mode
 
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class OverheadResult:
-    model: str
-    ratio: float
-    ttft_overhead_ms: float
+ROW = "{run:>4}  {side:<11} {ttft:>9} {tokens:>7} {tps:>9} {wtps:>13}  {stop:<10} {note}"
 
 
-def print_row(run: str, side: str, sample: Sample, extra: str = "") -> None:
-    worker = f"{sample.worker_tokens_per_s:12.1f}" if sample.worker_decode_ms is not None else f"{'':>12}"
+def print_row(run: str, side: str, sample: Sample, note: str = "") -> None:
+    worker = f"{sample.worker_tokens_per_s:.1f}" if sample.worker_decode_ms is not None else ""
     print(
-        f"{run:>4}  {side:<11} {sample.ttft_ms:9.2f} {sample.tokens:7d} {sample.tokens_per_s:10.1f}"
-        f"{worker}  {sample.stop_reason:<10} {extra}",
+        ROW.format(
+            run=run,
+            side=side,
+            ttft=f"{sample.ttft_ms:.2f}",
+            tokens=sample.tokens,
+            tps=f"{sample.tokens_per_s:.1f}",
+            wtps=worker,
+            stop=sample.stop_reason,
+            note=note,
+        ).rstrip(),
         flush=True,
     )
 
 
-def print_header() -> None:
-    print(f"{'run':>4}  {'side':<11} {'ttft_ms':>9} {'tokens':>7} {'tok/s':>10}{'worker tok/s':>12}  stop")
+def print_medians(side: str, samples: list[Sample], worker: bool) -> None:
+    print(
+        ROW.format(
+            run="med",
+            side=side,
+            ttft=f"{median([s.ttft_ms for s in samples]):.2f}",
+            tokens="",
+            tps=f"{median([s.tokens_per_s for s in samples]):.1f}",
+            wtps=f"{median([s.worker_tokens_per_s for s in samples]):.1f}" if worker else "",
+            stop="",
+            note="",
+        ).rstrip()
+    )
 
 
-async def overhead_for(
-    model: Model, args: argparse.Namespace, tmp: Path, deadline: Deadline
-) -> OverheadResult:
+async def overhead_for(model: Model, args: argparse.Namespace, tmp: Path, deadline: Deadline) -> None:
     tokens = args.tokens or default_tokens(model.label)
+    runs = args.runs or default_runs(model.label)
     req = make_request(args, tokens)
     print(
-        f"\n== {model.label}: {model.path.name} ({model.backend}, {args.threads} thread(s), ctx "
-        f"{model.context_length}, max_tokens {tokens}, seed {args.seed}, temperature {args.temperature})",
+        f"\n== {model.label}: {model.path.name} ({model.backend}, {args.threads} thread(s), "
+        f"ctx {model.context_length}, max_tokens {tokens}, seed {args.seed}, "
+        f"temperature {args.temperature}, {runs} paired runs)",
         flush=True,
     )
     runtime = runtime_factory(model.backend)(
         str(model.path), context_length=model.context_length, threads=args.threads, progress=lambda _: None
     )
     try:
-        factory = lambda: start_worker(  # noqa: E731
-            model.path, backend=model.backend, threads=args.threads, ctx=model.context_length, log_dir=tmp
-        )
-        with running(factory) as worker:
-            headers = worker.headers
+        with running(
+            lambda: start_worker(
+                model.path, backend=model.backend, threads=args.threads, ctx=model.context_length, log_dir=tmp
+            )
+        ) as worker:
             worker.wait_ready("/v1/ready")
-            async with httpx.AsyncClient(base_url=worker.url, headers=headers, timeout=60) as client:
-
-                async def in_process() -> Sample:
-                    return run_in_process(runtime, req, deadline)
-
-                async def sse() -> Sample:
-                    return await run_worker_sse(client, req)
-
-                await in_process()  # warm-ups: caches, first-request paths, prompt prefix
-                await sse()
-                print_header()
-                ratios: list[float] = []
-                ttft_deltas: list[float] = []
+            async with httpx.AsyncClient(base_url=worker.url, headers=worker.headers, timeout=60) as client:
+                # Warm-ups: page cache, first-request code paths, the runtimes' prompt prefix.
+                run_in_process(runtime, req, deadline)
+                await run_worker_sse(client, req)
+                print(ROW.format(run="run", side="side", ttft="ttft_ms", tokens="tokens", tps="tok/s",
+                                 wtps="worker tok/s", stop="stop", note=""))  # fmt: skip
                 local: list[Sample] = []
                 remote: list[Sample] = []
-                for i in range(args.runs):
+                for i in range(runs):
                     if deadline.expired():
                         print(f"(time budget of {deadline.seconds:.0f} s spent: stopping after {i} runs)")
                         break
-                    order = (in_process, sse) if i % 2 == 0 else (sse, in_process)
-                    results = {fn: await fn() for fn in order}
-                    a, b = results[in_process], results[sse]
+                    if i % 2 == 0:
+                        a = run_in_process(runtime, req, deadline)
+                        b = await run_worker_sse(client, req)
+                    else:
+                        b = await run_worker_sse(client, req)
+                        a = run_in_process(runtime, req, deadline)
                     local.append(a)
                     remote.append(b)
-                    ratios.append(b.tokens_per_s / a.tokens_per_s)
-                    ttft_deltas.append(b.ttft_ms - a.ttft_ms)
                     same = "same text" if a.text == b.text else "TEXT DIFFERS"
                     print_row(str(i + 1), "in-process", a)
-                    print_row("", "sse", b, f"ratio {ratios[-1]:.3f}, {same}")
-                print(
-                    f"{'med':>4}  {'in-process':<11} {median([s.ttft_ms for s in local]):9.2f} "
-                    f"{'':>7} {median([s.tokens_per_s for s in local]):10.1f}"
-                )
-                print(
-                    f"{'med':>4}  {'sse':<11} {median([s.ttft_ms for s in remote]):9.2f} "
-                    f"{'':>7} {median([s.tokens_per_s for s in remote]):10.1f}"
-                    f"{median([s.worker_tokens_per_s for s in remote]):12.1f}"
-                )
-                result = OverheadResult(model.label, median(ratios), median(ttft_deltas))
-                print(f"sse/in-process tokens/s = {result.ratio:.2f}")
-                print(f"TTFT overhead = {result.ttft_overhead_ms:.1f} ms", flush=True)
-                return result
+                    print_row("", "sse", b, f"ratio {b.tokens_per_s / a.tokens_per_s:.3f}, {same}")
     finally:
         runtime.close()
+    print_medians("in-process", local, worker=False)
+    print_medians("sse", remote, worker=True)
+    ratio = median([b.tokens_per_s / a.tokens_per_s for a, b in zip(local, remote, strict=True)])
+    ttft_overhead = median([b.ttft_ms - a.ttft_ms for a, b in zip(local, remote, strict=True)])
+    print(f"sse/in-process tokens/s = {ratio:.2f}")
+    print(f"TTFT overhead = {ttft_overhead:.1f} ms", flush=True)
 
 
 async def overhead_mode(args: argparse.Namespace, tmp: Path) -> None:
@@ -504,45 +510,120 @@ async def overhead_mode(args: argparse.Namespace, tmp: Path) -> None:
 
 # ----------------------------------------------------------- llama-server mode
 
+Caller = Callable[[httpx.AsyncClient, InferenceRequest], Awaitable[Sample]]
+SERVERS = ("rbee", "llama-server")
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Batch:
+    """`clients` requests sent at once, as each client saw them."""
+
     samples: list[Sample]
     wall_s: float
 
     @property
-    def aggregate_tokens_per_s(self) -> float:
+    def ttft_ms(self) -> float:
+        return median([s.ttft_ms for s in self.samples])
+
+    @property
+    def request_tokens_per_s(self) -> float:
+        return median([s.tokens_per_s for s in self.samples])
+
+    @property
+    def total_tokens_per_s(self) -> float:
         return sum(s.tokens for s in self.samples) / self.wall_s if self.wall_s > 0 else math.nan
 
 
-Caller = Callable[[httpx.AsyncClient, InferenceRequest], Any]
-
-
 async def run_batch(client: httpx.AsyncClient, call: Caller, req: InferenceRequest, clients: int) -> Batch:
-    """`clients` requests at once, client k with seed + k."""
+    """`clients` concurrent requests, client k with seed + k."""
     reqs = [dataclasses.replace(req, seed=(req.seed or 0) + k) for k in range(clients)]
     started = time.perf_counter()
     samples = await asyncio.gather(*(call(client, r) for r in reqs))
     return Batch(list(samples), time.perf_counter() - started)
 
 
+LLAMA_ROW = (
+    "{run:>4} {server:<13} {clients:>7} {ttft:>11} {ttft_max:>11} {req:>9} {total:>11} {tokens:>7}  {stop}"
+)
+
+
+async def llama_server_rounds(
+    sides: dict[str, tuple[httpx.AsyncClient, Caller]], req: InferenceRequest, runs: int, deadline: Deadline
+) -> dict[tuple[str, int], list[Batch]]:
+    results: dict[tuple[str, int], list[Batch]] = {(s, c): [] for s in sides for c in CONCURRENCY}
+    for client, call in sides.values():  # warm-up
+        await run_batch(client, call, req, 1)
+    print(LLAMA_ROW.format(run="run", server="server", clients="clients", ttft="ttft_ms", ttft_max="max ttft",
+                           req="req tok/s", total="total tok/s", tokens="tokens", stop="stop"))  # fmt: skip
+    for i in range(runs):
+        if deadline.expired():
+            print(f"(time budget of {deadline.seconds:.0f} s spent: stopping after {i} rounds)")
+            break
+        names = list(sides) if i % 2 == 0 else list(reversed(sides))
+        for clients in CONCURRENCY:
+            for name in names:
+                client, call = sides[name]
+                batch = await run_batch(client, call, req, clients)
+                results[(name, clients)].append(batch)
+                print(
+                    LLAMA_ROW.format(
+                        run=i + 1,
+                        server=name,
+                        clients=clients,
+                        ttft=f"{batch.ttft_ms:.1f}",
+                        ttft_max=f"{max(s.ttft_ms for s in batch.samples):.1f}",
+                        req=f"{batch.request_tokens_per_s:.1f}",
+                        total=f"{batch.total_tokens_per_s:.1f}",
+                        tokens=sum(s.tokens for s in batch.samples),
+                        stop=",".join(sorted({s.stop_reason for s in batch.samples})),
+                    ),
+                    flush=True,
+                )
+    return results
+
+
+def print_llama_summary(results: dict[tuple[str, int], list[Batch]]) -> None:
+    print("\nmedians over rounds")
+    print(f"{'server':<13} {'clients':>7} {'ttft_ms':>9} {'req tok/s':>10} {'total tok/s':>12}")
+    for (name, clients), batches in results.items():
+        print(
+            f"{name:<13} {clients:>7} {median([b.ttft_ms for b in batches]):9.1f} "
+            f"{median([b.request_tokens_per_s for b in batches]):10.1f} "
+            f"{median([b.total_tokens_per_s for b in batches]):12.1f}"
+        )
+    print()
+    for clients in CONCURRENCY:
+        pairs = list(zip(results[("rbee", clients)], results[("llama-server", clients)], strict=True))
+
+        def ratio(metric: Callable[[Batch], float], pairs: list[tuple[Batch, Batch]] = pairs) -> float:
+            return median([metric(rbee) / metric(other) for rbee, other in pairs])
+
+        print(
+            f"rbee/llama-server, {clients} client(s): "
+            f"tokens/s per request = {ratio(lambda b: b.request_tokens_per_s):.2f}, "
+            f"total tokens/s = {ratio(lambda b: b.total_tokens_per_s):.2f}, "
+            f"TTFT = {ratio(lambda b: b.ttft_ms):.2f}"
+        )
+
+
 async def llama_server_mode(args: argparse.Namespace, tmp: Path) -> None:
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("sse_starlette") is None:
         raise SystemExit(
-            "llama_cpp.server needs its extra's dependencies: "
-            "pip install fastapi sse-starlette 'starlette-context>=0.3.6,<0.4' pydantic-settings"
+            "llama_cpp.server needs its extra's dependencies: pip install fastapi sse-starlette "
+            "'starlette-context>=0.3.6,<0.4' pydantic-settings"
         )
     label = "smollm2" if args.model == "all" else args.model
     model = resolve_model(label, tmp)
     tokens = args.tokens or default_tokens(label)
+    runs = args.runs or default_runs(label)
     ctx = min(model.context_length, args.ctx)
     req = make_request(args, tokens)
-    deadline = Deadline(args.max_seconds)
     print(
         f"== {label}: {model.path.name} (llama-cpp, {args.threads} thread(s), ctx {ctx}, "
-        f"max_tokens {tokens}, seed {args.seed}+client, temperature {args.temperature})",
+        f"max_tokens {tokens}, seed {args.seed}+client, temperature {args.temperature}, {runs} rounds)",
         flush=True,
     )
+    limits = httpx.Limits(max_connections=max(CONCURRENCY) + 2)
     with contextlib.ExitStack() as stack:
         worker = stack.enter_context(
             running(
@@ -556,7 +637,6 @@ async def llama_server_mode(args: argparse.Namespace, tmp: Path) -> None:
         )
         worker.wait_ready("/v1/ready")
         server.wait_ready("/v1/models")
-        limits = httpx.Limits(max_connections=max(CONCURRENCY) + 2)
         async with (
             httpx.AsyncClient(base_url=worker.url, headers=worker.headers, timeout=60, limits=limits) as wc,
             httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as sc,
@@ -565,59 +645,8 @@ async def llama_server_mode(args: argparse.Namespace, tmp: Path) -> None:
                 "rbee": (wc, run_worker_sse),
                 "llama-server": (sc, run_llama_server_sse),
             }
-            for client, call in sides.values():  # warm-up
-                await run_batch(client, call, req, 1)
-            results: dict[tuple[str, int], list[Batch]] = {(s, c): [] for s in sides for c in CONCURRENCY}
-            print(
-                f"{'run':>4} {'server':<13} {'clients':>7} {'ttft_ms med':>12} {'ttft_ms max':>12} "
-                f"{'req tok/s':>10} {'total tok/s':>12} {'tokens':>7}  stop"
-            )
-            for i in range(args.runs):
-                if deadline.expired():
-                    print(f"(time budget of {deadline.seconds:.0f} s spent: stopping after {i} rounds)")
-                    break
-                names = list(sides) if i % 2 == 0 else list(reversed(sides))
-                for clients in CONCURRENCY:
-                    for name in names:
-                        client, call = sides[name]
-                        batch = await run_batch(client, call, req, clients)
-                        results[(name, clients)].append(batch)
-                        ttfts = [s.ttft_ms for s in batch.samples]
-                        stops = ",".join(sorted({s.stop_reason for s in batch.samples}))
-                        print(
-                            f"{i + 1:>4} {name:<13} {clients:>7} {median(ttfts):12.1f} {max(ttfts):12.1f} "
-                            f"{median([s.tokens_per_s for s in batch.samples]):10.1f} "
-                            f"{batch.aggregate_tokens_per_s:12.1f} {sum(s.tokens for s in batch.samples):7d}  "
-                            f"{stops}",
-                            flush=True,
-                        )
-    print("\nmedians over rounds")
-    print(f"{'server':<13} {'clients':>7} {'ttft_ms':>10} {'req tok/s':>10} {'total tok/s':>12}")
-    summary: dict[tuple[str, int], tuple[float, float, float]] = {}
-    for (name, clients), batches in results.items():
-        ttft = median([median([s.ttft_ms for s in b.samples]) for b in batches])
-        per_req = median([median([s.tokens_per_s for s in b.samples]) for b in batches])
-        total = median([b.aggregate_tokens_per_s for b in batches])
-        summary[(name, clients)] = (ttft, per_req, total)
-        print(f"{name:<13} {clients:>7} {ttft:10.1f} {per_req:10.1f} {total:12.1f}")
-    print()
-    for clients in CONCURRENCY:
-        pairs = list(zip(results[("rbee", clients)], results[("llama-server", clients)], strict=False))
-        ttft_ratio = median(
-            [
-                median([s.ttft_ms for s in r.samples]) / median([s.ttft_ms for s in ls.samples])
-                for r, ls in pairs
-            ]
-        )
-        req_ratio = median(
-            [
-                median([s.tokens_per_s for s in r.samples]) / median([s.tokens_per_s for s in ls.samples])
-                for r, ls in pairs
-            ]
-        )
-        total_ratio = median([r.aggregate_tokens_per_s / ls.aggregate_tokens_per_s for r, ls in pairs])
-        print(f"rbee/llama-server, {clients} client(s): tokens/s per request = {req_ratio:.2f}, ", end="")
-        print(f"total tokens/s = {total_ratio:.2f}, TTFT = {ttft_ratio:.2f}")
+            results = await llama_server_rounds(sides, req, runs, Deadline(args.max_seconds))
+    print_llama_summary(results)
 
 
 # ------------------------------------------------------------------------ main
@@ -631,7 +660,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--model", default="all", help="all (tiny then smollm2), tiny, smollm2 or a .gguf path"
     )
     parser.add_argument("--mode", default="overhead", choices=["overhead", "llama-server"])
-    parser.add_argument("--runs", type=int, default=5, help="paired runs (rounds in llama-server mode)")
+    parser.add_argument(
+        "--runs", type=int, help="paired runs, rounds in llama-server mode (default: 12 tiny, 6 otherwise)"
+    )
     parser.add_argument("--tokens", type=int, help="max_tokens (default: 512 for tiny, 128 otherwise)")
     parser.add_argument("--threads", type=int, default=default_threads(), help="runtime threads, both sides")
     parser.add_argument("--ctx", type=int, default=2048, help="context length in llama-server mode")
