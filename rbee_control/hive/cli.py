@@ -100,7 +100,7 @@ def cmd_models_list(args: argparse.Namespace, paths: HivePaths, out: Emitter) ->
         [[r.name, r.architecture, r.quantization or "", _mb(r.size), r.ref] for r in rows],
         ["NAME", "ARCH", "QUANT", "SIZE", "REF"],
     )
-    out.result({"models": [r.to_json() for r in rows]}, table or "no models")
+    out.result({"models": [r.to_json(with_template=args.templates) for r in rows]}, table or "no models")
 
 
 def cmd_models_rm(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref", help="hf:owner/repo[:file.gguf] | https://…/file.gguf | file:/abs/path.gguf")
     p.add_argument("--name", help="catalog name (default: the file name without .gguf)")
     p.add_argument("--sha256", help="expected sha256 of the file")
-    leaf(msub, "list", cmd_models_list, "list catalogued models")
+    p = leaf(msub, "list", cmd_models_list, "list catalogued models")
+    p.add_argument("--templates", action="store_true", help="include each model's chat template")
     p = leaf(msub, "rm", cmd_models_rm, "remove a model and its file")
     p.add_argument("name")
     p.add_argument("--force", action="store_true", help="even if a worker is serving it")

@@ -48,7 +48,7 @@ def _name_lock(path: Path) -> Iterator[None]:
 
 
 def _cached(row: ModelRow) -> dict[str, Any]:
-    return {**row.to_json(), "cached": True}
+    return {**row.to_json(with_template=True), "cached": True}
 
 
 def _lookup_cached(catalog: Catalog, ref: ModelRef, name: str | None) -> ModelRow | None:
@@ -164,7 +164,7 @@ async def _fetch_and_install(
     )
     stored = catalog.add(row)
     emitter.log(f"{name}: {info.architecture} {info.quantization}, {info.size} bytes ({how})")
-    return {**stored.to_json(), "cached": False}
+    return {**stored.to_json(with_template=True), "cached": False}
 
 
 async def _download_verified(

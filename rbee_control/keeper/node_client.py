@@ -88,8 +88,9 @@ class NodeClient:
 
     # --- models -----------------------------------------------------------------
 
-    async def models_list(self) -> list[dict[str, Any]]:
-        return list((await self.call("models", "list", timeout=30)).get("models", []))
+    async def models_list(self, templates: bool = False) -> list[dict[str, Any]]:
+        args = ["models", "list", *(["--templates"] if templates else [])]
+        return list((await self.call(*args, timeout=30)).get("models", []))
 
     async def models_add(
         self,

@@ -47,7 +47,7 @@ async def ensure_model(
 ) -> dict[str, Any]:
     """The node's catalog entry for `model` (a name or a ref), provisioning it if needed."""
     wanted = name or (default_name(model) if is_ref(model) else model)
-    for entry in await client.models_list():
+    for entry in await client.models_list(templates=True):
         if entry.get("name") == wanted:
             return entry
     if not is_ref(model):

@@ -178,6 +178,10 @@ class WorkerTable:
         n = sum(1 for w in self._workers.values() if w.model == worker.model and w.node == worker.node)
         self._metrics.workers.labels(worker.model, worker.node).set(n)
 
+    async def check(self, entry: WorkerEntry) -> dict[str, Any]:
+        """Probe a worker that is not in the table yet (registration, cold start)."""
+        return await probe_ready(self._client, entry)
+
     def suspect(self, worker: RoutedWorker, error: RbeeError | None = None) -> None:
         """A request to `worker` failed: drop it now if it is certainly dead, else probe it soon."""
         if error is not None and error.details.get("dead"):
