@@ -414,6 +414,16 @@ async def run_llama_server_sse(client: httpx.AsyncClient, req: InferenceRequest)
 # --------------------------------------------------------------- overhead mode
 
 ROW = "{run:>4}  {side:<11} {ttft:>9} {tokens:>7} {tps:>9} {wtps:>13}  {stop:<10} {note}"
+ROW_HEADER = ROW.format(
+    run="run",
+    side="side",
+    ttft="ttft_ms",
+    tokens="tokens",
+    tps="tok/s",
+    wtps="worker tok/s",
+    stop="stop",
+    note="",
+).rstrip()
 
 
 def print_row(run: str, side: str, sample: Sample, note: str = "") -> None:
@@ -472,8 +482,7 @@ async def overhead_for(model: Model, args: argparse.Namespace, tmp: Path, deadli
                 # Warm-ups: page cache, first-request code paths, the runtimes' prompt prefix.
                 run_in_process(runtime, req, deadline)
                 await run_worker_sse(client, req)
-                print(ROW.format(run="run", side="side", ttft="ttft_ms", tokens="tokens", tps="tok/s",
-                                 wtps="worker tok/s", stop="stop", note=""))  # fmt: skip
+                print(ROW_HEADER)
                 local: list[Sample] = []
                 remote: list[Sample] = []
                 for i in range(runs):
@@ -545,6 +554,10 @@ async def run_batch(client: httpx.AsyncClient, call: Caller, req: InferenceReque
 LLAMA_ROW = (
     "{run:>4} {server:<13} {clients:>7} {ttft:>11} {ttft_max:>11} {req:>9} {total:>11} {tokens:>7}  {stop}"
 )
+LLAMA_HEADER = LLAMA_ROW.format(
+    run="run", server="server", clients="clients", ttft="ttft_ms", ttft_max="max ttft", req="req tok/s",
+    total="total tok/s", tokens="tokens", stop="stop",
+)  # fmt: skip
 
 
 async def llama_server_rounds(
@@ -553,8 +566,7 @@ async def llama_server_rounds(
     results: dict[tuple[str, int], list[Batch]] = {(s, c): [] for s in sides for c in CONCURRENCY}
     for client, call in sides.values():  # warm-up
         await run_batch(client, call, req, 1)
-    print(LLAMA_ROW.format(run="run", server="server", clients="clients", ttft="ttft_ms", ttft_max="max ttft",
-                           req="req tok/s", total="total tok/s", tokens="tokens", stop="stop"))  # fmt: skip
+    print(LLAMA_HEADER)
     for i in range(runs):
         if deadline.expired():
             print(f"(time budget of {deadline.seconds:.0f} s spent: stopping after {i} rounds)")

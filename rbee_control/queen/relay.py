@@ -1,0 +1,269 @@
+"""Relay one inference stream from a worker: failover before the first token, honesty after it.
+
+`Relay.open` sends the request to a routed worker and reads until the stream
+*commits* (its first `token`, or an `end` with no tokens). Anything that goes
+wrong before that — connection refused, a 5xx or 503 busy answer, an `error`
+event, a stream that just stops — moves the request to another worker (or a
+fresh one, through the router's cold start), up to `max_attempts`; the client
+has seen nothing yet, so it gets a normal answer. Only request errors
+(400-class: a prompt that does not fit the context, …) go back to the client
+as they are.
+
+After the commit the stream is the client's: each worker event is handed on the
+moment it arrives (no buffering: `httpx` streaming, one event at a time), and a
+worker that dies mid-stream becomes a final `error` event, never silence.
+Every event comes with its exact bytes, so the native `/v1/inference` route is a
+byte-for-byte passthrough. Closing an `Upstream` early (the client went away)
+closes the worker connection and sends `DELETE /v1/inference/{id}` so the slot
+is free within one token, then releases the lease.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx
+
+from rbee_worker.protocol import events
+from rbee_worker.protocol.errors import ErrorCode, RbeeError
+from rbee_worker.protocol.events import Event, iter_events
+from rbee_worker.protocol.request import InferenceRequest
+
+from .catalog import Target
+from .metrics import QueenMetrics
+from .router import Lease, Router, busy_error
+from .workers import RoutedWorker, WorkerTable, worker_unreachable
+
+log = logging.getLogger("rbee.queen")
+
+#: Worker answers that are the client's own fault: passed on, never retried elsewhere.
+CLIENT_ERROR_STATUSES = frozenset({400, 413, 422})
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySettings:
+    max_attempts: int = 4
+    cancel_timeout: float = 2.0
+
+
+class _Retry(Exception):
+    def __init__(self, error: RbeeError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class _RawLines:
+    """Feeds `iter_events` and keeps the lines it consumed, so each event keeps its exact bytes."""
+
+    def __init__(self, lines: AsyncIterator[str]) -> None:
+        self._lines = lines
+        self._buffer: list[str] = []
+
+    async def lines(self) -> AsyncIterator[str]:
+        async for line in self._lines:
+            self._buffer.append(line)
+            yield line
+
+    def take(self) -> bytes:
+        raw = "\n".join(self._buffer) + "\n"
+        self._buffer.clear()
+        return raw.encode()
+
+
+def _error_event(error: RbeeError) -> tuple[bytes, Event]:
+    data = error.body()["error"]
+    return events.encode_event(events.ERROR, data), Event(events.ERROR, data)
+
+
+def _event_error(event: Event) -> RbeeError:
+    code = str(event.data.get("code") or ErrorCode.INFERENCE_FAILED)
+    status = 400 if code == ErrorCode.INVALID_REQUEST else 502
+    return RbeeError(code, str(event.data.get("message", "")), status=status, details=event.data.get("details"))
+
+
+class Upstream:
+    """A worker stream that has committed; iterate `events()`, then `aclose()` (always)."""
+
+    def __init__(
+        self,
+        relay: Relay,
+        lease: Lease,
+        response: httpx.Response,
+        request_id: str,
+        capture: _RawLines,
+        stream: AsyncIterator[Event],
+        prefetched: list[tuple[bytes, Event]],
+    ) -> None:
+        self._relay = relay
+        self.lease = lease
+        self._response = response
+        self.request_id = request_id
+        self._capture = capture
+        self._stream = stream
+        self._prefetched = prefetched
+        self.terminal: Event | None = None
+        self._closed = False
+
+    @property
+    def worker(self) -> RoutedWorker:
+        return self.lease.worker
+
+    async def events(self) -> AsyncIterator[tuple[bytes, Event]]:
+        """(exact bytes, parsed event) up to and including one `end` or `error`."""
+        for raw, event in self._prefetched:
+            if event.name in (events.END, events.ERROR):
+                self.terminal = event
+            yield raw, event
+        self._prefetched = []
+        if self.terminal is not None:
+            return
+        try:
+            async for event in self._stream:
+                raw = self._capture.take()
+                if self.terminal is None:
+                    if event.name in (events.END, events.ERROR):
+                        self.terminal = event
+                    yield raw, event
+        except httpx.HTTPError as exc:
+            if self.terminal is None:
+                error = self._crashed(f"{type(exc).__name__} mid-stream")
+                self._relay.table.suspect(self.worker, worker_unreachable(self.worker.entry, exc))
+                self.terminal = _error_event(error)[1]
+                yield _error_event(error)
+            return
+        if self.terminal is None:
+            error = self._crashed("the stream ended without an end event")
+            self._relay.table.suspect(self.worker)
+            self.terminal = _error_event(error)[1]
+            yield _error_event(error)
+
+    def _crashed(self, why: str) -> RbeeError:
+        worker = self.worker
+        return RbeeError(
+            ErrorCode.WORKER_CRASHED,
+            f"worker {worker.id} on {worker.node} failed after the first token ({why})",
+            status=502,
+            details={"worker": worker.id, "node": worker.node},
+        )
+
+    async def aclose(self) -> None:
+        """Stop the generation if it is still running, free the connection, release the lease."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.terminal is None:
+                await self._relay.cancel(self.worker, self._response, self.request_id)
+            else:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(self._relay.settings.cancel_timeout):
+                    await self._response.aclose()
+        finally:
+            self.lease.release()
+
+
+class Relay:
+    def __init__(
+        self,
+        router: Router,
+        client: httpx.AsyncClient,
+        metrics: QueenMetrics,
+        settings: RelaySettings = RelaySettings(),
+    ) -> None:
+        self.router = router
+        self.table: WorkerTable = router.table
+        self.client = client
+        self.metrics = metrics
+        self.settings = settings
+
+    async def open(self, target: Target, request: InferenceRequest, request_id: str) -> Upstream:
+        """A committed stream from some worker serving `target`, or the error that explains why not."""
+        exclude: set[str] = set()
+        last: RbeeError | None = None
+        for _attempt in range(self.settings.max_attempts):
+            lease = await self.router.acquire(target, frozenset(exclude))
+            if lease is None:
+                break
+            try:
+                return await self._start(lease, request, request_id)
+            except _Retry as retry:
+                lease.release()
+                worker, last = lease.worker, retry.error
+                exclude.add(worker.id)
+                self.table.suspect(worker, retry.error)
+                self.metrics.retries.labels(target.model).inc()
+                self.metrics.errors.labels(retry.error.code).inc()
+                log.warning("request %s: worker %s failed before the first token: %s",
+                            request_id, worker.id, retry.error.message)  # fmt: skip
+            except BaseException:
+                lease.release()
+                raise
+        raise last or busy_error(target, "no worker accepted the request")
+
+    async def _start(self, lease: Lease, request: InferenceRequest, request_id: str) -> Upstream:
+        worker = lease.worker
+        headers = {**worker.auth_headers(), "X-Request-ID": request_id}
+        outgoing = self.client.build_request(
+            "POST", f"{worker.url}/v1/inference", json=request.to_json(), headers=headers
+        )
+        try:
+            response = await self.client.send(outgoing, stream=True)
+        except httpx.HTTPError as exc:
+            raise _Retry(worker_unreachable(worker.entry, exc)) from None
+        try:
+            if response.status_code != 200:
+                await response.aread()
+                error = RbeeError.from_body(_json(response), response.status_code)
+                if response.status_code in CLIENT_ERROR_STATUSES:
+                    raise error
+                raise _Retry(error)
+            capture = _RawLines(response.aiter_lines())
+            stream = aiter(iter_events(capture.lines()))
+            prefetched: list[tuple[bytes, Event]] = []
+            while True:
+                try:
+                    event = await anext(stream)
+                except StopAsyncIteration:
+                    raise _Retry(
+                        RbeeError(ErrorCode.WORKER_CRASHED, f"worker {worker.id} ended the stream early", status=502)
+                    ) from None
+                prefetched.append((capture.take(), event))
+                if event.name in (events.TOKEN, events.END):
+                    return Upstream(self, lease, response, request_id, capture, stream, prefetched)
+                if event.name == events.ERROR:
+                    error = _event_error(event)
+                    if error.status in CLIENT_ERROR_STATUSES:
+                        raise error
+                    raise _Retry(error)
+        except httpx.HTTPError as exc:
+            await self.cancel(worker, response, request_id)
+            raise _Retry(worker_unreachable(worker.entry, exc)) from None
+        except _Retry:
+            await self.cancel(worker, response, request_id)
+            raise
+        except BaseException:
+            await self.cancel(worker, response, request_id)
+            raise
+
+    async def cancel(self, worker: RoutedWorker, response: httpx.Response, request_id: str) -> None:
+        """Close the worker stream and DELETE the request, even from a cancelled task; bounded."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.settings.cancel_timeout):
+            await response.aclose()
+            try:
+                await self.client.delete(
+                    f"{worker.url}/v1/inference/{request_id}",
+                    headers=worker.auth_headers(),
+                    timeout=self.settings.cancel_timeout,
+                )
+            except httpx.HTTPError:
+                pass
+
+
+def _json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return {"error": {"code": ErrorCode.INTERNAL_ERROR, "message": response.text[:300]}}
