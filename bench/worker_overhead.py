@@ -27,16 +27,19 @@ of the per-pair ratios:
 
 Mode `llama-server` compares the worker (`--slots 1`, requests queue) with
 llama-cpp-python's OpenAI-compatible server (`python -m llama_cpp.server`, which
-also runs one request at a time; started with `--interrupt_requests False` so a
-new request queues instead of cutting the running one off) on the same model,
-threads and context, streaming `/v1/inference` against `/v1/completions` with
-the same prompt, max_tokens, seed and sampling (min_p 0 and repeat_penalty 1,
-as the worker's runtime uses). With 1 and with 4 concurrent clients it reports
-the median per-request TTFT (queueing included), per-request decode tok/s and
-aggregate tok/s (all tokens of a batch / its wall time). The last lines are
-rbee/llama-server ratios (median of per-round ratios): above 1 is better for
-tok/s, below 1 is better for TTFT. It needs the server extra's dependencies
-(fastapi, sse-starlette, starlette-context, pydantic-settings).
+also runs one request at a time) on the same model, threads and context,
+streaming `/v1/inference` against `/v1/completions` with the same prompt,
+max_tokens, seed and sampling (min_p 0 and repeat_penalty 1, as the worker's
+runtime uses). The server runs with `--interrupt_requests False`, so a new
+request queues instead of cutting the running one off, and `--logits_all False`,
+the worker's runtime setting (`--llama-logits-all` keeps the server's own
+default, which copies every position's logits for logprobs). With 1 and with 4
+concurrent clients it reports the median per-request TTFT (queueing included),
+per-request decode tok/s and total tok/s (all tokens of a batch / its wall
+time). The last lines are rbee/llama-server ratios (median of per-round
+ratios): above 1 favours rbee for tok/s, below 1 favours rbee for TTFT. It
+needs the server extra's dependencies (fastapi, sse-starlette,
+starlette-context, pydantic-settings).
 
 The machine may be shared: read the per-run rows for spread, not only the
 medians. Everything listens on 127.0.0.1 only; every loop is bounded in count
@@ -224,12 +227,12 @@ def start_worker(
     return Server("rbee-worker", args, port=port, log_dir=log_dir, env=env, headers=headers)
 
 
-def start_llama_server(model: Path, *, threads: int, ctx: int, log_dir: Path) -> Server:
+def start_llama_server(model: Path, *, threads: int, ctx: int, logits_all: bool, log_dir: Path) -> Server:
     port = free_port()
     args = [
         sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", HOST, "--port", str(port),
         "--n_threads", str(threads), "--n_ctx", str(ctx), "--interrupt_requests", "False",
-        "--verbose", "False",
+        "--logits_all", str(logits_all), "--verbose", "False",
     ]  # fmt: skip
     return Server("llama-server", args, port=port, log_dir=log_dir, env=dict(os.environ), headers={})
 
@@ -603,7 +606,14 @@ def print_llama_summary(results: dict[tuple[str, int], list[Batch]]) -> None:
             f"{median([b.request_tokens_per_s for b in batches]):10.1f} "
             f"{median([b.total_tokens_per_s for b in batches]):12.1f}"
         )
-    print()
+    pairs_all = [
+        (a, b)
+        for clients in CONCURRENCY
+        for x, y in zip(results[("rbee", clients)], results[("llama-server", clients)], strict=True)
+        for a, b in zip(x.samples, y.samples, strict=True)
+    ]
+    same = sum(a.text == b.text for a, b in pairs_all)
+    print(f"\nsame text from both servers in {same} of {len(pairs_all)} request pairs (same prompt and seed)")
     for clients in CONCURRENCY:
         pairs = list(zip(results[("rbee", clients)], results[("llama-server", clients)], strict=True))
 
@@ -645,7 +655,11 @@ async def llama_server_mode(args: argparse.Namespace, tmp: Path) -> None:
             )
         )
         server = stack.enter_context(
-            running(lambda: start_llama_server(model.path, threads=args.threads, ctx=ctx, log_dir=tmp))
+            running(
+                lambda: start_llama_server(
+                    model.path, threads=args.threads, ctx=ctx, logits_all=args.llama_logits_all, log_dir=tmp
+                )
+            )
         )
         worker.wait_ready("/v1/ready")
         server.wait_ready("/v1/models")
@@ -678,6 +692,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, help="max_tokens (default: 512 for tiny, 128 otherwise)")
     parser.add_argument("--threads", type=int, default=default_threads(), help="runtime threads, both sides")
     parser.add_argument("--ctx", type=int, default=2048, help="context length in llama-server mode")
+    parser.add_argument(
+        "--llama-logits-all",
+        action="store_true",
+        help="run llama_cpp.server with its own default logits_all=True (keeps every position's logits "
+        "for logprobs); off by default so both servers run the runtime with the same settings",
+    )
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--temperature", type=float, default=0.7)
@@ -690,8 +710,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the `finally` blocks that stop the servers
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGHUP, _exit_on_signal)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="rbee-bench-") as tmp:
         if args.mode == "overhead":

@@ -287,6 +287,12 @@ class Supervisor:
                 probed.append(worker)
         answers = await asyncio.gather(*(self._probe(w) for w in probed))
         for worker, ok in zip(probed, answers, strict=True):
+            starting = (
+                worker.state == WorkerState.LOADING
+                and now - worker.file.started_at < self.config.startup_timeout
+            )
+            if not ok and starting:
+                continue  # a process still importing its runtime has not bound its port yet
             worker.failed_probes = 0 if ok else worker.failed_probes + 1
             if worker.failed_probes >= self.config.failed_probes_limit and worker.id not in self._stopping:
                 reason = f"{worker.failed_probes} failed health probes"

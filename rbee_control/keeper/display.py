@@ -38,8 +38,9 @@ class Display:
         self.out = stdout or Console(highlight=False, soft_wrap=True)
 
     def narrate(self, message: str) -> None:
+        # soft_wrap: a line stays one line in a pipe or log file (rich would cut it at 80 columns)
         if not self.json_mode:
-            self.err.print(message)
+            self.err.print(message, soft_wrap=True)
 
     def result(self, payload: Any, human: object | None = None) -> None:
         if self.json_mode:
@@ -53,9 +54,9 @@ class Display:
             sys.stdout.write(json.dumps(err.body() | ({"hint": err.hint} if err.hint else {})) + "\n")
             sys.stdout.flush()
             return
-        self.err.print(Text.assemble(("error", "bold red"), f" [{err.code}]: ", err.message))
+        self.err.print(Text.assemble(("error", "bold red"), f" [{err.code}]: ", err.message), soft_wrap=True)
         if err.hint:
-            self.err.print(Text.assemble(("  try: ", "dim"), (err.hint, "bold")))
+            self.err.print(Text.assemble(("  try: ", "dim"), (err.hint, "bold")), soft_wrap=True)
 
     def progress(self) -> NodeProgress:
         return NodeProgress(self)

@@ -36,6 +36,16 @@ async def fan_out(
         return await pool.fan_out(nodes, run, timeout=timeout)
 
 
+def _without_keys(info: Any) -> Any:
+    """A node status with the workers' API keys left out: `--json` output is not a secret store."""
+    if not isinstance(info, dict) or not isinstance(info.get("workers"), list):
+        return info
+    workers = [
+        {k: v for k, v in w.items() if k != "api_key"} if isinstance(w, dict) else w for w in info["workers"]
+    ]
+    return {**info, "workers": workers}
+
+
 def _report(display: Display, outcomes: dict[str, NodeOutcome[Any]], human: Callable[[str, Any], str]) -> int:
     failed = 0
     for name, outcome in outcomes.items():
@@ -46,7 +56,7 @@ def _report(display: Display, outcomes: dict[str, NodeOutcome[Any]], human: Call
             display.narrate(f"[green]{name}[/green]: {human(name, outcome.value)}")
     display.result(
         {
-            name: (o.value if o.ok else {"error": o.error.body()["error"]})  # type: ignore[union-attr]
+            name: (_without_keys(o.value) if o.ok else {"error": o.error.body()["error"]})  # type: ignore[union-attr]
             for name, o in outcomes.items()
         }
     )
@@ -179,9 +189,12 @@ async def cmd_status(args: argparse.Namespace, display: Display) -> int:
         rows.append([name, hive, worker_text, str(node_info.get("models", "-")), ram])
     if not display.json_mode:
         display.out.print(table("rbee fleet", ["node", "hive", "workers", "models", "RAM"], rows))
+    for name, outcome in outcomes.items():
+        if outcome.error is not None:
+            display.narrate(f"[red]{name}[/red]: {outcome.error.message}")
     display.result(
         {
-            n: ({k: v for k, v in (o.value or {}).items()} if o.ok else {"error": o.error.body()["error"]})  # type: ignore[union-attr]
+            n: (_without_keys(o.value or {}) if o.ok else {"error": o.error.body()["error"]})  # type: ignore[union-attr]
             for n, o in outcomes.items()
         }
     )

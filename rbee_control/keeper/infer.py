@@ -10,6 +10,7 @@ SSH is used only when phase 1 finds nothing.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -199,7 +200,9 @@ async def _stream(
             known.forget(worker.node, worker.id)
             received = exc.details.get("partial_text", "")
             if received:
-                exc.details["saved_to"] = str(_save_partial(options, received))
+                saved = _save_partial(options, received)
+                exc.details["saved_to"] = str(saved)
+                exc.hint = f"the {len(received)} characters received so far are saved in {saved}"
         raise
     if not display.json_mode:
         sys.stdout.write("\n")
@@ -207,7 +210,8 @@ async def _stream(
 
 
 def _save_partial(options: InferOptions, text: str) -> Path:
-    directory = options.partial_dir or Path.home() / ".local" / "state" / "rbee"
+    state_home = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    directory = options.partial_dir or Path(state_home) / "rbee"
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"partial-{time.strftime('%Y%m%d-%H%M%S')}.txt"
     path.write_text(text)

@@ -9,6 +9,7 @@ downloaded by the node itself, its progress streamed back as events.
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -54,7 +55,8 @@ async def ensure_model(
         raise RbeeError(
             ErrorCode.MODEL_NOT_FOUND,
             f"model {model!r} is not on node {client.node.name}",
-            hint=f"rbee-keeper models add hf:OWNER/REPO:FILE.gguf --name {model} --node {client.node.name}",
+            hint="rbee-keeper models add hf:OWNER/REPO:FILE.gguf "
+            f"--name {shlex.quote(model)} --node {shlex.quote(client.node.name)}",
         )
     ref = model
     if model.startswith("file:"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shlex
 import sys
 import tempfile
 import time
@@ -11,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from rbee_control.inventory.editor import add_node, remove_node
-from rbee_control.inventory.model import Node, SshSettings
+from rbee_control.inventory.loader import load_inventory
+from rbee_control.inventory.model import Node, SshSettings, check_node_name
 from rbee_control.inventory.paths import known_hosts_path
 from rbee_control.ssh.known_hosts import KnownHosts, fetch_host_key, fingerprint
 from rbee_control.ssh.node_command import hive_command, node_env, venv_bin, venv_dir
@@ -31,6 +33,7 @@ async def cmd_add_node(args: argparse.Namespace, display: Display) -> int:
     from .cli import inventory_path
 
     path = inventory_path(args)
+    _check_new_node(path, args.name)
     ssh = SshSettings(host=args.ssh_host, port=args.ssh_port, user=args.ssh_user, key=args.ssh_key)
     known = KnownHosts(known_hosts_path())
     node = Node(
@@ -64,8 +67,7 @@ async def cmd_add_node(args: argparse.Namespace, display: Display) -> int:
                 ErrorCode.HOST_KEY_UNKNOWN,
                 f"host key {print_fp} of {args.ssh_host}:{args.ssh_port} is not trusted",
                 details={"fingerprint": print_fp},
-                hint=f"rbee-keeper setup add-node {args.name} --ssh-host {args.ssh_host} "
-                f"--ssh-port {args.ssh_port} --trust",
+                hint=_add_node_command(args) + " --trust",
             )
         known.trust(args.ssh_host, args.ssh_port, key)
         check("host key pinned", print_fp)
@@ -105,6 +107,32 @@ async def cmd_add_node(args: argparse.Namespace, display: Display) -> int:
         f"added node {args.name} to {path}",
     )
     return 0
+
+
+def _check_new_node(path: Path, name: str) -> None:
+    """Refuse a bad or taken name before touching the network or known_hosts."""
+    check_node_name(name)
+    if path.exists() and name in load_inventory(path).nodes:
+        raise RbeeError(
+            ErrorCode.INVALID_REQUEST,
+            f"node {name!r} already exists in {path}",
+            status=409,
+            details={"node": name},
+            hint=f"to replace it: rbee-keeper setup remove-node {name}, then add it again",
+        )
+
+
+def _add_node_command(args: argparse.Namespace) -> str:
+    """The add-node command line the operator gave, quoted, to repeat with `--trust`."""
+    words = ["rbee-keeper", "setup", "add-node", args.name, "--ssh-host", args.ssh_host]
+    words += ["--ssh-port", str(args.ssh_port)]
+    for option in ("ssh_user", "ssh_key", "address", "home", "python"):
+        value = getattr(args, option)
+        if value:
+            words += [f"--{option.replace('_', '-')}", value]
+    if args.inventory:
+        words[1:1] = ["--inventory", args.inventory]
+    return shlex.join(words)
 
 
 def _confirm(display: Display, question: str) -> bool:

@@ -113,9 +113,7 @@ class ModelCatalog:
             key = (worker.model, worker.node)
             known = out.get(key)
             meta = worker.meta or ModelEntry(worker.model, worker.node)
-            if known is None:
-                out[key] = meta
-            elif not known.chat_template and meta.chat_template:
+            if known is None or (not known.chat_template and meta.chat_template):
                 out[key] = meta
         return list(out.values())
 

@@ -9,9 +9,12 @@ templates are cached by their text.
 
 Two adjustments:
 
-- A leading `bos_token` in the rendered text is removed, because the worker's
-  runtime adds BOS itself when it tokenizes; keeping both would start the prompt
-  with two BOS tokens, which degrades answers.
+- When the template itself writes `{{ bos_token }}` (Llama, Mistral, Gemma
+  style), that leading BOS text is removed from the result, because the worker's
+  runtime adds BOS itself when it tokenizes such models; keeping both would start
+  the prompt with two BOS tokens, which degrades answers. Templates that never
+  mention `bos_token` are left alone (SmolLM2's BOS text is `<|im_start|>`,
+  which its template writes as the start of every turn).
 - Without a template (base models, the tiny test model) the fallback is a plain
   transcript, one `Role: content` line per message, ending in `Assistant:`, and
   `"\\nUser:"` is added as a stop sequence (when the request leaves room for one)
@@ -63,7 +66,9 @@ def _tojson(
     value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
     sort_keys: bool = False,
 ) -> str:  # fmt: skip
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -106,7 +111,11 @@ def normalize_messages(messages: Any) -> list[dict[str, Any]]:
         elif isinstance(content, list):
             parts: list[str] = []
             for part in content:
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                if (
+                    not isinstance(part, dict)
+                    or part.get("type") != "text"
+                    or not isinstance(part.get("text"), str)
+                ):
                     raise _invalid(f"{where}.content: only text parts are supported")
                 parts.append(part["text"])
             text = "".join(parts)
@@ -150,6 +159,6 @@ def render_chat(
         raise RbeeError(
             ErrorCode.INTERNAL_ERROR, f"the model's chat template failed: {type(exc).__name__}: {exc}"[:300]
         ) from None
-    if bos_token and text.startswith(bos_token):
+    if bos_token and "bos_token" in (template or "") and text.startswith(bos_token):
         text = text[len(bos_token) :]
     return RenderedPrompt(text)

@@ -18,9 +18,7 @@ class QueenMetrics:
             ["route", "model", "node", "outcome"],
             registry=r,
         )
-        self.tokens = Counter(
-            "rbee_queen_tokens", "Tokens relayed to clients", ["model", "node"], registry=r
-        )
+        self.tokens = Counter("rbee_queen_tokens", "Tokens relayed to clients", ["model", "node"], registry=r)
         self.ttft = Histogram(
             "rbee_queen_ttft_seconds",
             "Time from the client's request to its first token (queueing and cold starts included)",
@@ -49,7 +47,9 @@ class QueenMetrics:
             buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
             registry=r,
         )
-        self.workers = Gauge("rbee_queen_workers", "Workers in the routing table", ["model", "node"], registry=r)
+        self.workers = Gauge(
+            "rbee_queen_workers", "Workers in the routing table", ["model", "node"], registry=r
+        )
         self.in_flight = Gauge(
             "rbee_queen_in_flight", "Requests running on workers", ["model", "node"], registry=r
         )

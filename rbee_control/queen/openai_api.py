@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from rbee_worker.protocol import events
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
-from rbee_worker.protocol.request import InferenceRequest
+from rbee_worker.protocol.request import MAX_STOP_SEQUENCES, InferenceRequest
 
 DEFAULT_MAX_TOKENS = 256
 Kind = Literal["chat", "completion"]
@@ -42,10 +42,12 @@ class OpenAIRequest:
     def inference(self, prompt: str, extra_stop: tuple[str, ...] = ()) -> InferenceRequest:
         """The worker request; extra stops (the chat fallback's) only while there is room for them."""
         body = {**self.sampling, "prompt": prompt}
-        stop = list(body.get("stop") or [])
-        for extra in extra_stop:
-            if extra not in stop and len(stop) < 4:
-                stop.append(extra)
+        stop = body.get("stop")
+        if isinstance(stop, str):
+            stop = [stop]
+        if extra_stop and (stop is None or isinstance(stop, list)):
+            stop = list(stop or [])
+            stop += [s for s in extra_stop if s not in stop][: max(0, MAX_STOP_SEQUENCES - len(stop))]
         body["stop"] = stop
         return InferenceRequest.from_json(body)
 
@@ -176,7 +178,9 @@ class Shapes:
             }
         )
 
-    def completion(self, text: str, stop_reason: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    def completion(
+        self, text: str, stop_reason: str, prompt_tokens: int, completion_tokens: int
+    ) -> dict[str, Any]:
         if self.kind == "chat":
             choice: dict[str, Any] = {"message": {"role": "assistant", "content": text}}
             obj = "chat.completion"
@@ -188,6 +192,8 @@ class Shapes:
             "object": obj,
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": 0, **choice, "logprobs": None, "finish_reason": finish_reason(stop_reason)}],
+            "choices": [
+                {"index": 0, **choice, "logprobs": None, "finish_reason": finish_reason(stop_reason)}
+            ],
             "usage": usage(prompt_tokens, completion_tokens),
         }

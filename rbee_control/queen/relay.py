@@ -82,7 +82,9 @@ def _error_event(error: RbeeError) -> tuple[bytes, Event]:
 def _event_error(event: Event) -> RbeeError:
     code = str(event.data.get("code") or ErrorCode.INFERENCE_FAILED)
     status = 400 if code == ErrorCode.INVALID_REQUEST else 502
-    return RbeeError(code, str(event.data.get("message", "")), status=status, details=event.data.get("details"))
+    return RbeeError(
+        code, str(event.data.get("message", "")), status=status, details=event.data.get("details")
+    )
 
 
 class Upstream:
@@ -227,7 +229,9 @@ class Relay:
                     event = await anext(stream)
                 except StopAsyncIteration:
                     raise _Retry(
-                        RbeeError(ErrorCode.WORKER_CRASHED, f"worker {worker.id} ended the stream early", status=502)
+                        RbeeError(
+                            ErrorCode.WORKER_CRASHED, f"worker {worker.id} ended the stream early", status=502
+                        )
                     ) from None
                 prefetched.append((capture.take(), event))
                 if event.name in (events.TOKEN, events.END):
@@ -251,14 +255,19 @@ class Relay:
         """Close the worker stream and DELETE the request, even from a cancelled task; bounded."""
         with anyio.CancelScope(shield=True), anyio.move_on_after(self.settings.cancel_timeout):
             await response.aclose()
-            try:
-                await self.client.delete(
-                    f"{worker.url}/v1/inference/{request_id}",
-                    headers=worker.auth_headers(),
-                    timeout=self.settings.cancel_timeout,
-                )
-            except httpx.HTTPError:
-                pass
+            await self.delete(worker, request_id)
+
+    async def delete(self, worker: RoutedWorker, request_id: str) -> bool:
+        """Ask the worker to stop one generation; the stream then ends with `stop_reason: cancelled`."""
+        try:
+            response = await self.client.delete(
+                f"{worker.url}/v1/inference/{request_id}",
+                headers=worker.auth_headers(),
+                timeout=self.settings.cancel_timeout,
+            )
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
 
 
 def _json(response: httpx.Response) -> Any:

@@ -167,7 +167,11 @@ class Router:
         """A request finished: hand the slot to the oldest waiter that can use it, or free it."""
         if self.table.is_live(worker):
             for waiter in self._waiters:
-                if not waiter.future.done() and _serves(worker, waiter.target) and worker.id not in waiter.exclude:
+                if (
+                    not waiter.future.done()
+                    and _serves(worker, waiter.target)
+                    and worker.id not in waiter.exclude
+                ):
                     self._waiters.remove(waiter)
                     waiter.future.set_result(worker)
                     self._update_depth(waiter.target.model)
@@ -179,14 +183,18 @@ class Router:
         for waiter in list(self._waiters):
             if worker.in_flight >= worker.capacity:
                 break
-            if not waiter.future.done() and _serves(worker, waiter.target) and worker.id not in waiter.exclude:
+            if (
+                not waiter.future.done()
+                and _serves(worker, waiter.target)
+                and worker.id not in waiter.exclude
+            ):
                 self._waiters.remove(waiter)
                 worker.in_flight += 1
                 waiter.future.set_result(worker)
                 self._update_depth(waiter.target.model)
 
     def worker_removed(self, worker: RoutedWorker) -> None:
-        """Waiters left with no usable worker re-evaluate now (cold start or give up) instead of timing out."""
+        """Waiters left with no usable worker re-evaluate now (cold start or give up), not at timeout."""
         for waiter in list(self._waiters):
             if waiter.future.done() or not _serves(worker, waiter.target):
                 continue
@@ -228,7 +236,8 @@ class Router:
         except TimeoutError:
             raise RbeeError(
                 ErrorCode.LOADING_TIMEOUT,
-                f"no worker for {target.public_id} became ready within {self.settings.cold_start_timeout:g} s",
+                f"no worker for {target.public_id} became ready "
+                f"within {self.settings.cold_start_timeout:g} s",
                 status=503,
                 details={"model": target.public_id, "retry_after": RETRY_AFTER_SECONDS},
             ) from None
@@ -248,8 +257,13 @@ class Router:
                     await self.fleet.stop_worker(entry)
                 raise
         except Exception as exc:
-            error = exc if isinstance(exc, RbeeError) else RbeeError(
-                ErrorCode.INTERNAL_ERROR, f"starting {model} on {node} failed: {type(exc).__name__}: {exc}"
+            error = (
+                exc
+                if isinstance(exc, RbeeError)
+                else RbeeError(
+                    ErrorCode.INTERNAL_ERROR,
+                    f"starting {model} on {node} failed: {type(exc).__name__}: {exc}",
+                )
             )
             self._spawn_failed[(model, node)] = (time.monotonic(), error)
             self.metrics.cold_starts.labels(model, node, "error").inc()
@@ -262,3 +276,12 @@ class Router:
         self.metrics.cold_start_seconds.labels(model).observe(time.monotonic() - started)
         self.table.add(worker)
         return worker
+
+    async def close(self) -> None:
+        """Abandon cold starts still in progress (the queen is exiting; nobody will use them)."""
+        tasks = list(self._spawning.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task

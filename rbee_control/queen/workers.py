@@ -90,7 +90,9 @@ def worker_unreachable(entry: WorkerEntry, exc: Exception) -> RbeeError:
     )
 
 
-async def probe_ready(client: httpx.AsyncClient, entry: WorkerEntry, timeout: float = PROBE_TIMEOUT) -> dict[str, Any]:
+async def probe_ready(
+    client: httpx.AsyncClient, entry: WorkerEntry, timeout: float = PROBE_TIMEOUT
+) -> dict[str, Any]:
     """The worker's ready body when it is ready; RbeeError (details.dead when refused) otherwise."""
     try:
         response = await client.get(
@@ -106,8 +108,8 @@ async def probe_ready(client: httpx.AsyncClient, entry: WorkerEntry, timeout: fl
         return body
     if response.status_code == 401:
         raise RbeeError(
-            ErrorCode.INVALID_API_KEY,
-            f"worker at {entry.url} refused the api key it was registered with",
+            ErrorCode.INVALID_REQUEST,
+            f"worker at {entry.url} refused the api key the queen holds for it",
             status=400,
             details={"worker": entry.id, "field": "api_key"},
         )

@@ -228,7 +228,7 @@ def test_refusals_happen_before_any_process(hive: Hive, tiny_model: Path, tmp_pa
     ram = hive.run("worker", "spawn", "--model", "tiny").error
     assert ram["code"] == "INSUFFICIENT_RAM"
     assert ram["details"]["required_mb"] > ram["details"]["available_mb"] > 0
-    empty = write_empty_model(tmp_path / "empty.gguf")  # valid metadata, no weights: the runtime refuses
+    empty = write_empty_model(tmp_path / "empty.gguf")  # valid metadata, one weight: the runtime refuses
     hive.ok("models", "add", f"file:{empty}")
     failed = hive.run("worker", "spawn", "--model", "empty", "--wait").error
     assert failed["code"] == "MODEL_LOAD_FAILED" and "could not load" in failed["message"]
@@ -239,12 +239,14 @@ def test_refusals_happen_before_any_process(hive: Hive, tiny_model: Path, tmp_pa
 
 
 def write_empty_model(path: Path) -> Path:
+    import numpy as np
     from gguf import GGUFWriter
 
     writer = GGUFWriter(str(path), "llama")
     writer.add_context_length(512)
     writer.add_tokenizer_model("llama")
     writer.add_token_list(["<unk>", "<s>", "</s>"])
+    writer.add_tensor("token_embd.weight", np.zeros((3, 8), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -1,0 +1,155 @@
+"""The fleet of an inventory: every node's hive, reached through the keeper's `NodeClient`.
+
+- `list_models` asks every node's catalog at once (`rbee-hive models list`), so N
+  nodes cost about one node's round trip; a node that fails or is slow is left
+  out of that listing (and logged) instead of failing the whole list.
+- `spawn` starts the node's hive if needed (`hive start` is idempotent) and then a
+  worker through it (`worker spawn --wait`), which returns once the worker is
+  ready, with its URL and its API key.
+- `close` stops, in parallel, the workers this fleet spawned and then the hives it
+  started (a hive that was already running is left running); everything else on
+  the nodes — workers someone else started, registered workers — is not ours.
+
+Only the NodeClient methods in `NodeControl` are used, so any object with them
+(one per node) will do; `from_inventory` builds the real ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from rbee_worker.protocol.errors import ErrorCode, RbeeError
+
+from .fleet import ModelEntry, WorkerEntry
+
+log = logging.getLogger("rbee.queen")
+
+LIST_TIMEOUT = 20.0
+
+
+class NodeControl(Protocol):
+    """The part of `rbee_control.keeper.node_client.NodeClient` the queen relies on."""
+
+    async def hive_start(self) -> Any: ...
+
+    async def hive_stop(self) -> Any: ...
+
+    async def models_list(self) -> list[dict[str, Any]]: ...
+
+    async def worker_spawn(self, model: str, backend: str = "auto", wait: bool = True) -> dict[str, Any]: ...
+
+    async def worker_stop(self, worker_id: str) -> Any: ...
+
+
+def model_entry(node: str, row: Mapping[str, Any]) -> ModelEntry:
+    """A catalog row (`models list --json`) as the queen's model entry."""
+
+    def text(key: str) -> str | None:
+        value = row.get(key)
+        return value if isinstance(value, str) and value else None
+
+    context = row.get("context_length")
+    return ModelEntry(
+        name=str(row["name"]),
+        node=node,
+        context_length=context if isinstance(context, int) else None,
+        chat_template=text("chat_template"),
+        bos_token=text("bos_token"),
+        eos_token=text("eos_token"),
+        digest=text("sha256"),
+    )
+
+
+class InventoryFleet:
+    def __init__(
+        self,
+        clients: Mapping[str, NodeControl],
+        *,
+        list_timeout: float = LIST_TIMEOUT,
+        on_close: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self._clients = dict(clients)
+        self._list_timeout = list_timeout
+        self._on_close = on_close
+        self._spawned: list[WorkerEntry] = []
+        self._hives_started: set[str] = set()
+        self._hive_locks = {name: asyncio.Lock() for name in self._clients}
+        self._hive_checked: set[str] = set()
+
+    @classmethod
+    def from_inventory(cls, path: str | Path) -> InventoryFleet:
+        """Load the inventory and open (lazily) one transport per node, shared by all commands."""
+        from rbee_control.inventory.loader import load_inventory
+        from rbee_control.keeper.node_client import NodeClient
+        from rbee_control.ssh.pool import TransportPool
+
+        inventory = load_inventory(path)
+        pool = TransportPool(inventory)
+        clients = {node.name: NodeClient(node, pool) for node in inventory}
+        return cls(clients, on_close=pool.close)
+
+    def _client(self, node: str) -> NodeControl:
+        try:
+            return self._clients[node]
+        except KeyError:
+            raise RbeeError(
+                ErrorCode.UNKNOWN_NODE, f"unknown node {node!r}", status=404, details={"node": node}
+            ) from None
+
+    async def list_models(self) -> list[ModelEntry]:
+        async def one(node: str, client: NodeControl) -> list[ModelEntry]:
+            try:
+                async with asyncio.timeout(self._list_timeout):
+                    rows = await client.models_list()
+            except Exception as exc:
+                log.warning("node %s: listing models failed: %s", node, exc)
+                return []
+            return [model_entry(node, row) for row in rows]
+
+        listings = await asyncio.gather(*(one(n, c) for n, c in self._clients.items()))
+        return [entry for listing in listings for entry in listing]
+
+    async def _ensure_hive(self, node: str, client: NodeControl) -> None:
+        async with self._hive_locks[node]:
+            if node in self._hive_checked:
+                return
+            result = await client.hive_start()
+            if isinstance(result, dict) and result.get("status") == "started":
+                self._hives_started.add(node)
+            self._hive_checked.add(node)
+
+    async def spawn(self, model: str, node: str) -> WorkerEntry:
+        client = self._client(node)
+        await self._ensure_hive(node, client)
+        info = await client.worker_spawn(model, wait=True)
+        entry = WorkerEntry(
+            id=str(info["id"]), node=node, url=str(info["url"]), api_key=str(info["api_key"]), model=model
+        )
+        self._spawned.append(entry)
+        return entry
+
+    async def stop_worker(self, entry: WorkerEntry) -> None:
+        await self._client(entry.node).worker_stop(entry.id)
+        if entry in self._spawned:
+            self._spawned.remove(entry)
+
+    async def close(self) -> None:
+        spawned, self._spawned = list(self._spawned), []
+        results = await asyncio.gather(
+            *(self._client(e.node).worker_stop(e.id) for e in spawned), return_exceptions=True
+        )
+        for entry, result in zip(spawned, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("stopping worker %s on %s failed: %s", entry.id, entry.node, result)
+        hives = sorted(self._hives_started)
+        self._hives_started.clear()
+        results = await asyncio.gather(*(self._clients[n].hive_stop() for n in hives), return_exceptions=True)
+        for node, result in zip(hives, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("stopping the hive on %s failed: %s", node, result)
+        if self._on_close is not None:
+            await self._on_close()

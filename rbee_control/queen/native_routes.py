@@ -1,0 +1,182 @@
+"""rbee's own routes on the queen: worker registration and listing, and the native inference stream.
+
+`POST /v1/inference` takes the worker's body plus `model` and relays the worker's
+SSE stream byte for byte (failover before the first token included), so the
+keeper can talk to the queen exactly as it talks to a worker.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from rbee_worker.protocol import events
+from rbee_worker.protocol.errors import ErrorCode, RbeeError
+from rbee_worker.protocol.request import InferenceRequest
+
+from .body import read_json
+from .fleet import ModelEntry, WorkerEntry
+from .relay import Upstream
+from .responses import RelayResponse
+from .state import QueenState
+from .workers import RoutedWorker
+
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+REGISTER_FIELDS = frozenset(
+    {"id", "url", "api_key", "model", "node", "chat_template", "bos_token", "eos_token", "context_length"}
+)
+
+
+def _state(request: Request) -> QueenState:
+    return request.app.state.queen
+
+
+def _invalid(field: str, message: str) -> RbeeError:
+    return RbeeError(ErrorCode.INVALID_REQUEST, f"{field}: {message}", status=400, details={"field": field})
+
+
+def _optional_str(body: dict[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise _invalid(name, "expected a non-empty string")
+    return value
+
+
+async def register_worker(request: Request) -> Response:
+    """Verify the worker answers `/v1/ready` to the given key, then route to it."""
+    state = _state(request)
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise _invalid("body", "expected a JSON object")
+    unknown = sorted(set(body) - REGISTER_FIELDS)
+    if unknown:
+        raise _invalid(unknown[0], "unknown field")
+    url = _optional_str(body, "url")
+    parts = urlsplit(url or "")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _invalid("url", "expected an http(s) URL such as http://10.0.0.5:8081")
+    url = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+    api_key = _optional_str(body, "api_key")
+    if api_key is None:
+        raise _invalid("api_key", "required: the queen calls the worker with it")
+    node = _optional_str(body, "node") or parts.hostname
+    context_length = body.get("context_length")
+    if context_length is not None and (
+        isinstance(context_length, bool) or not isinstance(context_length, int)
+    ):
+        raise _invalid("context_length", "expected an integer")
+    existing = state.table.find_url(url)
+    worker_id = _optional_str(body, "id") or (existing.id if existing else f"w-{secrets.token_hex(4)}")
+    probe = WorkerEntry(worker_id, node, url, api_key, _optional_str(body, "model") or "")
+    try:
+        ready = await state.table.check(probe)
+    except RbeeError as exc:
+        raise RbeeError(
+            exc.code if exc.status == 400 else ErrorCode.CONNECTION_FAILED,
+            f"not registered: {exc.message}",
+            status=exc.status if exc.status == 400 else 502,
+            details={"url": url, "field": "url" if exc.status != 400 else "api_key"},
+        ) from None
+    model = probe.model or str(ready.get("model") or "")
+    if not model:
+        raise _invalid("model", "required (the worker did not name its model)")
+    entry = WorkerEntry(worker_id, node, url, api_key, model)
+    meta = ModelEntry(
+        model,
+        node,
+        context_length=context_length,
+        chat_template=_optional_str(body, "chat_template"),
+        bos_token=_optional_str(body, "bos_token"),
+        eos_token=_optional_str(body, "eos_token"),
+    )
+    slots = ready.get("slots")
+    worker = RoutedWorker(entry, slots=slots if isinstance(slots, int) else 1, meta=meta)
+    state.table.add(worker)
+    return JSONResponse(worker.public(), status_code=201)
+
+
+async def list_workers(request: Request) -> Response:
+    workers = sorted(_state(request).table, key=lambda w: (w.model, w.node, w.id))
+    return JSONResponse({"workers": [w.public() for w in workers]})
+
+
+async def remove_worker(request: Request) -> Response:
+    """Stop routing to a worker (the process is left alone)."""
+    state = _state(request)
+    worker_id = request.path_params["worker_id"]
+    worker = state.table.get(worker_id)
+    if worker is None:
+        raise RbeeError(ErrorCode.WORKER_NOT_FOUND, f"no worker {worker_id}", status=404)
+    state.table.remove(worker, "deregistered")
+    return JSONResponse({"id": worker_id, "removed": True})
+
+
+async def inference(request: Request) -> Response:
+    state = _state(request)
+    started = time.perf_counter()
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise _invalid("body", "expected a JSON object")
+    model = body.pop("model", None)
+    if model is None:
+        offered = await state.catalog.public_models()
+        if len(offered) != 1:
+            raise _invalid("model", f"required when the queen offers {len(offered)} models")
+        model = offered[0].id
+    if not isinstance(model, str) or not model:
+        raise _invalid("model", "expected a non-empty string")
+    infer = InferenceRequest.from_json(body)
+    target = await state.catalog.resolve(model)
+    given = request.headers.get("x-request-id", "")
+    request_id = given if REQUEST_ID_RE.fullmatch(given) and given not in state.running else uuid.uuid4().hex
+    try:
+        upstream = await state.relay.open(target, infer, request_id)
+    except RbeeError as exc:
+        state.metrics.errors.labels(exc.code).inc()
+        state.metrics.requests.labels("inference", target.model, "-", "error").inc()
+        raise
+    state.running[request_id] = upstream
+    outcome = {"value": "disconnected"}
+
+    async def relay() -> AsyncIterator[bytes]:
+        first = True
+        async for raw, event in upstream.events():
+            if event.name == events.TOKEN and first:
+                first = False
+                state.metrics.ttft.labels(target.model, upstream.worker.node).observe(
+                    time.perf_counter() - started
+                )
+            elif event.name == events.END:
+                outcome["value"] = "ok"
+                state.metrics.tokens.labels(target.model, upstream.worker.node).inc(
+                    event.data.get("tokens_out", 0)
+                )
+            elif event.name == events.ERROR:
+                outcome["value"] = "error"
+                state.metrics.errors.labels(str(event.data.get("code"))).inc()
+            yield raw
+        yield events.encode_done()
+
+    def done() -> None:
+        state.running.pop(request_id, None)
+        state.metrics.requests.labels("inference", target.model, upstream.worker.node, outcome["value"]).inc()
+
+    return RelayResponse(relay(), upstream, done, {"X-Request-ID": request_id})
+
+
+async def cancel_inference(request: Request) -> Response:
+    state = _state(request)
+    request_id = request.path_params["request_id"]
+    upstream: Upstream | None = state.running.get(request_id)
+    if upstream is None:
+        raise RbeeError(ErrorCode.NOT_FOUND, f"no running request {request_id}", status=404)
+    cancelled = await state.relay.delete(upstream.worker, request_id)
+    return JSONResponse({"request_id": request_id, "cancelled": cancelled})

@@ -1,0 +1,169 @@
+"""`rbee-keeper status | hive | models` over a local node and two real sshd nodes."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .conftest import Fleet, wait_for
+
+#: rbee's connect timeout per attempt (rbee_control/ssh/connect.py); a down node must cost far less
+#: than the sum over nodes or attempts when the port is closed.
+CONNECT_TIMEOUT = 10.0
+
+
+def test_status_across_nodes_one_hive_running(fleet: Fleet) -> None:
+    keeper = fleet.keeper
+    started = keeper.run("hive", "start", "--node", "n2")
+    assert started.rc == 0, started
+
+    run = keeper.run("status", json_mode=True)
+    assert run.rc == 0, run
+    status = run.json()
+    assert list(status) == ["local", "n2", "n3"]
+    assert status["n2"]["running"] is True and status["n2"]["pid"]
+    assert status["local"]["running"] is False and status["n3"]["running"] is False
+    for name in status:
+        assert status[name]["home"] == str(fleet.homes / name)
+        assert status[name]["node"]["ram_total"] > 0
+
+    human = keeper.run("status")
+    assert human.rc == 0, human
+    rows = {line.split("│")[1].strip(): line for line in human.out.splitlines() if line.count("│") > 3}
+    assert "running" in rows["n2"] and "stopped" in rows["local"] and "stopped" in rows["n3"]
+
+
+def test_status_with_a_node_down(fleet: Fleet) -> None:
+    keeper, n3 = fleet.keeper, fleet.nodes["n3"]
+    healthy = keeper.run("status")
+    assert healthy.rc == 0, healthy
+    n3.stop()
+    try:
+        run = keeper.run("status")
+        down_json = keeper.run("status", json_mode=True)
+    finally:
+        n3.start()
+    assert run.rc == 1, run
+    rows = {line.split("│")[1].strip(): line for line in run.out.splitlines() if line.count("│") > 3}
+    assert set(rows) == {"local", "n2", "n3"}, run.out
+    assert "unreachable" in rows["n3"] and "CONNECTION_FAILED" in rows["n3"]
+    assert "running" in rows["n2"] and "stopped" in rows["local"]
+    assert "n3: cannot connect" in run.err, "the cause goes to stderr"
+    # about one (refused) connect, in parallel with the others: nowhere near a connect timeout
+    assert run.seconds < healthy.seconds + 3.0 and run.seconds < CONNECT_TIMEOUT, (run.seconds, healthy.seconds)
+
+    status = down_json.json()
+    assert down_json.rc == 1
+    assert status["n3"]["error"]["code"] == "CONNECTION_FAILED"
+    assert status["n3"]["error"]["details"]["host"] == n3.host
+    assert status["n2"]["running"] is True and status["local"]["running"] is False
+
+    back = keeper.run("status", "--node", "n3", json_mode=True)
+    assert back.rc == 0 and back.json()["n3"]["running"] is False
+
+
+def test_models_add_pushes_over_sftp_then_is_cached(fleet: Fleet, tiny_model: Path) -> None:
+    keeper = fleet.keeper
+    first = keeper.run("models", "add", f"file:{tiny_model}", "--node", "n2")
+    assert first.rc == 0, first
+    assert f"n2: push {tiny_model.name}" in first.err
+    assert "n2: tiny ready" in first.out
+    pushed = fleet.homes / "n2" / "incoming" / tiny_model.name
+    assert pushed.exists() and pushed.stat().st_size == tiny_model.stat().st_size
+
+    listed = keeper.run("models", "list", "--node", "n2", json_mode=True)
+    assert listed.rc == 0, listed
+    (entry,) = listed.json()["n2"]
+    assert entry["name"] == "tiny" and entry["size"] == tiny_model.stat().st_size
+    assert entry["architecture"] == "llama"
+
+    second = keeper.run("models", "add", f"file:{tiny_model}", "--node", "n2", json_mode=True)
+    assert second.rc == 0, second
+    assert second.json()["name"] == "tiny" and second.json()["size"] == entry["size"]
+    again = keeper.run("models", "add", f"file:{tiny_model}", "--node", "n2")
+    assert "push" not in again.err, "a cached model is not transferred again"
+
+    everywhere = keeper.run("models", "list", json_mode=True).json()
+    assert everywhere["local"] == [] and everywhere["n3"] == [] and len(everywhere["n2"]) == 1
+    table = keeper.run("models", "list")
+    assert table.rc == 0 and any("n2" in line and "tiny" in line and "llama" in line for line in table.out.splitlines())
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux for a real terminal")
+def test_models_add_progress_as_seen_in_a_terminal(fleet: Fleet, tiny_model: Path, tmp_path: Path) -> None:
+    """Rich draws the push/import/verify bars on a real tty; check the screen, not just the exit code."""
+    keeper = fleet.keeper
+    socket = f"rbee-keeper-test-{os.getpid()}"
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in keeper.env.items() if k.startswith(("RBEE_", "XDG_", "PATH")))
+    done = tmp_path / "exit-code"
+    command = (
+        f"env -u COLUMNS {env} {shlex.join(keeper.argv('models', 'add', f'file:{tiny_model}', '--node', 'n3'))}; "
+        f"echo $? > {shlex.quote(str(done))}; sleep 60"
+    )
+    tmux = ["tmux", "-L", socket, "-f", "/dev/null"]
+    subprocess.run([*tmux, "new-session", "-d", "-x", "120", "-y", "20", command], check=True, timeout=10)
+    try:
+        wait_for(done.exists, timeout=40, what="the keeper to finish inside tmux")
+        screen = subprocess.run(
+            [*tmux, "capture-pane", "-p", "-t", "0"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+    finally:
+        subprocess.run([*tmux, "kill-server"], timeout=10, check=False)
+    assert done.read_text().strip() == "0", screen
+    lines = screen.splitlines()
+    push = next((line for line in lines if f"n3: push {tiny_model.name}" in line), None)
+    assert push is not None, screen
+    assert "━" in push and "kB" in push, f"a filled bar with byte counts: {push!r}"
+    size_kb = f"{tiny_model.stat().st_size / 1000:.1f}/{tiny_model.stat().st_size / 1000:.1f} kB"
+    assert size_kb in push, push
+    assert any("n3: verify" in line for line in lines), screen
+    assert any(line.startswith("n3: tiny ready") for line in lines), screen
+
+
+def test_shell_metacharacters_in_model_names_are_never_run(fleet: Fleet, tmp_path: Path) -> None:
+    keeper = fleet.keeper
+    marker = tmp_path / f"rbee-pwned-{os.getpid()}"
+    evil = [
+        f"x; touch {marker}",
+        f"$(touch {marker})",
+        f"`touch {marker}`",
+        f"x' ; touch {marker}; '",
+        f'x" && touch {marker} && "',
+        f"x\ntouch {marker}",
+    ]
+    for i, name in enumerate(evil):
+        runs = [keeper.run("infer", "--node", "n2", "--model", name, "--prompt", "hi")]
+        # other commands that put a model name into a node command, on the other node
+        if i % 3 == 0:
+            runs.append(keeper.run("models", "rm", name, "--node", "n3"))
+        if i % 3 == 1:
+            runs.append(keeper.run("worker", "spawn", "--node", "n3", "--model", name))
+        for run in runs:
+            assert run.rc == 1, run
+            assert "Traceback" not in run.err, run
+            assert "error [" in run.err, run
+        assert "MODEL_NOT_FOUND" in runs[0].err or "INVALID_REQUEST" in runs[0].err
+        # a suggested command must be safe to paste: the name stays one quoted word
+        hint = next((line for line in runs[0].err.splitlines() if line.strip().startswith("try:")), None)
+        if hint is not None and "--name" in hint and "\n" not in name:
+            words = shlex.split(hint.split("try:", 1)[1])
+            assert words[words.index("--name") + 1] == name, hint
+        assert not marker.exists(), f"{name!r} was executed by a shell"
+    evil_add = keeper.run("models", "add", f"file:$(touch {marker})", "--node", "n2")
+    assert evil_add.rc == 1 and "MODEL_NOT_FOUND" in evil_add.err
+    assert not marker.exists()
+
+
+def test_status_over_one_vs_all_nodes(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+    """Fan-out is concurrent: three nodes cost about one node's time (the numbers are printed)."""
+    keeper = fleet.keeper
+    one = min(keeper.run("status", "--node", "n2").seconds for _ in range(2))
+    three = min(keeper.run("status").seconds for _ in range(2))
+    with capsys.disabled():
+        print(f"\n[keeper] status wall time: 1 node {one:.2f}s, 3 nodes {three:.2f}s")
+    assert three < one * 1.8 + 0.3, (one, three)
