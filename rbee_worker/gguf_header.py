@@ -149,7 +149,6 @@ def read_header(f: BinaryIO, size: int, keep_arrays: frozenset[str] = frozenset(
         for d in dims:
             n_elements *= d
         start = data_start + offset
-        header.tensors.append(
-            TensorExtent(name, qtype.name, n_elements, len(dims), start, start + n_elements // block * type_size)
-        )
+        end = start + n_elements // block * type_size
+        header.tensors.append(TensorExtent(name, qtype.name, n_elements, len(dims), start, end))
     return header
