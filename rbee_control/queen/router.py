@@ -118,6 +118,7 @@ class Router:
             if serving:
                 return None
             await self._cold_start(target)
+            deadline = time.monotonic() + self.settings.queue_timeout  # the queue wait starts now
 
     def _lease(self, worker: RoutedWorker) -> Lease:
         worker.last_used = time.monotonic()

@@ -144,7 +144,6 @@ def test_shell_metacharacters_in_model_names_are_never_run(fleet: Fleet, tmp_pat
         if i % 3 == 1:
             runs.append(keeper.run("worker", "spawn", "--node", "n3", "--model", name))
         for run in runs:
-            print("TIMING", run.argv[2:4], repr(name)[:20], round(run.seconds, 2), run.err[-300:])
             assert run.rc == 1, run
             assert "Traceback" not in run.err, run
             assert "error [" in run.err, run
