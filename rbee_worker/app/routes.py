@@ -110,10 +110,7 @@ async def _stream(state: WorkerState, request_id: str, infer: InferenceRequest) 
     metrics.queue_depth.set(state.pool.waiting)
     metrics.slots_busy.set(state.pool.busy)
 
-    def on_token() -> None:
-        metrics.last_token.set(time.time())
-
-    generation = Generation(request_id, infer, slot.runtime, on_token=on_token)
+    generation = Generation(request_id, infer, slot.runtime)
     state.generations[request_id] = generation
     loop = asyncio.get_running_loop()
 
@@ -141,8 +138,9 @@ async def _stream(state: WorkerState, request_id: str, infer: InferenceRequest) 
     try:
         generation.start(run_then_release)
         yield events.encode_event(events.STARTED, {"request_id": request_id, "model": state.model_name})
-        async for text, index in generation.pieces():
-            yield events.token_event(text, index)
+        async for batch in generation.batches():
+            metrics.last_token.set(time.time())
+            yield b"".join(events.token_event(text, index) for text, index in batch)
         stats = generation.stats
         outcome = "cancelled" if stats.stop_reason == events.STOP_CANCELLED else "ok"
         yield events.encode_event(events.END, stats.end_payload())

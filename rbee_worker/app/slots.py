@@ -8,8 +8,8 @@ ALL_SLOTS_BUSY instead of piling up.
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..protocol.errors import ErrorCode, RbeeError
@@ -23,9 +23,14 @@ class Slot:
     index: int
     runtime: Runtime
     busy: bool = False
+    _thread: ThreadPoolExecutor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"rbee-slot-{self.index}")
 
     def run_on_thread(self, fn: Callable[[], None]) -> None:
-        threading.Thread(target=fn, name=f"rbee-slot-{self.index}", daemon=True).start()
+        """The slot's own long-lived thread: the runtime is always driven from one thread."""
+        self._thread.submit(fn)
 
 
 @dataclass(eq=False)
@@ -88,5 +93,6 @@ class SlotPool:
 
     def close(self) -> None:
         for slot in self._slots:
+            slot._thread.shutdown(wait=False, cancel_futures=True)
             slot.runtime.close()
         self._slots.clear()

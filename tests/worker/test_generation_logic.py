@@ -51,7 +51,7 @@ async def run(pieces: list[bytes], **request: object) -> tuple[list[tuple[str, i
     runtime = ScriptedRuntime(pieces)
     generation = Generation("r", InferenceRequest(prompt="p", **request), runtime)  # type: ignore[arg-type]
     generation.start(lambda fn: asyncio.get_running_loop().run_in_executor(None, fn))
-    return [piece async for piece in generation.pieces()], generation
+    return [piece async for batch in generation.batches() for piece in batch], generation
 
 
 async def test_multibyte_characters_are_held_until_whole() -> None:
@@ -88,7 +88,7 @@ async def test_prompt_longer_than_context_is_an_invalid_request() -> None:
     generation = Generation("r", InferenceRequest(prompt="p" * 100), runtime)  # type: ignore[arg-type]
     generation.start(lambda fn: asyncio.get_running_loop().run_in_executor(None, fn))
     with pytest.raises(Exception, match="do not fit the 64-token context"):
-        [piece async for piece in generation.pieces()]
+        [piece async for batch in generation.batches() for piece in batch]
     assert runtime.generated == 0
 
 
