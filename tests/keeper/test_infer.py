@@ -285,9 +285,13 @@ def test_idle_shutdown_then_fresh_spawn(tmp_path: Path, tiny_model: Path) -> Non
     try:
         first = keeper.run("infer", "--node", "box", "--model", f"file:{tiny_model}", "--name", "tiny", "--prompt", "hi", json_mode=True)  # fmt: skip
         assert first.rc == 0, first
-        (worker,) = keeper.run("worker", "list", "--node", "box", json_mode=True).json()["box"]
-        wait_for(lambda: not psutil.pid_exists(worker["pid"]) or psutil.Process(worker["pid"]).status() == psutil.STATUS_ZOMBIE,
-                 timeout=20, what="the idle worker to shut down")  # fmt: skip
+        worker_id = first.json()["worker"]
+
+        def worker_processes() -> list[psutil.Process]:
+            return [p for p in psutil.process_iter(["cmdline", "status"])
+                    if worker_id in (p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE]  # fmt: skip
+
+        wait_for(lambda: not worker_processes(), timeout=20, what="the idle worker to shut down")
         assert keeper.run("worker", "list", "--node", "box", json_mode=True).json()["box"] == []
 
         second = keeper.run("infer", "--node", "box", "--model", "tiny", "--prompt", "hi", json_mode=True)
