@@ -207,17 +207,15 @@ async def run(args: argparse.Namespace, model: Path, log_dir: Path) -> None:
             await side("queen", body)
             pairs: list[tuple[Sample, Sample]] = []
             print(f"\nsingle streams: {args.runs} pairs, {args.tokens} tokens, model {model.name}")
-            print(
-                f"{'pair':>4} {'direct ttft ms':>15} {'queen ttft ms':>14} {'direct tok/s':>13} {'queen tok/s':>12}"
-            )
+            header = ("pair", "direct ttft ms", "queen ttft ms", "direct tok/s", "queen tok/s")
+            print("{:>4} {:>15} {:>14} {:>13} {:>12}".format(*header))
             for index in range(args.runs):
                 order = ("direct", "queen") if index % 2 == 0 else ("queen", "direct")
                 got = {name: await side(name, {**body, "seed": index}) for name in order}
                 pairs.append((got["direct"], got["queen"]))
                 d, q = got["direct"], got["queen"]
-                print(
-                    f"{index:>4} {d.ttft_ms:>15.2f} {q.ttft_ms:>14.2f} {d.tokens_per_s:>13.0f} {q.tokens_per_s:>12.0f}"
-                )
+                row = (index, d.ttft_ms, q.ttft_ms, d.tokens_per_s, q.tokens_per_s)
+                print("{:>4} {:>15.2f} {:>14.2f} {:>13.0f} {:>12.0f}".format(*row))
 
             print(f"\nconcurrent streams on a one-slot worker ({ROUNDS} rounds each, {args.tokens} tokens)")
             print(
@@ -259,9 +257,8 @@ async def run(args: argparse.Namespace, model: Path, log_dir: Path) -> None:
     print(f"  tok/s direct p50 = {pct([d.tokens_per_s for d, _ in pairs], 50):.0f}, "
           f"queen p50 = {pct([q.tokens_per_s for _, q in pairs], 50):.0f}")  # fmt: skip
     for n, values in concurrency.items():
-        print(
-            f"  queen/direct aggregate tokens/s at {n:>2} streams = {statistics.median(values['agg_ratio']):.2f}"
-        )
+        ratio = statistics.median(values["agg_ratio"])
+        print(f"  queen/direct aggregate tokens/s at {n:>2} streams = {ratio:.2f}")
     print(f"queen/direct tokens/s = {pct(ratios, 50):.2f}")
     print(f"TTFT overhead p50 = {pct(overhead, 50):.1f} ms")
 

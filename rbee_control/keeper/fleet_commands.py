@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rbee_control.inventory.model import Inventory, Node
-from rbee_control.ssh.pool import NodeOutcome, TransportPool
 from rbee_control.ssh.transport import NodeTransport
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from rbee_worker.runtimes import BACKENDS
@@ -16,7 +15,17 @@ from .display import Display, NodeProgress, human_bytes, table
 from .node_client import NodeClient
 from .provision import ensure_model
 
+if TYPE_CHECKING:
+    from rbee_control.ssh.pool import NodeOutcome
+
 NodeAction = Callable[[NodeClient], Awaitable[Any]]
+
+
+def _pool(inventory: Inventory) -> Any:
+    """A `TransportPool`; asyncssh is imported here, not when the CLI starts (warm `infer` needs no SSH)."""
+    from rbee_control.ssh.pool import TransportPool
+
+    return TransportPool(inventory)
 
 
 def _targets(inventory: Inventory, args: argparse.Namespace) -> list[Node]:
@@ -28,7 +37,7 @@ def _targets(inventory: Inventory, args: argparse.Namespace) -> list[Node]:
 async def fan_out(
     inventory: Inventory, nodes: list[Node], action: NodeAction, timeout: float = 120
 ) -> dict[str, NodeOutcome[Any]]:
-    async with TransportPool(inventory) as pool:
+    async with _pool(inventory) as pool:
 
         async def run(transport: NodeTransport) -> Any:
             return await action(NodeClient(transport.node, transport))
@@ -106,7 +115,7 @@ async def cmd_models(args: argparse.Namespace, display: Display) -> int:
         )  # type: ignore[union-attr]
         return 0 if all(o.ok for o in outcomes.values()) else 1
     node = _one_node(inventory, args)
-    async with TransportPool(inventory) as pool:
+    async with _pool(inventory) as pool:
         client = NodeClient(node, await pool.get(node))
         if args.action == "add":
             with NodeProgress(display) as progress:
@@ -150,7 +159,7 @@ async def cmd_worker(args: argparse.Namespace, display: Display) -> int:
         display.result(safe)
         return 0 if all(o.ok for o in outcomes.values()) else 1
     node = _one_node(inventory, args)
-    async with TransportPool(inventory) as pool:
+    async with _pool(inventory) as pool:
         client = NodeClient(node, await pool.get(node))
         if args.action == "spawn":
             await client.hive_start()

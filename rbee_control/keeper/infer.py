@@ -20,7 +20,6 @@ from typing import Any
 import httpx
 
 from rbee_control.inventory.model import Inventory, Node
-from rbee_control.ssh.pool import TransportPool
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from rbee_worker.protocol.request import InferenceRequest
 
@@ -126,6 +125,8 @@ async def _known_ready_worker(
 async def _provision_worker(
     inventory: Inventory, node: Node, options: InferOptions, model: str, display: Display, phases: Phases
 ) -> KnownWorker:
+    from rbee_control.ssh.pool import TransportPool  # asyncssh: imported only when SSH is needed
+
     async with TransportPool(inventory) as pool:
         client = NodeClient(node, await pool.get(node))
         phases.mark("connect")

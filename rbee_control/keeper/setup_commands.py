@@ -15,10 +15,7 @@ from rbee_control.inventory.editor import add_node, remove_node
 from rbee_control.inventory.loader import load_inventory
 from rbee_control.inventory.model import Node, SshSettings, check_node_name
 from rbee_control.inventory.paths import known_hosts_path
-from rbee_control.ssh.known_hosts import KnownHosts, fetch_host_key, fingerprint
 from rbee_control.ssh.node_command import hive_command, node_env, venv_bin, venv_dir
-from rbee_control.ssh.pool import TransportPool
-from rbee_control.ssh.remote import SshTransport
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
 from .display import Display, NodeProgress, table
@@ -30,6 +27,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 async def cmd_add_node(args: argparse.Namespace, display: Display) -> int:
+    from rbee_control.ssh.known_hosts import KnownHosts, fetch_host_key, fingerprint
+    from rbee_control.ssh.remote import SshTransport
+
     from .cli import inventory_path
 
     path = inventory_path(args)
@@ -227,6 +227,8 @@ async def install_on(
 
 
 async def cmd_install(args: argparse.Namespace, display: Display) -> int:
+    from rbee_control.ssh.pool import TransportPool
+
     from .cli import load
 
     inventory = load(args)

@@ -56,7 +56,8 @@ class Run:
         return json.loads(lines[-1])
 
     def __str__(self) -> str:
-        return f"$ {' '.join(self.argv)}\nexit {self.rc} in {self.seconds:.2f}s\n--- stdout\n{self.out}\n--- stderr\n{self.err}"
+        head = f"$ {' '.join(self.argv)}\nexit {self.rc} in {self.seconds:.2f}s"
+        return f"{head}\n--- stdout\n{self.out}\n--- stderr\n{self.err}"
 
 
 @dataclass
@@ -143,7 +144,9 @@ def rbee_processes(homes: Path) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
-        if str(homes) in cmdline and ("rbee-hive" in cmdline or "rbee-worker" in cmdline or "rbee_worker" in cmdline):
+        if str(homes) in cmdline and (
+            "rbee-hive" in cmdline or "rbee-worker" in cmdline or "rbee_worker" in cmdline
+        ):
             found.append(proc)
     return found
 
@@ -208,7 +211,9 @@ def build_fleet(base: Path, nodes: list[sshd.SshdNode]) -> Fleet:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory, keeper_sshd_nodes: list[sshd.SshdNode]) -> Iterator[Fleet]:
+def fleet(
+    tmp_path_factory: pytest.TempPathFactory, keeper_sshd_nodes: list[sshd.SshdNode]
+) -> Iterator[Fleet]:
     """One fleet for a module; its hives are stopped at the end and no process may remain."""
     built = build_fleet(tmp_path_factory.mktemp("fleet"), keeper_sshd_nodes)
     try:

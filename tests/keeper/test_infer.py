@@ -66,7 +66,9 @@ def _read_some(proc: subprocess.Popen[bytes], at_least: int, timeout: float) -> 
 
 
 @pytest.mark.parametrize("node", ["n2", "n3", "local"])
-def test_infer_cold_then_warm(fleet: Fleet, tiny_model: Path, node: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_infer_cold_then_warm(
+    fleet: Fleet, tiny_model: Path, node: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     keeper = fleet.keeper
     cold = keeper.run(
         "infer", "--node", node, "--model", f"file:{tiny_model}", "--name", "tiny",
@@ -80,7 +82,20 @@ def test_infer_cold_then_warm(fleet: Fleet, tiny_model: Path, node: str, capsys:
     cold_phases = _phases(cold.err)
     assert {"hive", "provision", "spawn", "stream"} <= set(cold_phases), cold_phases
 
-    warm = keeper.run("infer", "--node", node, "--model", "tiny", "--prompt", PROMPT, "--seed", SEED, "--max-tokens", "24", json_mode=True)  # fmt: skip
+    warm = keeper.run(
+        "infer",
+        "--node",
+        node,
+        "--model",
+        "tiny",
+        "--prompt",
+        PROMPT,
+        "--seed",
+        SEED,
+        "--max-tokens",
+        "24",
+        json_mode=True,
+    )
     assert warm.rc == 0, warm
     assert warm.err == "", "--json mode prints nothing else"
     summary = json.loads(warm.out)
@@ -90,7 +105,9 @@ def test_infer_cold_then_warm(fleet: Fleet, tiny_model: Path, node: str, capsys:
     # same seed, same tokens: stdout of the cold run held exactly the tokens and a final newline
     assert cold.out == summary["text"] + "\n"
 
-    warm_human = keeper.run("infer", "--node", node, "--model", "tiny", "--prompt", PROMPT, "--seed", SEED, "--max-tokens", "24")  # fmt: skip
+    warm_human = keeper.run(
+        "infer", "--node", node, "--model", "tiny", "--prompt", PROMPT, "--seed", SEED, "--max-tokens", "24"
+    )
     assert warm_human.rc == 0 and warm_human.out == cold.out
     assert f"using worker {summary['worker']}" in warm_human.err
     with capsys.disabled():
@@ -100,7 +117,9 @@ def test_infer_cold_then_warm(fleet: Fleet, tiny_model: Path, node: str, capsys:
         )
 
 
-def test_warm_overhead_vs_calling_the_worker_directly(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+def test_warm_overhead_vs_calling_the_worker_directly(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
     keeper = fleet.keeper
     worker = _worker(keeper, "n2")
     body = {"prompt": PROMPT, "max_tokens": 24, "seed": int(SEED)}
@@ -108,11 +127,13 @@ def test_warm_overhead_vs_calling_the_worker_directly(fleet: Fleet, capsys: pyte
 
     def direct() -> float:
         started = time.perf_counter()
-        with httpx.Client(timeout=10) as client:
-            with client.stream("POST", f"{worker['url']}/v1/inference", json=body, headers=headers) as response:
-                assert response.status_code == 200
-                for _ in response.iter_lines():
-                    pass
+        with (
+            httpx.Client(timeout=10) as client,
+            client.stream("POST", f"{worker['url']}/v1/inference", json=body, headers=headers) as response,
+        ):
+            assert response.status_code == 200
+            for _ in response.iter_lines():
+                pass
         return time.perf_counter() - started
 
     client_script = (
@@ -132,7 +153,21 @@ def test_warm_overhead_vs_calling_the_worker_directly(fleet: Fleet, capsys: pyte
 
     in_process = min(direct() for _ in range(3))
     as_process = min(direct_process() for _ in range(2))
-    runs = [keeper.run("infer", "--node", "n2", "--model", "tiny", "--prompt", PROMPT, "--max-tokens", "24", json_mode=True) for _ in range(2)]  # fmt: skip
+    runs = [
+        keeper.run(
+            "infer",
+            "--node",
+            "n2",
+            "--model",
+            "tiny",
+            "--prompt",
+            PROMPT,
+            "--max-tokens",
+            "24",
+            json_mode=True,
+        )
+        for _ in range(2)
+    ]
     assert all(r.rc == 0 for r in runs)
     best = min(runs, key=lambda r: r.seconds)
     phases = best.json()["phases_s"]
@@ -152,9 +187,9 @@ def test_status_lists_workers_without_their_api_keys(fleet: Fleet) -> None:
         run = keeper.run(*args, json_mode=True)
         assert run.rc == 0, run
         assert not any(key in run.out for key in keys), f"{args} prints worker API keys"
-    human = keeper.run("status")
-    rows = [line for line in human.out.splitlines() if "tiny:idle" in line]
-    assert len(rows) == 3, human.out
+        if args == ("status",):
+            states = {node: [w["state"] for w in info["workers"]] for node, info in run.json().items()}
+            assert states == {"local": ["idle"], "n2": ["idle"], "n3": ["idle"]}
 
 
 def test_model_not_on_node_and_not_a_ref(fleet: Fleet) -> None:
@@ -218,8 +253,14 @@ def test_ctrl_c_cancels_the_remote_request(fleet: Fleet) -> None:
 
     def settled() -> dict[str, float] | None:
         after = _metrics(worker)
-        stopped = sum(after.get(f'rbee_worker_requests_total{{outcome="{o}"}}', 0) for o in ("disconnected", "cancelled"))
-        was = sum(before.get(f'rbee_worker_requests_total{{outcome="{o}"}}', 0) for o in ("disconnected", "cancelled"))
+        stopped = sum(
+            after.get(f'rbee_worker_requests_total{{outcome="{o}"}}', 0)
+            for o in ("disconnected", "cancelled")
+        )
+        was = sum(
+            before.get(f'rbee_worker_requests_total{{outcome="{o}"}}', 0)
+            for o in ("disconnected", "cancelled")
+        )
         return after if stopped == was + 1 and after["rbee_worker_slots_busy"] == 0 else None
 
     after = wait_for(settled, timeout=10, what="the worker to record the cancelled request")
@@ -246,7 +287,9 @@ def test_worker_killed_mid_stream_keeps_the_partial_answer(fleet: Fleet) -> None
     saved = Path(match.group(1))
     assert saved.parent == keeper.state_dir / "rbee"
     shown = (first + rest).decode()
-    assert len(shown) >= 20 and saved.read_text() == shown, "stdout and the saved file hold the same text"
+    assert len(shown) >= 20 and saved.read_bytes() == first + rest, (
+        "stdout and the saved file hold the same text"
+    )
     assert not [w for w in keeper.known_workers() if w["node"] == "n2"], "the dead worker is forgotten"
 
     again = keeper.run("infer", "--node", "n2", "--model", "tiny", "--prompt", PROMPT, json_mode=True)
@@ -258,9 +301,25 @@ def test_worker_killed_mid_stream_json_details(fleet: Fleet) -> None:
     keeper = fleet.keeper
     (worker,) = keeper.run("worker", "list", "--node", "local", json_mode=True).json()["local"]
     known = _worker(keeper, "local")
-    proc = keeper.popen("infer", "--node", "local", "--model", "tiny", "--prompt", PROMPT, "--max-tokens", LONG, json_mode=True)  # fmt: skip
+    proc = keeper.popen(
+        "infer",
+        "--node",
+        "local",
+        "--model",
+        "tiny",
+        "--prompt",
+        PROMPT,
+        "--max-tokens",
+        LONG,
+        json_mode=True,
+    )
     try:
-        wait_for(lambda: _metrics(known)["rbee_worker_slots_busy"] == 1, timeout=20, interval=0.05, what="a busy slot")
+        wait_for(
+            lambda: _metrics(known)["rbee_worker_slots_busy"] == 1,
+            timeout=20,
+            interval=0.05,
+            what="a busy slot",
+        )
         time.sleep(0.2)
         os.kill(worker["pid"], signal.SIGKILL)
         out, _ = proc.communicate(timeout=20)
@@ -271,7 +330,7 @@ def test_worker_killed_mid_stream_json_details(fleet: Fleet) -> None:
     assert error["code"] == "WORKER_CRASHED"
     details = error["details"]
     assert details["tokens_received"] > 0 and details["partial_text"]
-    assert Path(details["saved_to"]).read_text() == details["partial_text"]
+    assert Path(details["saved_to"]).read_bytes().decode() == details["partial_text"]
 
 
 def test_idle_shutdown_then_fresh_spawn(tmp_path: Path, tiny_model: Path) -> None:
@@ -280,16 +339,34 @@ def test_idle_shutdown_then_fresh_spawn(tmp_path: Path, tiny_model: Path) -> Non
     home.mkdir(parents=True)
     inventory.write_text(f"nodes:\n  box:\n    transport: local\n    home: '{home}'\n")
     keeper = make_keeper(
-        tmp_path, inventory, RBEE_HIVE_IDLE_TIMEOUT="1", RBEE_HIVE_POLL_INTERVAL="0.2", RBEE_HIVE_HEALTH_INTERVAL="0.5"
+        tmp_path,
+        inventory,
+        RBEE_HIVE_IDLE_TIMEOUT="1",
+        RBEE_HIVE_POLL_INTERVAL="0.2",
+        RBEE_HIVE_HEALTH_INTERVAL="0.5",
     )
     try:
-        first = keeper.run("infer", "--node", "box", "--model", f"file:{tiny_model}", "--name", "tiny", "--prompt", "hi", json_mode=True)  # fmt: skip
+        first = keeper.run(
+            "infer",
+            "--node",
+            "box",
+            "--model",
+            f"file:{tiny_model}",
+            "--name",
+            "tiny",
+            "--prompt",
+            "hi",
+            json_mode=True,
+        )
         assert first.rc == 0, first
         worker_id = first.json()["worker"]
 
         def worker_processes() -> list[psutil.Process]:
-            return [p for p in psutil.process_iter(["cmdline", "status"])
-                    if worker_id in (p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE]  # fmt: skip
+            return [
+                p
+                for p in psutil.process_iter(["cmdline", "status"])
+                if worker_id in (p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE
+            ]
 
         wait_for(lambda: not worker_processes(), timeout=20, what="the idle worker to shut down")
         assert keeper.run("worker", "list", "--node", "box", json_mode=True).json()["box"] == []
@@ -301,4 +378,3 @@ def test_idle_shutdown_then_fresh_spawn(tmp_path: Path, tiny_model: Path) -> Non
         assert [w["id"] for w in keeper.known_workers()] == [summary["worker"]]
     finally:
         stop_fleet(keeper, tmp_path / "homes")
-

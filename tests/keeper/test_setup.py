@@ -68,13 +68,21 @@ def test_add_node_with_trust_pins_key_keeps_comments_and_narrates_checks(
 
     checks = [line for line in run.err.splitlines() if line.startswith("✓")]
     labels = [line.split(":")[0].removeprefix("✓ ") for line in checks]
-    for label in ("connection reachable", "key authentication", "command execution", "latency", "rbee-hive found"):
+    for label in (
+        "connection reachable",
+        "key authentication",
+        "command execution",
+        "latency",
+        "rbee-hive found",
+    ):
         assert label in labels, run
     assert fingerprint(node.host_key) in run.err
     assert f"added node n2 to {keeper.inventory}" in run.out
 
 
-def test_add_node_unknown_host_key_refused_without_trust(keeper: Keeper, node: sshd.SshdNode, tmp_path: Path) -> None:
+def test_add_node_unknown_host_key_refused_without_trust(
+    keeper: Keeper, node: sshd.SshdNode, tmp_path: Path
+) -> None:
     before = keeper.inventory.read_bytes()
     run = keeper.run(*add_node_args("n2", node, tmp_path / "homes" / "n2"))
     assert run.rc == 1, run
@@ -167,7 +175,11 @@ def test_malformed_inventory_names_file_line_and_column(tmp_path: Path) -> None:
     bad = tmp_path / "inventory.yaml"
     bad.write_text("nodes:\n  a:\n    transport: local\n   b: [\n")
     keeper = make_keeper(tmp_path, bad)
-    for args in (("status",), ("infer", "--node", "a", "--model", "m", "--prompt", "hi"), ("setup", "list-nodes")):
+    for args in (
+        ("status",),
+        ("infer", "--node", "a", "--model", "m", "--prompt", "hi"),
+        ("setup", "list-nodes"),
+    ):
         run = keeper.run(*args)
         assert run.rc == 1, run
         assert "INVENTORY_INVALID" in run.err
@@ -191,7 +203,9 @@ def test_unknown_node_and_usage_errors(keeper: Keeper) -> None:
     reason="rbee_control/ssh/failures.py:58 suggests `ssh -i KEY user@host:port`, which ssh reads as a "
     "host named 'host:port'; it should be `ssh -i KEY -p PORT user@host`",
 )
-def test_auth_failure_hint_is_a_runnable_ssh_command(keeper: Keeper, node: sshd.SshdNode, tmp_path: Path) -> None:
+def test_auth_failure_hint_is_a_runnable_ssh_command(
+    keeper: Keeper, node: sshd.SshdNode, tmp_path: Path
+) -> None:
     args = add_node_args("n2", node, tmp_path / "homes" / "n2", "--trust")
     args[args.index("--ssh-user") + 1] = "nobody"
     run = keeper.run(*args)
@@ -200,4 +214,3 @@ def test_auth_failure_hint_is_a_runnable_ssh_command(keeper: Keeper, node: sshd.
     ssh = shlex.split(hint[hint.index("ssh -i") :])
     assert "-p" in ssh and ssh[ssh.index("-p") + 1] == str(node.port), hint
     assert ssh[-1] == f"nobody@{node.host}", hint
-

@@ -64,7 +64,7 @@ async def test_completion_non_stream_and_stream_agree(registered: Queen) -> None
 
 async def test_chat_non_stream_and_stream_with_the_fallback_template(registered: Queen) -> None:
     client = registered.openai()
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi bee"}]
+    messages = [{"role": "system", "content": "be terse"}, {"role": "user", "content": "hi bee"}]
     whole = await client.chat.completions.create(model="beta", messages=messages, **SAMPLING)
     assert whole.object == "chat.completion" and whole.id.startswith("chatcmpl-") and whole.model == "beta"
     message = whole.choices[0].message
@@ -180,3 +180,21 @@ async def test_register_refuses_a_wrong_worker_key(queen: Queen, pair: dict[str,
         assert response.status_code == 400 and response.json()["error"]["param"] == "api_key"
         listed = (await client.get("/v2/workers/list")).json()["workers"]
     assert listed == []
+
+
+async def test_native_stream_can_be_cancelled_through_the_queen(registered: Queen) -> None:
+    body = {"model": "alpha", "prompt": "a", "max_tokens": 4000}
+    async with registered.http() as client:
+        async with client.stream(
+            "POST", "/v1/inference", json=body, headers={"X-Request-ID": "cancel-me"}
+        ) as response:
+            names = []
+            async for event in iter_events(response.aiter_lines()):
+                names.append(event.name)
+                if event.name == "token" and names.count("token") == 1:
+                    cancelled = await client.delete("/v1/inference/cancel-me")
+                    assert cancelled.json() == {"request_id": "cancel-me", "cancelled": True}
+                last = event
+        assert last.name == "end" and last.data["stop_reason"] == "cancelled"
+        assert last.data["tokens_out"] < 4000
+        assert (await client.delete("/v1/inference/cancel-me")).status_code == 404
