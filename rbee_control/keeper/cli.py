@@ -71,6 +71,24 @@ def _add_infer(sub: Any) -> None:
     p.set_defaults(handler=cmd_infer)
 
 
+def cmd_serve(args: argparse.Namespace, display: Display) -> int:
+    """The queen in this process; blocking, so it bypasses the asyncio entry."""
+    import os
+
+    from rbee_control.queen.cli import API_KEY_ENV, QueenOptions, run_queen
+
+    key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    return run_queen(QueenOptions(inventory=args.inventory, host=args.host, port=args.port, api_key=key))
+
+
+def _add_serve(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run queen-rbee, the OpenAI-compatible router, over this inventory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-key", help="bearer key clients must send (prefer $RBEE_QUEEN_API_KEY)")
+    p.set_defaults(handler=cmd_serve, blocking=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import fleet_commands, setup_commands
 
@@ -79,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_infer(sub)
+    _add_serve(sub)
     setup_commands.register(sub)
     fleet_commands.register(sub)
     return parser
@@ -90,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     display = Display(json_mode=args.json)
     handler: Handler = args.handler
     try:
+        if getattr(args, "blocking", False):
+            return handler(args, display)  # type: ignore[return-value]
         return asyncio.run(handler(args, display))
     except RbeeError as exc:
         display.error(exc)

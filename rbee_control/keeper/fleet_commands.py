@@ -85,9 +85,22 @@ async def cmd_hive(args: argparse.Namespace, display: Display) -> int:
         "status": lambda c: c.hive_status(),
     }[args.action]
     outcomes = await fan_out(inventory, _targets(inventory, args), action)
-    return _report(
-        display, outcomes, lambda name, v: str(v.get("status", "ok")) if isinstance(v, dict) else "ok"
-    )
+    return _report(display, outcomes, lambda name, v: _hive_line(args.action, v))
+
+
+def _hive_line(action: str, info: Any) -> str:
+    """What `hive start|stop|status` did on one node, in words (not a bare "ok")."""
+    if not isinstance(info, dict):
+        return "ok"
+    if action == "start":
+        return f"{str(info.get('status', 'ok')).replace('_', ' ')} (pid {info.get('pid')})"
+    if action == "stop":
+        if not info.get("stopped"):
+            return "was not running"
+        return f"stopped (pid {info.get('pid')}, {info.get('how')}, {info.get('workers_stopped', 0)} workers)"
+    if not info.get("running"):
+        return "not running"
+    return f"running (pid {info.get('pid')}, {len(info.get('workers') or [])} workers)"
 
 
 # --- models --------------------------------------------------------------------------

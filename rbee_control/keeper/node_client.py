@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rbee_control.hive import __version__ as HIVE_VERSION
 from rbee_control.inventory.model import Node
@@ -18,6 +18,9 @@ from rbee_control.ssh.node_command import hive_command, node_env
 from rbee_control.ssh.transport import NodeTransport
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
+if TYPE_CHECKING:  # asyncssh is imported only by commands that use SSH (warm `infer` does not)
+    from rbee_control.ssh.pool import TransportPool
+
 ProgressCallback = Callable[[NodeEvent], None]
 
 #: Exit status of a shell that could not find or run the program.
@@ -25,9 +28,16 @@ _NOT_INSTALLED = {126, 127}
 
 
 class NodeClient:
-    def __init__(self, node: Node, transport: NodeTransport) -> None:
+    """Bound to one transport (a CLI run) or to a pool that reconnects on demand (the queen)."""
+
+    def __init__(self, node: Node, via: NodeTransport | TransportPool) -> None:
         self.node = node
-        self.transport = transport
+        self._via = via
+
+    async def transport(self) -> NodeTransport:
+        if isinstance(self._via, NodeTransport):
+            return self._via
+        return await self._via.get(self.node)
 
     async def call(
         self, *args: str, progress: ProgressCallback | None = None, timeout: float | None = None
@@ -37,7 +47,8 @@ class NodeClient:
         result: NodeEvent | None = None
         stray: list[str] = []
         async with asyncio.timeout(timeout):
-            async with self.transport.stream(argv, env=node_env(self.node)) as proc:
+            transport = await self.transport()
+            async with transport.stream(argv, env=node_env(self.node)) as proc:
                 async for line in proc:
                     try:
                         event = parse_line(line)

@@ -72,7 +72,7 @@ async def ensure_model(
 
 async def push_file(client: NodeClient, source: Path, progress: NodeProgress) -> str:
     """Upload `source` to the node's incoming directory; returns its absolute path there."""
-    transport, node = client.transport, client.node
+    transport, node = await client.transport(), client.node
     base = node.home
     if base.startswith("~"):
         base = (await remote_home(client)) + base[1:]
@@ -87,7 +87,7 @@ async def push_file(client: NodeClient, source: Path, progress: NodeProgress) ->
 
 
 async def remote_home(client: NodeClient) -> str:
-    result = await client.transport.run(["printenv", "HOME"], timeout=30)
+    result = await (await client.transport()).run(["printenv", "HOME"], timeout=30)
     home = result.stdout.strip() if result.ok else ""
     if not home.startswith("/"):
         raise RbeeError(ErrorCode.INTERNAL_ERROR, f"cannot find the home directory on {client.node.name}")

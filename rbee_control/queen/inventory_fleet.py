@@ -38,7 +38,7 @@ class NodeControl(Protocol):
 
     async def hive_stop(self) -> Any: ...
 
-    async def models_list(self) -> list[dict[str, Any]]: ...
+    async def models_list(self, templates: bool = False) -> list[dict[str, Any]]: ...
 
     async def worker_spawn(self, model: str, backend: str = "auto", wait: bool = True) -> dict[str, Any]: ...
 
@@ -104,7 +104,7 @@ class InventoryFleet:
         async def one(node: str, client: NodeControl) -> list[ModelEntry]:
             try:
                 async with asyncio.timeout(self._list_timeout):
-                    rows = await client.models_list()
+                    rows = await client.models_list(templates=True)
             except Exception as exc:
                 log.warning("node %s: listing models failed: %s", node, exc)
                 return []

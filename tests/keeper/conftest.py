@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -162,6 +163,8 @@ def make_keeper(base: Path, inventory: Path, **env_extra: str) -> Keeper:
 def stop_fleet(keeper: Keeper, homes: Path) -> None:
     """`hive stop --all`, then make sure nothing of these homes is left running."""
     result = keeper.run("hive", "stop", "--all", timeout=120)
+    for line in result.err.splitlines():  # what the operator reads, one line per node
+        assert "was not running" in line or re.search(r": stopped \(pid \d+, ", line), result
     deadline = time.monotonic() + 15
     left = rbee_processes(homes)
     while left and time.monotonic() < deadline:

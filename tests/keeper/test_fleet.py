@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -27,6 +28,9 @@ def test_status_across_nodes_one_hive_running(fleet: Fleet, capsys: pytest.Captu
     keeper = fleet.keeper
     started = keeper.run("hive", "start", "--node", "n2")
     assert started.rc == 0, started
+    assert re.search(r"^n2: started \(pid \d+\)$", started.err, re.M), started
+    again = keeper.run("hive", "start", "--node", "n2")
+    assert again.rc == 0 and "n2: already running" in again.err, again
 
     run = keeper.run("status", json_mode=True)
     assert run.rc == 0, run
@@ -221,7 +225,7 @@ def test_a_hung_node_costs_about_one_connect_timeout(tmp_path: Path) -> None:
     pinned = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
     (keeper.config_dir / "known_hosts").write_text(f"[127.0.0.4]:{port} {pinned}\n")
     try:
-        run = keeper.run("status", json_mode=True, timeout=CONNECT_TIMEOUT + 4)
+        run = keeper.run("status", json_mode=True, timeout=CONNECT_TIMEOUT + 2)
     finally:
         listener.close()
         for conn in accepted:

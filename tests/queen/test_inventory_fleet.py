@@ -31,7 +31,7 @@ class RecordingNode:
         self.calls.append("hive_stop")
         return {"stopped": True}
 
-    async def models_list(self) -> list[dict[str, Any]]:
+    async def models_list(self, templates: bool = False) -> list[dict[str, Any]]:
         await asyncio.sleep(self.delay)
         if self.models is None:
             raise ConnectionError(f"{self.name} is down")
