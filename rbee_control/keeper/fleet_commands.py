@@ -166,9 +166,14 @@ async def cmd_worker(args: argparse.Namespace, display: Display) -> int:
         if not display.json_mode:
             display.out.print(table("workers", ["node", "id", "model", "state", "url", "backend"], rows))
         safe = {
-            n: [{k: v for k, v in w.items() if k != "api_key"} for w in o.value or []] if o.ok else None
+            n: [{k: v for k, v in w.items() if k != "api_key"} for w in o.value or []]
+            if o.ok
+            else {"error": o.error.body()["error"]}  # type: ignore[union-attr]
             for n, o in outcomes.items()
         }
+        for name, o in outcomes.items():
+            if o.error is not None:
+                display.narrate(f"[red]{name}[/red]: {o.error.message}")
         display.result(safe)
         return 0 if all(o.ok for o in outcomes.values()) else 1
     node = _one_node(inventory, args)

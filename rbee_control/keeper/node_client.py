@@ -141,7 +141,13 @@ class NodeClient:
         return await self.call(*args, progress=progress, timeout=timeout + 30)
 
     async def worker_list(self) -> list[dict[str, Any]]:
-        return list((await self.call("worker", "list", timeout=30)).get("workers", []))
+        """The hive's workers; a hive that is not running has none."""
+        try:
+            return list((await self.call("worker", "list", timeout=30)).get("workers", []))
+        except RbeeError as exc:
+            if exc.code == ErrorCode.HIVE_NOT_RUNNING and "not installed" not in exc.message:
+                return []
+            raise
 
     async def worker_stop(self, worker_id: str) -> dict[str, Any]:
         return await self.call("worker", "stop", worker_id, timeout=60)
