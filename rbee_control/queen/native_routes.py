@@ -18,11 +18,11 @@ from urllib.parse import urlsplit
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from rbee_worker.app.body import read_json
 from rbee_worker.protocol import events
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from rbee_worker.protocol.request import InferenceRequest
 
-from .body import read_json
 from .fleet import ModelEntry, WorkerEntry
 from .relay import Upstream
 from .responses import RelayResponse

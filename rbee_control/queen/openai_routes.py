@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
+from rbee_worker.app.body import read_json
 from rbee_worker.protocol import events
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from rbee_worker.protocol.request import InferenceRequest
 
-from .body import read_json
 from .catalog import Target
 from .chat_template import normalize_messages, render_chat
 from .errors import sse_error

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 
@@ -14,12 +13,11 @@ from starlette.routing import Route
 from ..protocol import events
 from ..protocol.errors import ErrorCode, RbeeError
 from ..protocol.request import InferenceRequest
+from .body import read_json
 from .generation import Generation
 from .metrics import CONTENT_TYPE_LATEST
 from .slots import RETRY_AFTER_SECONDS
 from .state import Phase, WorkerState
-
-MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
 def _state(request: Request) -> WorkerState:
@@ -50,20 +48,6 @@ async def loading_progress(request: Request) -> Response:
     return StreamingResponse(stream(), media_type=events.SSE_MEDIA_TYPE, headers=events.SSE_HEADERS)
 
 
-async def _read_json(request: Request) -> object:
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise RbeeError(ErrorCode.INVALID_REQUEST, f"body larger than {MAX_BODY_BYTES} bytes", status=413)
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RbeeError(
-            ErrorCode.INVALID_REQUEST, f"body: invalid JSON ({exc})", status=400, details={"field": "body"}
-        ) from None
-
-
 def _check_serving(state: WorkerState) -> None:
     if state.phase is Phase.READY:
         return
@@ -86,7 +70,7 @@ def _check_serving(state: WorkerState) -> None:
 async def inference(request: Request) -> Response:
     state = _state(request)
     _check_serving(state)
-    infer = InferenceRequest.from_json(await _read_json(request))
+    infer = InferenceRequest.from_json(await read_json(request))
     request_id = request.state.request_id
     if request_id in state.generations:
         raise RbeeError(ErrorCode.INVALID_REQUEST, f"request id {request_id} is already running", status=409)

@@ -1,4 +1,4 @@
-"""Read a request's JSON body with a size bound, the same way on every queen route."""
+"""Read a request's JSON body with a size bound, the same way on every worker and queen route."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from starlette.requests import Request
 
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
-MAX_BODY_BYTES = 8 * 1024 * 1024
+#: Prompts are text: 4 MiB is far beyond any context window and well short of a memory problem.
+MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
 async def read_json(request: Request) -> Any:
