@@ -31,9 +31,11 @@ ATTEMPTS = 3
 BACKOFF: tuple[float, ...] = (0.2, 0.4)
 KEEPALIVE_INTERVAL = 15.0
 
-#: Failures worth another attempt: refused, unreachable, reset, timed out, dropped mid-handshake.
-#: (Host-key and login failures are turned into RbeeError before they get here.)
-RETRYABLE: tuple[type[BaseException], ...] = (OSError, TimeoutError, asyncssh.DisconnectError)
+#: Failures worth another attempt: refused, unreachable, reset, dropped mid-handshake. A timeout is
+#: not retried: a node that accepts TCP and then says nothing would cost ATTEMPTS x timeout, and a
+#: fan-out promises that a down node costs its timeout once. (Host-key and login failures are turned
+#: into RbeeError before they get here.)
+RETRYABLE: tuple[type[BaseException], ...] = (OSError, asyncssh.DisconnectError)
 
 
 async def open_connection(
@@ -54,6 +56,10 @@ async def open_connection(
             await asyncio.sleep(backoff[min(attempt - 1, len(backoff) - 1)] if backoff else 0)
         try:
             return await _connect_once(node, known_hosts, client_keys, timeout)
+        except TimeoutError as exc:  # a subclass of OSError: test it first
+            raise connection_error(
+                node.name, node.ssh.host, node.ssh.port, exc, attempts=attempt + 1, timeout=timeout
+            ) from None
         except RETRYABLE as exc:
             last = exc
     assert last is not None

@@ -7,6 +7,7 @@ carries the fingerprint so it can be checked out of band).
 
 from __future__ import annotations
 
+import shlex
 import socket
 from pathlib import Path
 
@@ -55,7 +56,9 @@ def connection_error(
 def auth_failed(label: str, target: str, key: str | None, exc: BaseException) -> RbeeError:
     """The server refused every key we offered; retrying cannot help."""
     which = f"key {key}" if key else "the ssh-agent and default keys"
-    hint = f"check the key: chmod 600 {key}; ssh -i {key} {target}" if key else "check your keys: ssh-add -l"
+    login, _, port = target.rpartition(":")
+    ssh_cmd = shlex.join(["ssh", "-i", key, "-p", port, login]) if key else ""
+    hint = f"check the key: chmod 600 {shlex.quote(key)}; {ssh_cmd}" if key else "check your keys: ssh-add -l"
     return RbeeError(
         ErrorCode.CONNECTION_FAILED,
         f"SSH authentication failed for {target} with {which}: {describe(exc, target)}",

@@ -198,11 +198,6 @@ def test_unknown_node_and_usage_errors(keeper: Keeper) -> None:
     assert usage.rc == 2 and "--model" in usage.err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rbee_control/ssh/failures.py:58 suggests `ssh -i KEY user@host:port`, which ssh reads as a "
-    "host named 'host:port'; it should be `ssh -i KEY -p PORT user@host`",
-)
 def test_auth_failure_hint_is_a_runnable_ssh_command(
     keeper: Keeper, node: sshd.SshdNode, tmp_path: Path
 ) -> None:
