@@ -8,6 +8,7 @@ processes; WAL mode plus `BEGIN IMMEDIATE` for writes keeps that safe.
 
 from __future__ import annotations
 
+import shlex
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -99,7 +100,7 @@ class Catalog:
                 f"model {name!r} is not in this node's catalog",
                 status=404,
                 details={"name": name},
-                hint="rbee-hive models add REF --name NAME",
+                hint=f"add it first: rbee-keeper models add REF --name {shlex.quote(name)} --node NODE",
             )
         return row
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+from rbee_control.hive.paths import check_model_name
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
 from .display import NodeProgress
@@ -48,6 +49,8 @@ async def ensure_model(
 ) -> dict[str, Any]:
     """The node's catalog entry for `model` (a name or a ref), provisioning it if needed."""
     wanted = name or (default_name(model) if is_ref(model) else model)
+    if is_ref(model):
+        check_model_name(wanted)  # before any byte is pushed: the hive would refuse it anyway
     for entry in await client.models_list(templates=True):
         if entry.get("name") == wanted:
             return entry

@@ -99,19 +99,21 @@ async def _stream_once(
         ) as response:
             if response.status_code != 200:
                 raise _worker_error(await response.aread(), response.status_code)
-            async for event in events.iter_events(response.aiter_lines()):
-                if event.name == events.TOKEN:
-                    if result.first_token_at is None:
-                        result.first_token_at = time.perf_counter()
-                    result.text.append(event.data["t"])
-                    on_text(event.data["t"])
-                elif event.name == events.END:
-                    result.end = event.data
-                elif event.name == events.ERROR:
-                    raise RbeeError.from_body({"error": event.data}, 500)
-    except asyncio.CancelledError:
-        await _cancel_remote(client, url, headers)
-        raise
+            try:
+                async for event in events.iter_events(response.aiter_lines()):
+                    if event.name == events.TOKEN:
+                        if result.first_token_at is None:
+                            result.first_token_at = time.perf_counter()
+                        result.text.append(event.data["t"])
+                        on_text(event.data["t"])
+                    elif event.name == events.END:
+                        result.end = event.data
+                    elif event.name == events.ERROR:
+                        raise RbeeError.from_body({"error": event.data}, 500)
+            except asyncio.CancelledError:
+                # Cancel while the stream is still open: the worker records a cancel, not a dropped client.
+                await _cancel_remote(client, url, headers)
+                raise
     except httpx.HTTPError as exc:
         raise RbeeError(
             ErrorCode.WORKER_CRASHED,

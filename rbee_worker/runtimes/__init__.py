@@ -8,10 +8,13 @@ BPE vocabulary, ...) needs llama-cpp-python, the optional `rbee[llama]` extra.
 from __future__ import annotations
 
 import importlib.util
+from typing import TYPE_CHECKING
 
-from ..gguf_info import GGUFInfo
 from ..protocol.errors import ErrorCode, RbeeError
 from .base import ProgressCallback, Runtime, RuntimeFactory, SamplingParams
+
+if TYPE_CHECKING:
+    from ..gguf_info import GGUFInfo
 
 CTRANSFORMERS = "ctransformers"
 LLAMA_CPP = "llama-cpp"
