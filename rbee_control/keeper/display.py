@@ -16,7 +16,9 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    ProgressColumn,
     SpinnerColumn,
+    Task,
     TaskID,
     TextColumn,
     TimeRemainingColumn,
@@ -62,6 +64,19 @@ class Display:
         return NodeProgress(self)
 
 
+class _AmountColumn(ProgressColumn):
+    """Bytes and speed for transfers; nothing for steps that are not measured in bytes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._download, self._speed = DownloadColumn(), TransferSpeedColumn()
+
+    def render(self, task: Task) -> Text:
+        if not task.fields.get("bytes", True):
+            return Text("")
+        return Text.assemble(self._download.render(task), " ", self._speed.render(task))
+
+
 class NodeProgress:
     """Rich progress bars fed by node `progress` events, one bar per (node, phase)."""
 
@@ -71,8 +86,7 @@ class NodeProgress:
             SpinnerColumn(),
             TextColumn("[bold]{task.description}"),
             BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
+            _AmountColumn(),
             TimeRemainingColumn(),
             console=display.err,
             transient=False,
@@ -88,12 +102,12 @@ class NodeProgress:
         if self._enabled:
             self._progress.stop()
 
-    def update(self, label: str, done: int, total: int | None) -> None:
+    def update(self, label: str, done: int, total: int | None, *, in_bytes: bool = True) -> None:
         if not self._enabled:
             return
         task = self._tasks.get(label)
         if task is None:
-            task = self._tasks[label] = self._progress.add_task(label, total=total)
+            task = self._tasks[label] = self._progress.add_task(label, total=total, bytes=in_bytes)
         self._progress.update(task, completed=done, total=total)
 
     def on_event(self, node: str) -> Any:

@@ -148,11 +148,11 @@ async def _provision_worker(
                     return _known(node, model, entry, template)
             display.narrate(f"[dim]starting a worker for {model} on {node.name}[/dim]")
             label = f"{node.name}: load {model}"
-            progress.update(label, 0, None)
+            progress.update(label, 0, None, in_bytes=False)
             spawned = await client.worker_spawn(
                 model, options.backend, wait=True, progress=progress.on_event(node.name)
             )
-            progress.update(label, 1, 1)
+            progress.update(label, 1, 1, in_bytes=False)
         phases.mark("spawn")
         if spawned.get("state") not in ("idle", "ready"):
             raise RbeeError(ErrorCode.MODEL_LOAD_FAILED, f"worker did not become ready: {spawned}")
