@@ -60,6 +60,14 @@ class Display:
         if err.hint:
             self.err.print(Text.assemble(("  try: ", "dim"), (err.hint, "bold")), soft_wrap=True)
 
+    def node_error(self, node: str, err: RbeeError) -> None:
+        """One node's failure inside a fan-out: its cause and the command to try, on stderr."""
+        if self.json_mode:
+            return
+        self.err.print(Text.assemble((node, "red"), f": {err.message}"))
+        if err.hint:
+            self.err.print(Text.assemble(("  try: ", "dim"), (err.hint, "bold")))
+
     def progress(self) -> NodeProgress:
         return NodeProgress(self)
 

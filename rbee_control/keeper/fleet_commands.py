@@ -60,7 +60,7 @@ def _report(display: Display, outcomes: dict[str, NodeOutcome[Any]], human: Call
     for name, outcome in outcomes.items():
         if outcome.error is not None:
             failed += 1
-            display.narrate(f"[red]{name}[/red]: {outcome.error.message}")
+            display.node_error(name, outcome.error)
         else:
             display.narrate(f"[green]{name}[/green]: {human(name, outcome.value)}")
     display.result(
@@ -122,7 +122,7 @@ async def cmd_models(args: argparse.Namespace, display: Display) -> int:
             display.out.print(table("models", ["node", "name", "architecture", "quant", "size"], rows))
         for name, o in outcomes.items():
             if o.error is not None:
-                display.narrate(f"[red]{name}[/red]: {o.error.message}")
+                display.node_error(name, o.error)
         display.result(
             {n: o.value if o.ok else {"error": o.error.body()["error"]} for n, o in outcomes.items()}
         )  # type: ignore[union-attr]
@@ -173,7 +173,7 @@ async def cmd_worker(args: argparse.Namespace, display: Display) -> int:
         }
         for name, o in outcomes.items():
             if o.error is not None:
-                display.narrate(f"[red]{name}[/red]: {o.error.message}")
+                display.node_error(name, o.error)
         display.result(safe)
         return 0 if all(o.ok for o in outcomes.values()) else 1
     node = _one_node(inventory, args)
@@ -218,7 +218,7 @@ async def cmd_status(args: argparse.Namespace, display: Display) -> int:
         display.out.print(table("rbee fleet", ["node", "hive", "workers", "models", "RAM"], rows))
     for name, outcome in outcomes.items():
         if outcome.error is not None:
-            display.narrate(f"[red]{name}[/red]: {outcome.error.message}")
+            display.node_error(name, outcome.error)
     display.result(
         {
             n: (_without_keys(o.value or {}) if o.ok else {"error": o.error.body()["error"]})  # type: ignore[union-attr]

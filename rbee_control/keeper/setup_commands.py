@@ -247,7 +247,7 @@ async def cmd_install(args: argparse.Namespace, display: Display) -> int:
     for name, outcome in outcomes.items():
         if outcome.error is not None:
             failed += 1
-            display.narrate(f"[red]{name}[/red]: {outcome.error.message}")
+            display.node_error(name, outcome.error)
         else:
             display.narrate(f"[green]{name}[/green]: {outcome.value['version']}")
     display.result({n: o.value if o.ok else {"error": o.error.body()["error"]} for n, o in outcomes.items()})  # type: ignore[union-attr]
