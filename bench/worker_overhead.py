@@ -34,19 +34,22 @@ runtime uses). The server runs with `--interrupt_requests False`, so a new
 request queues instead of cutting the running one off, and `--logits_all False`,
 the worker's runtime setting (`--llama-logits-all` keeps the server's own
 default, which copies every position's logits for logprobs). With 1 and with 4
-concurrent clients it reports the median per-request TTFT (queueing included),
-per-request decode tok/s and total tok/s (all tokens of a batch / its wall
-time). The last lines are rbee/llama-server ratios (median of per-round
-ratios): above 1 favours rbee for tok/s, below 1 favours rbee for TTFT. It
-needs the server extra's dependencies (fastapi, sse-starlette,
-starlette-context, pydantic-settings).
+concurrent clients (`--clients 1,4,8` for others) it reports the median
+per-request TTFT (queueing included), per-request decode tok/s and total tok/s
+(all tokens of a batch / its wall time). The last lines are rbee/llama-server
+ratios (median of per-round ratios): above 1 favours rbee for tok/s, below 1
+favours rbee for TTFT. It needs the server extra's dependencies (fastapi,
+sse-starlette, starlette-context, pydantic-settings).
 
 The machine may be shared: read the per-run rows for spread, not only the
 medians. Everything listens on 127.0.0.1 only; every loop is bounded in count
 and in time, and every server started here is killed on exit, errors included.
 
     python bench/worker_overhead.py [--model all|tiny|smollm2|PATH] [--runs N]
-                                    [--tokens N] [--mode overhead|llama-server]
+                                    [--tokens N] [--mode overhead|llama-server] [--clients 1,4]
+
+`bench/report.py` imports `overhead_mode` and `llama_server_mode` (both return
+their samples) to put these numbers into docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from rbee_worker.app.generation import StopMatcher
 from rbee_worker.app.server import default_threads
@@ -104,6 +108,10 @@ class Sample:
     stop_reason: str
     text: str
     worker_decode_ms: float | None = None
+    #: the worker's own TTFT (`end.ttft_ms`: request accepted → first token, measured on its side)
+    worker_ttft_ms: float | None = None
+    #: request start → the stream's first event (`started`) in the client's hands
+    first_event_ms: float | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -337,6 +345,7 @@ async def run_worker_sse(client: httpx.AsyncClient, req: InferenceRequest) -> Sa
     first_at = last_at = 0.0
     last_index = -1
     end: dict[str, Any] | None = None
+    first_event_at = 0.0
     async with asyncio.timeout(REQUEST_TIMEOUT_S):
         started = time.perf_counter()
         async with client.stream("POST", "/v1/inference", json=req.to_json()) as response:
@@ -344,6 +353,7 @@ async def run_worker_sse(client: httpx.AsyncClient, req: InferenceRequest) -> Sa
                 await response.aread()
                 raise RuntimeError(f"worker answered {response.status_code}: {response.text[:300]}")
             async for event in events.iter_events(response.aiter_lines()):
+                first_event_at = first_event_at or time.perf_counter()
                 if event.name == events.TOKEN:
                     last_at = time.perf_counter()
                     if not first_at:
@@ -366,6 +376,8 @@ async def run_worker_sse(client: httpx.AsyncClient, req: InferenceRequest) -> Sa
         str(end["stop_reason"]),
         "".join(parts),
         worker_decode_ms=float(end["decode_ms"]),
+        worker_ttft_ms=float(end["ttft_ms"]) if end.get("ttft_ms") is not None else None,
+        first_event_ms=(first_event_at - started) * 1000,
     )
 
 
@@ -461,7 +473,65 @@ def print_medians(side: str, samples: list[Sample], worker: bool) -> None:
     )
 
 
-async def overhead_for(model: Model, args: argparse.Namespace, tmp: Path, deadline: Deadline) -> None:
+@dataclasses.dataclass(slots=True)
+class CpuSplit:
+    """CPU seconds over the timed runs: in process (runtime + stopping logic), and for the SSE runs the
+    worker process (all its threads: runtime, event loop, HTTP) and this process as the SSE client."""
+
+    in_process_s: float = 0.0
+    worker_s: float = 0.0
+    client_s: float = 0.0
+
+
+def _cpu_s(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return float(times.user + times.system)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OverheadResult:
+    """Paired runs of one model: `local[i]` (in process) and `remote[i]` (SSE) ran back to back."""
+
+    model: Model
+    tokens: int
+    threads: int
+    local: list[Sample]
+    remote: list[Sample]
+    cpu: CpuSplit = dataclasses.field(default_factory=CpuSplit)
+    #: median round trip of an authenticated `GET /v1/ready` on the same client: the floor of any request
+    http_rtt_ms: float = math.nan
+
+    def cpu_us_per_token(self, side: str) -> float:
+        """`side`: in_process, worker or client."""
+        samples = self.local if side == "in_process" else self.remote
+        tokens = sum(s.tokens for s in samples)
+        return getattr(self.cpu, f"{side}_s") / tokens * 1e6 if tokens else math.nan
+
+    @property
+    def ratio(self) -> float:
+        """Median of the per-pair SSE / in-process decode rates."""
+        return median([b.tokens_per_s / a.tokens_per_s for a, b in zip(self.local, self.remote, strict=True)])
+
+    @property
+    def ttft_overhead_ms(self) -> float:
+        """Median of the per-pair SSE − in-process TTFT differences."""
+        return median([b.ttft_ms - a.ttft_ms for a, b in zip(self.local, self.remote, strict=True)])
+
+
+async def http_round_trip_ms(client: httpx.AsyncClient, count: int = 15) -> float:
+    """Median time of a small authenticated request on the client's kept-alive connection."""
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        response = await client.get("/v1/ready")
+        times.append((time.perf_counter() - started) * 1000)
+        response.raise_for_status()
+    return median(times)
+
+
+async def overhead_for(
+    model: Model, args: argparse.Namespace, tmp: Path, deadline: Deadline
+) -> OverheadResult:
     tokens = args.tokens or default_tokens(model.label)
     runs = args.runs or default_runs(model.label)
     req = make_request(args, tokens)
@@ -488,36 +558,64 @@ async def overhead_for(model: Model, args: argparse.Namespace, tmp: Path, deadli
                 print(ROW_HEADER)
                 local: list[Sample] = []
                 remote: list[Sample] = []
+                cpu = CpuSplit()
+                worker_proc = psutil.Process(worker.proc.pid)
+                worker_cpu_before = _cpu_s(worker_proc)
+
+                def in_process() -> Sample:
+                    started = time.process_time()  # this process does nothing else meanwhile
+                    sample = run_in_process(runtime, req, deadline)
+                    cpu.in_process_s += time.process_time() - started
+                    return sample
+
+                async def over_sse() -> Sample:
+                    started = time.process_time()
+                    sample = await run_worker_sse(client, req)
+                    cpu.client_s += time.process_time() - started
+                    return sample
+
                 for i in range(runs):
                     if deadline.expired():
                         print(f"(time budget of {deadline.seconds:.0f} s spent: stopping after {i} runs)")
                         break
                     if i % 2 == 0:
-                        a = run_in_process(runtime, req, deadline)
-                        b = await run_worker_sse(client, req)
+                        a = in_process()
+                        b = await over_sse()
                     else:
-                        b = await run_worker_sse(client, req)
-                        a = run_in_process(runtime, req, deadline)
+                        b = await over_sse()
+                        a = in_process()
                     local.append(a)
                     remote.append(b)
                     same = "same text" if a.text == b.text else "TEXT DIFFERS"
                     print_row(str(i + 1), "in-process", a)
                     print_row("", "sse", b, f"ratio {b.tokens_per_s / a.tokens_per_s:.3f}, {same}")
+                cpu.worker_s = _cpu_s(worker_proc) - worker_cpu_before
+                http_rtt_ms = await http_round_trip_ms(client)
     finally:
         runtime.close()
     print_medians("in-process", local, worker=False)
     print_medians("sse", remote, worker=True)
-    ratio = median([b.tokens_per_s / a.tokens_per_s for a, b in zip(local, remote, strict=True)])
-    ttft_overhead = median([b.ttft_ms - a.ttft_ms for a, b in zip(local, remote, strict=True)])
-    print(f"sse/in-process tokens/s = {ratio:.2f}")
-    print(f"TTFT overhead = {ttft_overhead:.1f} ms", flush=True)
+    result = OverheadResult(model, tokens, args.threads, local, remote, cpu, http_rtt_ms)
+    print(
+        f"CPU per generated token: in process {result.cpu_us_per_token('in_process'):.0f} µs; "
+        f"worker process {result.cpu_us_per_token('worker'):.0f} µs + SSE client "
+        f"{result.cpu_us_per_token('client'):.0f} µs"
+    )
+    print(
+        f"SSE TTFT split (medians): first event (`started`) after "
+        f"{median([s.first_event_ms or math.nan for s in remote]):.1f} ms, worker-side TTFT "
+        f"{median([s.worker_ttft_ms or math.nan for s in remote]):.1f} ms; GET /v1/ready round trip "
+        f"{http_rtt_ms:.1f} ms"
+    )
+    print(f"sse/in-process tokens/s = {result.ratio:.2f}")
+    print(f"TTFT overhead = {result.ttft_overhead_ms:.1f} ms", flush=True)
+    return result
 
 
-async def overhead_mode(args: argparse.Namespace, tmp: Path) -> None:
+async def overhead_mode(args: argparse.Namespace, tmp: Path) -> list[OverheadResult]:
     labels = ["tiny", "smollm2"] if args.model == "all" else [args.model]
     deadline = Deadline(args.max_seconds)
-    for label in labels:
-        await overhead_for(resolve_model(label, tmp), args, tmp, deadline)
+    return [await overhead_for(resolve_model(label, tmp), args, tmp, deadline) for label in labels]
 
 
 # ----------------------------------------------------------- llama-server mode
@@ -564,9 +662,13 @@ LLAMA_HEADER = LLAMA_ROW.format(
 
 
 async def llama_server_rounds(
-    sides: dict[str, tuple[httpx.AsyncClient, Caller]], req: InferenceRequest, runs: int, deadline: Deadline
+    sides: dict[str, tuple[httpx.AsyncClient, Caller]],
+    req: InferenceRequest,
+    runs: int,
+    deadline: Deadline,
+    concurrency: Sequence[int] = CONCURRENCY,
 ) -> dict[tuple[str, int], list[Batch]]:
-    results: dict[tuple[str, int], list[Batch]] = {(s, c): [] for s in sides for c in CONCURRENCY}
+    results: dict[tuple[str, int], list[Batch]] = {(s, c): [] for s in sides for c in concurrency}
     for client, call in sides.values():  # warm-up
         await run_batch(client, call, req, 1)
     print(LLAMA_HEADER)
@@ -575,7 +677,7 @@ async def llama_server_rounds(
             print(f"(time budget of {deadline.seconds:.0f} s spent: stopping after {i} rounds)")
             break
         names = list(sides) if i % 2 == 0 else list(reversed(sides))
-        for clients in CONCURRENCY:
+        for clients in concurrency:
             for name in names:
                 client, call = sides[name]
                 batch = await run_batch(client, call, req, clients)
@@ -598,6 +700,7 @@ async def llama_server_rounds(
 
 
 def print_llama_summary(results: dict[tuple[str, int], list[Batch]]) -> None:
+    concurrency = sorted({clients for _, clients in results})
     print("\nmedians over rounds")
     print(f"{'server':<13} {'clients':>7} {'ttft_ms':>9} {'req tok/s':>10} {'total tok/s':>12}")
     for (name, clients), batches in results.items():
@@ -608,13 +711,13 @@ def print_llama_summary(results: dict[tuple[str, int], list[Batch]]) -> None:
         )
     pairs_all = [
         (a, b)
-        for clients in CONCURRENCY
+        for clients in concurrency
         for x, y in zip(results[("rbee", clients)], results[("llama-server", clients)], strict=True)
         for a, b in zip(x.samples, y.samples, strict=True)
     ]
     same = sum(a.text == b.text for a, b in pairs_all)
     print(f"\nsame text from both servers in {same} of {len(pairs_all)} request pairs (same prompt and seed)")
-    for clients in CONCURRENCY:
+    for clients in concurrency:
         pairs = list(zip(results[("rbee", clients)], results[("llama-server", clients)], strict=True))
 
         def ratio(metric: Callable[[Batch], float], pairs: list[tuple[Batch, Batch]] = pairs) -> float:
@@ -628,7 +731,11 @@ def print_llama_summary(results: dict[tuple[str, int], list[Batch]]) -> None:
         )
 
 
-async def llama_server_mode(args: argparse.Namespace, tmp: Path) -> None:
+async def llama_server_mode(
+    args: argparse.Namespace, tmp: Path, concurrency: Sequence[int] | None = None
+) -> dict[tuple[str, int], list[Batch]]:
+    """Rounds of rbee vs llama_cpp.server; results keyed by (server, clients), server in SERVERS."""
+    concurrency = tuple(concurrency or args.clients)
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("sse_starlette") is None:
         raise SystemExit(
             "llama_cpp.server needs its extra's dependencies: pip install fastapi sse-starlette "
@@ -645,7 +752,7 @@ async def llama_server_mode(args: argparse.Namespace, tmp: Path) -> None:
         f"max_tokens {tokens}, seed {args.seed}+client, temperature {args.temperature}, {runs} rounds)",
         flush=True,
     )
-    limits = httpx.Limits(max_connections=max(CONCURRENCY) + 2)
+    limits = httpx.Limits(max_connections=max(concurrency) + 2)
     with contextlib.ExitStack() as stack:
         worker = stack.enter_context(
             running(
@@ -671,8 +778,9 @@ async def llama_server_mode(args: argparse.Namespace, tmp: Path) -> None:
                 "rbee": (wc, run_worker_sse),
                 "llama-server": (sc, run_llama_server_sse),
             }
-            results = await llama_server_rounds(sides, req, runs, Deadline(args.max_seconds))
+            results = await llama_server_rounds(sides, req, runs, Deadline(args.max_seconds), concurrency)
     print_llama_summary(results)
+    return results
 
 
 # ------------------------------------------------------------------------ main
@@ -689,9 +797,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--runs", type=int, help="paired runs, rounds in llama-server mode (default: 12 tiny, 6 otherwise)"
     )
-    parser.add_argument("--tokens", type=int, help="max_tokens (default: 512 for tiny, 128 otherwise)")
+    parser.add_argument("--tokens", type=int, help="max_tokens (default: 2000 for tiny, 128 otherwise)")
     parser.add_argument("--threads", type=int, default=default_threads(), help="runtime threads, both sides")
     parser.add_argument("--ctx", type=int, default=2048, help="context length in llama-server mode")
+    parser.add_argument(
+        "--clients",
+        type=_int_list,
+        default=CONCURRENCY,
+        help="concurrent clients per batch in llama-server mode, comma-separated (default: 1,4)",
+    )
     parser.add_argument(
         "--llama-logits-all",
         action="store_true",
@@ -708,6 +822,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if value is not None and not 1 <= value <= 100_000:
             parser.error(f"--{name} must be between 1 and 100000")
     return args
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    values = tuple(int(v) for v in text.split(",") if v.strip())
+    if not values or not all(1 <= v <= 64 for v in values):
+        raise argparse.ArgumentTypeError("a comma-separated list of integers between 1 and 64")
+    return values
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:
