@@ -30,6 +30,15 @@ CONNECT_TIMEOUT = 10.0
 ATTEMPTS = 3
 BACKOFF: tuple[float, ...] = (0.2, 0.4)
 KEEPALIVE_INTERVAL = 15.0
+#: AES-GCM first: with AES-NI it costs asyncssh half the CPU of chacha20-poly1305, which took SFTP
+#: pushes from 0.75x to 0.98x of scp on loopback. The rest keeps any OpenSSH server reachable.
+ENCRYPTION_ALGS = (
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "chacha20-poly1305@openssh.com",
+    "aes128-ctr",
+    "aes256-ctr",
+)
 
 #: Failures worth another attempt: refused, unreachable, reset, dropped mid-handshake. A timeout is
 #: not retried: a node that accepts TCP and then says nothing would cost ATTEMPTS x timeout, and a
@@ -102,6 +111,7 @@ async def _connect_once(
             config=None,
             connect_timeout=timeout,
             keepalive_interval=KEEPALIVE_INTERVAL,
+            encryption_algs=ENCRYPTION_ALGS,
         )
     except (asyncssh.HostKeyNotVerifiable, asyncssh.KeyExchangeFailed):
         actual = await _actual_fingerprint(ssh.host, ssh.port, timeout)
