@@ -16,6 +16,14 @@ from .gguf_header import HeaderError, TensorExtent, read_header
 from .protocol.errors import ErrorCode, RbeeError
 
 TOKENS_KEY = "tokenizer.ggml.tokens"
+#: Model shape keys a runtime divides by or allocates from: zero crashes it (SIGFPE), huge exhausts it.
+_SHAPE_LIMITS = (
+    ("block_count", 1, 10_000),
+    ("embedding_length", 1, 1_000_000),
+    ("feed_forward_length", 1, 10_000_000),
+    ("attention.head_count", 1, 100_000),
+    ("attention.head_count_kv", 1, 100_000),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +77,10 @@ def read_gguf_info(path: str | os.PathLike[str]) -> GGUFInfo:
     ctx = fields.get(f"{arch}.context_length")
     if ctx is not None and (not isinstance(ctx, int) or not 1 <= ctx <= 10_000_000):
         raise _invalid(p, f"absurd {arch}.context_length: {ctx!r}")
+    for key, low, high in _SHAPE_LIMITS:
+        value = fields.get(f"{arch}.{key}")
+        if value is not None and (not isinstance(value, int) or not low <= value <= high):
+            raise _invalid(p, f"absurd {arch}.{key}: {value!r}")
     tokens = fields.get(TOKENS_KEY)
 
     def token_text(token_id: Any) -> str | None:

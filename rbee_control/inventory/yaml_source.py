@@ -22,6 +22,7 @@ from ruamel.yaml.events import (
     CollectionStartEvent,
     DocumentStartEvent,
     NodeEvent,
+    ScalarEvent,
 )
 from ruamel.yaml.reader import ReaderError
 
@@ -111,6 +112,13 @@ def _refuse_hostile(yaml: YAML, text: str, source: str) -> None:
                 mark.line,
                 mark.column,
                 "anchors (&name) are not allowed in an inventory; write the values out",
+            )
+        if isinstance(event, ScalarEvent) and event.value == "<<" and event.style is None:
+            raise located_error(
+                source,
+                mark.line,
+                mark.column,
+                "merge keys (<<) are not allowed in an inventory; write the keys out",
             )
         tag = getattr(event, "tag", None)
         if tag is not None:

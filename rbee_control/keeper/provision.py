@@ -53,6 +53,8 @@ async def ensure_model(
         check_model_name(wanted)  # before any byte is pushed: the hive would refuse it anyway
     for entry in await client.models_list(templates=True):
         if entry.get("name") == wanted:
+            if is_ref(model):
+                _check_same_model(entry, model, sha256)
             return entry
     if not is_ref(model):
         raise RbeeError(
@@ -71,6 +73,29 @@ async def ensure_model(
     return await client.models_add(
         ref, name=wanted, sha256=sha256, progress=progress.on_event(client.node.name)
     )
+
+
+def _check_same_model(entry: dict[str, Any], ref: str, sha256: str | None) -> None:
+    """A name already in the catalog may only be "added" again for the same file."""
+    if sha256 and entry.get("sha256") and sha256.lower() != entry["sha256"]:
+        raise RbeeError(
+            ErrorCode.CHECKSUM_MISMATCH,
+            f"model {entry['name']!r} on this node has sha256 {entry['sha256']}, not {sha256}",
+            status=409,
+            hint="choose another --name, or remove the old one first: rbee-keeper models rm NAME --node NODE",
+        )
+    if ref.startswith("file:"):
+        size = local_file(ref).stat().st_size
+        same = size == entry.get("size")
+    else:
+        same = ref == entry.get("ref")
+    if not same:
+        raise RbeeError(
+            ErrorCode.INVALID_REQUEST,
+            f"the name {entry['name']!r} is already used on this node by {entry.get('ref')}",
+            status=409,
+            hint="choose another --name, or remove the old one first: rbee-keeper models rm NAME --node NODE",
+        )
 
 
 async def push_file(client: NodeClient, source: Path, progress: NodeProgress) -> str:

@@ -125,7 +125,15 @@ class InventoryFleet:
     async def spawn(self, model: str, node: str) -> WorkerEntry:
         client = self._client(node)
         await self._ensure_hive(node, client)
-        info = await client.worker_spawn(model, wait=True)
+        try:
+            info = await client.worker_spawn(model, wait=True)
+        except RbeeError as exc:
+            if exc.code != ErrorCode.HIVE_NOT_RUNNING:
+                raise
+            # The hive stopped or died since we checked: start it again, once.
+            self._hive_checked.discard(node)
+            await self._ensure_hive(node, client)
+            info = await client.worker_spawn(model, wait=True)
         entry = WorkerEntry(
             id=str(info["id"]), node=node, url=str(info["url"]), api_key=str(info["api_key"]), model=model
         )

@@ -78,7 +78,15 @@ class SshCommandStream(CommandStream):
             proc.stdin.write_eof()
         else:
             self._feeder = asyncio.create_task(self._feed(self._stdin))
-        self._stderr_task = asyncio.create_task(self._pump_stderr(proc.stderr.readline, expect_pid=True))
+        self._stderr_task = asyncio.create_task(self._pump_stderr(self._stderr_line, expect_pid=True))
+
+    async def _stderr_line(self) -> bytes:
+        """stderr ends quietly when the connection drops; stdout's reader reports the loss."""
+        assert self._proc is not None
+        try:
+            return await self._proc.stderr.readline()
+        except NETWORK_ERRORS:
+            return b""
 
     async def _feed(self, data: bytes) -> None:
         assert self._proc is not None

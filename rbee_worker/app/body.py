@@ -24,7 +24,7 @@ async def read_json(request: Request) -> Any:
             )  # fmt: skip
     try:
         return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise RbeeError(
             ErrorCode.INVALID_REQUEST, f"body: invalid JSON ({exc})", status=400, details={"field": "body"}
         ) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -195,7 +196,7 @@ def serve(config: WorkerConfig) -> int:
     """Run until shut down; return the process exit code."""
     sock = bind_socket(config.host, config.port)
     if config.port == 0:
-        config = WorkerConfig(**{**config.__dict__, "port": sock.getsockname()[1]})
+        config = dataclasses.replace(config, port=sock.getsockname()[1])
     app = create_app(config)
     server = WorkerServer(
         uvicorn.Config(

@@ -85,12 +85,6 @@ def test_malformed_and_hostile_inventories_are_refused_unchanged(
     record(files=len(cases), runs=checked)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rbee_control/inventory/yaml_source.py:96 (`_refuse_hostile`) refuses anchors, aliases, tags, "
-    "deep nesting and extra documents but not the merge key `<<`, which ruamel applies, so `<<: {…}` "
-    "silently merges although docs/keeper.md says merge keys are refused",
-)
 def test_yaml_merge_key_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "inventory.yaml"
     data = f"nodes:\n  a:\n    <<: {{transport: local}}\n    home: '{tmp_path / 'home'}'\n".encode()
@@ -151,12 +145,6 @@ def test_shell_metacharacters_never_reach_a_shell(e2e: E2EFleet, tmp_path: Path,
     record(commands=len(results) + 1, marker_created=marker.exists())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rbee_control/keeper/provision.py:55 returns any catalog entry with the wanted name before the "
-    "node sees the ref or --sha256: `models add file:OTHER --name tiny --sha256 <OTHER's sha256>` exits 0 "
-    "and reports the old `tiny`, where rbee-hive itself refuses a name used for another ref (409)",
-)
 def test_models_add_with_a_name_already_used_is_refused(e2e: E2EFleet, tmp_path: Path) -> None:
     other = write_tiny_model(tmp_path / "other.gguf", seed=9)
     digest = hashlib.sha256(other.read_bytes()).hexdigest()
@@ -276,12 +264,6 @@ def test_oversized_and_invalid_bodies_get_4xx_and_the_process_lives(
     record(requests=sum(answers.values()), **{f"http_{k}": v for k, v in sorted(answers.items())})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rbee_worker/app/body.py:27 (`read_json`, shared by the worker and the queen) catches "
-    "ValueError and UnicodeDecodeError from json.loads but not RecursionError, so a 200 KB body of nested "
-    "brackets is a 500 (plain 'Internal Server Error' on the worker, INTERNAL_ERROR on the queen), not a 400",
-)
 def test_deeply_nested_json_is_a_4xx(worker: WorkerProcess, queen: Queen, registered: str) -> None:
     problems = []
     for target, (url, key) in _targets(worker, queen).items():
@@ -411,12 +393,6 @@ def test_truncated_and_structurally_absurd_ggufs_are_refused(
     record(files=len(files))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rbee_worker/gguf_info.py:70 sanity-checks only `<arch>.context_length`: a GGUF claiming "
-    "attention.head_count 0 (the worker then dies of SIGFPE while loading) or 4294967295 layers is "
-    "catalogued by `models add`",
-)
 def test_ggufs_with_absurd_model_shape_are_refused(e2e: E2EFleet, tmp_path: Path) -> None:
     good = write_tiny_model(tmp_path / "good.gguf", seed=6).read_bytes()
     files = {
@@ -436,11 +412,6 @@ def test_ggufs_with_absurd_model_shape_are_refused(e2e: E2EFleet, tmp_path: Path
     assert accepted == [], f"catalogued although absurd: {accepted}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rbee_worker/app/server.py:198 rebuilds the config with `config.__dict__`, but WorkerConfig is a "
-    "slots dataclass: `rbee-worker serve --port 0` dies with AttributeError and a traceback",
-)
 def test_worker_port_zero_binds_a_free_port(e2e: E2EFleet, tmp_path: Path) -> None:
     argv = [
         sys.executable, "-m", "rbee_worker.cli", "serve", "--model", str(e2e.model_file),

@@ -136,13 +136,6 @@ def test_hive_killed_then_restarted_and_stopped_cleanly(e2e: E2EFleet, record: A
     record(restart_s=round(started.seconds, 2), stop_s=round(stopped.seconds, 2))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=openai.InternalServerError,
-    reason="rbee_control/queen/inventory_fleet.py:118 (`_ensure_hive` returns early for a node in "
-    "`_hive_checked`, which is never cleared): once a node's hive is stopped or dies, every cold start "
-    "the queen tries there fails with 500 HIVE_NOT_RUNNING instead of starting the hive again",
-)
 def test_queen_cold_starts_again_after_the_hive_went_away(
     e2e: E2EFleet, own_queen: Queen, record: Any
 ) -> None:
@@ -246,14 +239,6 @@ def test_sshd_drops_during_infer_is_a_clean_connection_failed(e2e: E2EFleet, rec
     assert seconds < 15, f"took {seconds:.1f}s to notice the node was gone"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rbee_control/ssh/remote.py:81 runs `_pump_stderr` (rbee_control/ssh/stream.py:170) on the raw "
-    "asyncssh `proc.stderr.readline` (unlike `_readline`, remote.py:90, which maps network errors), and "
-    "`CommandStream.cancel` (stream.py:120) only awaits that task when it is not done: when the connection "
-    "drops, the task ends with ConnectionLost that nobody retrieves, so asyncio prints 'Task exception was "
-    "never retrieved' and a traceback under the keeper's clean CONNECTION_FAILED line (when GC runs in time)",
-)
 def test_dropped_ssh_connection_leaves_no_unretrieved_error(
     e2e: E2EFleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
