@@ -146,7 +146,10 @@ def rbee_processes(homes: Path) -> list[psutil.Process]:
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
         if str(homes) in cmdline and (
-            "rbee-hive" in cmdline or "rbee-worker" in cmdline or "rbee_worker" in cmdline
+            "rbee-hive" in cmdline
+            or "rbee_control.hive" in cmdline  # a detached daemon: python -m rbee_control.hive.cli daemon
+            or "rbee-worker" in cmdline
+            or "rbee_worker" in cmdline
         ):
             found.append(proc)
     return found
