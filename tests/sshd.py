@@ -88,6 +88,19 @@ class SshdNode:
             )
         _wait_listening(self)
 
+    def set_env(self, env: dict[str, str]) -> SshdNode:
+        """Restart sshd so every command it runs sees `env` (sshd honours only its first SetEnv line)."""
+        config = self.config_path.read_text()
+        extra = " ".join(f"{k}={v}" for k, v in env.items())
+        if "SetEnv " in config:
+            config = config.replace("SetEnv SHLVL=2", f"SetEnv SHLVL=2 {extra}", 1)
+        else:
+            config += f"SetEnv {extra}\n"
+        self.config_path.write_text(config)
+        self.stop()
+        self.start()
+        return self
+
     def stop(self) -> None:
         """Stop sshd and its per-connection processes (open connections drop), as if the node went down."""
         proc, self.process = self.process, None

@@ -75,18 +75,8 @@ SETTLE_SECONDS = 15.0
 
 
 def start_node(factory: sshd.SshdFactory, address: str) -> sshd.SshdNode:
-    """An sshd on `address` whose commands see this suite's hive options (sshd honours one SetEnv)."""
-    node = factory.start(address)
-    config = node.config_path.read_text()
-    extra = " ".join(f"{k}={v}" for k, v in HIVE_ENV.items())
-    if "SetEnv " in config:
-        config = config.replace("SetEnv SHLVL=2", f"SetEnv SHLVL=2 {extra}", 1)
-    else:
-        config += f"SetEnv {extra}\n"
-    node.config_path.write_text(config)
-    node.stop()
-    node.start()
-    return node
+    """An sshd on `address` whose commands see this suite's hive options."""
+    return factory.start(address).set_env(HIVE_ENV)
 
 
 @dataclass

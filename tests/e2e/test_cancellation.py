@@ -8,14 +8,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import select
 import signal
-import subprocess
 import time
 from typing import Any
 
 import httpx
 import openai
+
+from tests.keeper.conftest import read_some
 
 from .conftest import (
     MODEL,
@@ -32,21 +32,6 @@ CATEGORY = "cancellation"
 LONG = 4000  # tokens asked for; a cancelled request must stop far below
 PROMPT = "Once upon a time"
 OK = 'rbee_worker_requests_total{outcome="ok"}'
-
-
-def _read_some(proc: subprocess.Popen[bytes], at_least: int, timeout: float) -> bytes:
-    assert proc.stdout is not None
-    got = b""
-    deadline = time.monotonic() + timeout
-    while len(got) < at_least:
-        left = deadline - time.monotonic()
-        assert left > 0, f"only {len(got)} bytes of tokens after {timeout}s"
-        ready, _, _ = select.select([proc.stdout], [], [], left)
-        if ready:
-            chunk = os.read(proc.stdout.fileno(), 4096)
-            assert chunk, "stdout closed before any tokens"
-            got += chunk
-    return got
 
 
 def _settled(record: dict[str, Any], before: dict[str, float], stops: int = 1) -> dict[str, float]:
@@ -77,7 +62,7 @@ def test_ctrl_c_of_keeper_infer_cancels_the_remote_request(e2e: E2EFleet, soak: 
             "infer", "--node", "n2", "--model", MODEL, "--prompt", PROMPT, "--max-tokens", str(LONG)
         )
         try:
-            _read_some(proc, 20, timeout=30)
+            read_some(proc, 20, timeout=30)
             proc.send_signal(signal.SIGINT)
             started = time.monotonic()
             _, err = proc.communicate(timeout=20)

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import subprocess
 import sys
 import time
@@ -181,20 +182,24 @@ def stop_fleet(keeper: Keeper, homes: Path) -> None:
 
 
 def _with_hive_env(node: sshd.SshdNode) -> sshd.SshdNode:
-    """Restart `node`'s sshd so every command it runs sees the hive options of these tests.
+    """`node`, restarted so every command it runs sees the hive options of these tests."""
+    return node.set_env(HIVE_ENV)
 
-    sshd honours only the first `SetEnv` line, so the variables join the existing one.
-    """
-    config = node.config_path.read_text()
-    extra = " ".join(f"{k}={v}" for k, v in HIVE_ENV.items())
-    if "SetEnv " in config:
-        config = config.replace("SetEnv SHLVL=2", f"SetEnv SHLVL=2 {extra}", 1)
-    else:
-        config += f"SetEnv {extra}\n"
-    node.config_path.write_text(config)
-    node.stop()
-    node.start()
-    return node
+
+def read_some(proc: subprocess.Popen[bytes], at_least: int, timeout: float) -> bytes:
+    """Read stdout until `at_least` bytes arrived (tokens are flowing), bounded by `timeout`."""
+    assert proc.stdout is not None
+    got = b""
+    deadline = time.monotonic() + timeout
+    while len(got) < at_least:
+        left = deadline - time.monotonic()
+        assert left > 0, f"only {len(got)} bytes of tokens after {timeout}s"
+        ready, _, _ = select.select([proc.stdout], [], [], left)
+        if ready:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            assert chunk, f"stdout closed early; stderr: {proc.stderr.read().decode() if proc.stderr else ''}"
+            got += chunk
+    return got
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import httpx
 import psutil
 import pytest
 
-from .conftest import Fleet, Keeper, make_keeper, stop_fleet, wait_for
+from .conftest import Fleet, Keeper, make_keeper, read_some, stop_fleet, wait_for
 
 PROMPT = "Once upon a time"
 SEED = "11"
@@ -47,22 +46,6 @@ def _metrics(worker: dict[str, Any]) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             values[name] = float(value)
     return values
-
-
-def _read_some(proc: subprocess.Popen[bytes], at_least: int, timeout: float) -> bytes:
-    """Read stdout until `at_least` bytes arrived (tokens are flowing), bounded by `timeout`."""
-    assert proc.stdout is not None
-    got = b""
-    deadline = time.monotonic() + timeout
-    while len(got) < at_least:
-        left = deadline - time.monotonic()
-        assert left > 0, f"only {len(got)} bytes of tokens after {timeout}s"
-        ready, _, _ = select.select([proc.stdout], [], [], left)
-        if ready:
-            chunk = os.read(proc.stdout.fileno(), 4096)
-            assert chunk, f"stdout closed early; stderr: {proc.stderr.read().decode() if proc.stderr else ''}"
-            got += chunk
-    return got
 
 
 @pytest.mark.parametrize("node", ["n2", "n3", "local"])
@@ -243,7 +226,7 @@ def test_ctrl_c_cancels_the_remote_request(fleet: Fleet) -> None:
     before = _metrics(worker)
     proc = keeper.popen("infer", "--node", "n3", "--model", "tiny", "--prompt", PROMPT, "--max-tokens", LONG)
     try:
-        _read_some(proc, 20, timeout=20)
+        read_some(proc, 20, timeout=20)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=15)
     finally:
@@ -274,7 +257,7 @@ def test_worker_killed_mid_stream_keeps_the_partial_answer(fleet: Fleet) -> None
     (worker,) = listed
     proc = keeper.popen("infer", "--node", "n2", "--model", "tiny", "--prompt", PROMPT, "--max-tokens", LONG)
     try:
-        first = _read_some(proc, 20, timeout=20)
+        first = read_some(proc, 20, timeout=20)
         os.kill(worker["pid"], signal.SIGKILL)
         rest, err_bytes = proc.communicate(timeout=20)
     finally:
