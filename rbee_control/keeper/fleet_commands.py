@@ -45,31 +45,37 @@ async def fan_out(
         return await pool.fan_out(nodes, run, timeout=timeout)
 
 
-def _without_keys(info: Any) -> Any:
-    """A node status with the workers' API keys left out: `--json` output is not a secret store."""
-    if not isinstance(info, dict) or not isinstance(info.get("workers"), list):
-        return info
-    workers = [
-        {k: v for k, v in w.items() if k != "api_key"} if isinstance(w, dict) else w for w in info["workers"]
-    ]
-    return {**info, "workers": workers}
+def _public(value: Any) -> Any:
+    """A node's answer with workers' API keys left out: `--json` output is not a secret store."""
+
+    def strip(workers: list[Any]) -> list[Any]:
+        return [{k: v for k, v in w.items() if k != "api_key"} if isinstance(w, dict) else w for w in workers]
+
+    if isinstance(value, list):
+        return strip(value)
+    if isinstance(value, dict) and isinstance(value.get("workers"), list):
+        return {**value, "workers": strip(value["workers"])}
+    return value
 
 
-def _report(display: Display, outcomes: dict[str, NodeOutcome[Any]], human: Callable[[str, Any], str]) -> int:
-    failed = 0
+def report_outcomes(
+    display: Display,
+    outcomes: dict[str, NodeOutcome[Any]],
+    human: Callable[[str, Any], str] | None = None,
+) -> int:
+    """Each node's failure (cause, hint) or, with `human`, its success; one JSON result; the exit code."""
     for name, outcome in outcomes.items():
         if outcome.error is not None:
-            failed += 1
             display.node_error(name, outcome.error)
-        else:
+        elif human is not None:
             display.narrate(f"[green]{name}[/green]: {human(name, outcome.value)}")
     display.result(
         {
-            name: (_without_keys(o.value) if o.ok else {"error": o.error.body()["error"]})  # type: ignore[union-attr]
+            name: {"error": o.error.body()["error"]} if o.error is not None else _public(o.value)
             for name, o in outcomes.items()
         }
     )
-    return 1 if failed else 0
+    return 0 if all(o.ok for o in outcomes.values()) else 1
 
 
 # --- hive ----------------------------------------------------------------------------
@@ -85,7 +91,7 @@ async def cmd_hive(args: argparse.Namespace, display: Display) -> int:
         "status": lambda c: c.hive_status(),
     }[args.action]
     outcomes = await fan_out(inventory, _targets(inventory, args), action)
-    return _report(display, outcomes, lambda name, v: _hive_line(args.action, v))
+    return report_outcomes(display, outcomes, lambda name, v: _hive_line(args.action, v))
 
 
 def _hive_line(action: str, info: Any) -> str:
@@ -120,13 +126,7 @@ async def cmd_models(args: argparse.Namespace, display: Display) -> int:
         ]
         if not display.json_mode:
             display.out.print(table("models", ["node", "name", "architecture", "quant", "size"], rows))
-        for name, o in outcomes.items():
-            if o.error is not None:
-                display.node_error(name, o.error)
-        display.result(
-            {n: o.value if o.ok else {"error": o.error.body()["error"]} for n, o in outcomes.items()}
-        )  # type: ignore[union-attr]
-        return 0 if all(o.ok for o in outcomes.values()) else 1
+        return report_outcomes(display, outcomes)
     node = _one_node(inventory, args)
     async with _pool(inventory) as pool:
         client = NodeClient(node, await pool.get(node))
@@ -165,17 +165,7 @@ async def cmd_worker(args: argparse.Namespace, display: Display) -> int:
         ]
         if not display.json_mode:
             display.out.print(table("workers", ["node", "id", "model", "state", "url", "backend"], rows))
-        safe = {
-            n: [{k: v for k, v in w.items() if k != "api_key"} for w in o.value or []]
-            if o.ok
-            else {"error": o.error.body()["error"]}  # type: ignore[union-attr]
-            for n, o in outcomes.items()
-        }
-        for name, o in outcomes.items():
-            if o.error is not None:
-                display.node_error(name, o.error)
-        display.result(safe)
-        return 0 if all(o.ok for o in outcomes.values()) else 1
+        return report_outcomes(display, outcomes)
     node = _one_node(inventory, args)
     async with _pool(inventory) as pool:
         client = NodeClient(node, await pool.get(node))
@@ -216,16 +206,7 @@ async def cmd_status(args: argparse.Namespace, display: Display) -> int:
         rows.append([name, hive, worker_text, str(node_info.get("models", "-")), ram])
     if not display.json_mode:
         display.out.print(table("rbee fleet", ["node", "hive", "workers", "models", "RAM"], rows))
-    for name, outcome in outcomes.items():
-        if outcome.error is not None:
-            display.node_error(name, outcome.error)
-    display.result(
-        {
-            n: (_without_keys(o.value or {}) if o.ok else {"error": o.error.body()["error"]})  # type: ignore[union-attr]
-            for n, o in outcomes.items()
-        }
-    )
-    return 0 if all(o.ok for o in outcomes.values()) else 1
+    return report_outcomes(display, outcomes)
 
 
 def register(sub: Any) -> None:

@@ -19,6 +19,7 @@ from rbee_control.ssh.node_command import hive_command, node_env, venv_bin, venv
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
 from .display import Display, NodeProgress, table
+from .fleet_commands import report_outcomes
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -243,15 +244,7 @@ async def cmd_install(args: argparse.Namespace, display: Display) -> int:
                     return await install_on(transport.node, transport, wheel, args.extras, progress)
 
                 outcomes = await pool.fan_out(nodes, one, timeout=3600)
-    failed = 0
-    for name, outcome in outcomes.items():
-        if outcome.error is not None:
-            failed += 1
-            display.node_error(name, outcome.error)
-        else:
-            display.narrate(f"[green]{name}[/green]: {outcome.value['version']}")
-    display.result({n: o.value if o.ok else {"error": o.error.body()["error"]} for n, o in outcomes.items()})  # type: ignore[union-attr]
-    return 1 if failed else 0
+    return report_outcomes(display, outcomes, lambda name, value: value["version"])
 
 
 def register(sub: Any) -> None:
