@@ -148,21 +148,22 @@ async def inference(request: Request) -> Response:
 
     async def relay() -> AsyncIterator[bytes]:
         first = True
-        async for raw, event in upstream.events():
-            if event.name == events.TOKEN and first:
-                first = False
-                state.metrics.ttft.labels(target.model, upstream.worker.node).observe(
-                    time.perf_counter() - started
-                )
-            elif event.name == events.END:
-                outcome["value"] = "ok"
-                state.metrics.tokens.labels(target.model, upstream.worker.node).inc(
-                    event.data.get("tokens_out", 0)
-                )
-            elif event.name == events.ERROR:
-                outcome["value"] = "error"
-                state.metrics.errors.labels(str(event.data.get("code"))).inc()
-            yield raw
+        async for batch in upstream.batches():
+            for _raw, event in batch:
+                if event.name == events.TOKEN and first:
+                    first = False
+                    state.metrics.ttft.labels(target.model, upstream.worker.node).observe(
+                        time.perf_counter() - started
+                    )
+                elif event.name == events.END:
+                    outcome["value"] = "ok"
+                    state.metrics.tokens.labels(target.model, upstream.worker.node).inc(
+                        event.data.get("tokens_out", 0)
+                    )
+                elif event.name == events.ERROR:
+                    outcome["value"] = "error"
+                    state.metrics.errors.labels(str(event.data.get("code"))).inc()
+            yield b"".join(raw for raw, _event in batch)
         yield events.encode_done()
 
     def done() -> None:

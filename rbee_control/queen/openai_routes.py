@@ -120,34 +120,39 @@ def _inference(parsed: OpenAIRequest, target: Target) -> InferenceRequest:
 
 
 async def _stream(upstream: Upstream, shapes: Shapes, record: _Record) -> AsyncIterator[bytes]:
+    """OpenAI chunks, one write per batch of worker events (each token still its own chunk)."""
     first = shapes.first_chunk()
     if first is not None:
         yield first
     count = 0
-    async for _raw, event in upstream.events():
-        if event.name == events.TOKEN:
-            record.token()
-            count += 1
-            yield shapes.text_chunk(event.data["t"])
-        elif event.name == events.END:
-            record.tokens = int(event.data.get("tokens_out", count))
-            stop_reason = event.data.get("stop_reason", events.STOP_EOS)
-            if stop_reason == events.STOP_CANCELLED:
-                record.error(ErrorCode.REQUEST_CANCELED)
-                yield sse_error(_cancelled())
-                break
-            yield shapes.final_chunk(stop_reason)
-            if shapes.include_usage:
-                yield shapes.usage_chunk(int(event.data.get("prompt_tokens", 0)), record.tokens)
-            record.outcome = "ok"
-        elif event.name == events.ERROR:
-            record.tokens = count
-            error = RbeeError(
-                str(event.data.get("code")), str(event.data.get("message")), status=502,
-                details=event.data.get("details"),
-            )  # fmt: skip
-            record.error(error.code)
-            yield sse_error(error)
+    async for batch in upstream.batches():
+        out: list[bytes] = []
+        for _raw, event in batch:
+            if event.name == events.TOKEN:
+                record.token()
+                count += 1
+                out.append(shapes.text_chunk(event.data["t"]))
+            elif event.name == events.END:
+                record.tokens = int(event.data.get("tokens_out", count))
+                stop_reason = event.data.get("stop_reason", events.STOP_EOS)
+                if stop_reason == events.STOP_CANCELLED:
+                    record.error(ErrorCode.REQUEST_CANCELED)
+                    out.append(sse_error(_cancelled()))
+                    break
+                out.append(shapes.final_chunk(stop_reason))
+                if shapes.include_usage:
+                    out.append(shapes.usage_chunk(int(event.data.get("prompt_tokens", 0)), record.tokens))
+                record.outcome = "ok"
+            elif event.name == events.ERROR:
+                record.tokens = count
+                error = RbeeError(
+                    str(event.data.get("code")), str(event.data.get("message")), status=502,
+                    details=event.data.get("details"),
+                )  # fmt: skip
+                record.error(error.code)
+                out.append(sse_error(error))
+        if out:
+            yield b"".join(out)
     yield events.encode_done()
 
 

@@ -9,17 +9,20 @@ has seen nothing yet, so it gets a normal answer. Only request errors
 (400-class: a prompt that does not fit the context, …) go back to the client
 as they are.
 
-After the commit the stream is the client's: each worker event is handed on the
-moment it arrives (no buffering: `httpx` streaming, one event at a time), and a
-worker that dies mid-stream becomes a final `error` event, never silence.
-Every event comes with its exact bytes, so the native `/v1/inference` route is a
-byte-for-byte passthrough. Closing an `Upstream` early (the client went away)
+After the commit the stream is the client's: the events of each network read
+from the worker are handed on the moment they arrive, as one batch (no
+buffering, and no per-line trips through async iterators at thousands of tokens
+per second), and a worker that dies mid-stream becomes a final `error` event,
+never silence. Every event comes with its exact bytes, so the native
+`/v1/inference` route is a byte-for-byte passthrough. A finished stream is read
+to its end so its connection goes back to the pool. Closing an `Upstream` early (the client went away)
 closes the worker connection and sends `DELETE /v1/inference/{id}` so the slot
 is free within one token, then releases the lease.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -30,7 +33,7 @@ import httpx
 
 from rbee_worker.protocol import events
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
-from rbee_worker.protocol.events import Event, iter_events
+from rbee_worker.protocol.events import Event, iter_event_batches
 from rbee_worker.protocol.request import InferenceRequest
 
 from .catalog import Target
@@ -56,24 +59,6 @@ class _Retry(Exception):
         self.error = error
 
 
-class _RawLines:
-    """Feeds `iter_events` and keeps the lines it consumed, so each event keeps its exact bytes."""
-
-    def __init__(self, lines: AsyncIterator[str]) -> None:
-        self._lines = lines
-        self._buffer: list[str] = []
-
-    async def lines(self) -> AsyncIterator[str]:
-        async for line in self._lines:
-            self._buffer.append(line)
-            yield line
-
-    def take(self) -> bytes:
-        raw = "\n".join(self._buffer) + "\n"
-        self._buffer.clear()
-        return raw.encode()
-
-
 def _error_event(error: RbeeError) -> tuple[bytes, Event]:
     data = error.body()["error"]
     return events.encode_event(events.ERROR, data), Event(events.ERROR, data)
@@ -87,8 +72,11 @@ def _event_error(event: Event) -> RbeeError:
     )
 
 
+Batch = list[tuple[bytes, Event]]
+
+
 class Upstream:
-    """A worker stream that has committed; iterate `events()`, then `aclose()` (always)."""
+    """A worker stream that has committed; iterate `batches()` or `events()`, then `aclose()` (always)."""
 
     def __init__(
         self,
@@ -96,15 +84,13 @@ class Upstream:
         lease: Lease,
         response: httpx.Response,
         request_id: str,
-        capture: _RawLines,
-        stream: AsyncIterator[Event],
-        prefetched: list[tuple[bytes, Event]],
+        stream: AsyncIterator[Batch],
+        prefetched: Batch,
     ) -> None:
         self._relay = relay
         self.lease = lease
         self._response = response
         self.request_id = request_id
-        self._capture = capture
         self._stream = stream
         self._prefetched = prefetched
         self.terminal: Event | None = None
@@ -114,30 +100,37 @@ class Upstream:
     def worker(self) -> RoutedWorker:
         return self.lease.worker
 
-    async def events(self) -> AsyncIterator[tuple[bytes, Event]]:
-        """(exact bytes, parsed event) up to and including one `end` or `error`."""
-        for raw, event in self._prefetched:
-            if event.name in (events.END, events.ERROR):
-                self.terminal = event
-            yield raw, event
-        self._prefetched = []
+    async def batches(self) -> AsyncIterator[Batch]:
+        """Lists of (exact bytes, parsed event) as they arrive, up to and including one `end` or `error`."""
+        prefetched, self._prefetched = self._prefetched, []
+        if prefetched:
+            yield self._up_to_terminal(prefetched)
         if self.terminal is not None:
             return
         try:
-            async for event in self._stream:
-                raw = self._capture.take()
-                if self.terminal is None:
-                    if event.name in (events.END, events.ERROR):
-                        self.terminal = event
-                    yield raw, event
+            async for batch in self._stream:
+                yield self._up_to_terminal(batch)
+                if self.terminal is not None:
+                    return
         except httpx.HTTPError as exc:
-            if self.terminal is None:
-                self._relay.table.suspect(self.worker, worker_unreachable(self.worker.entry, exc))
-                yield self._fail(f"{type(exc).__name__} mid-stream")
+            self._relay.table.suspect(self.worker, worker_unreachable(self.worker.entry, exc))
+            yield [self._fail(f"{type(exc).__name__} mid-stream")]
             return
-        if self.terminal is None:
-            self._relay.table.suspect(self.worker)
-            yield self._fail("the stream ended without an end event")
+        self._relay.table.suspect(self.worker)
+        yield [self._fail("the stream ended without an end event")]
+
+    async def events(self) -> AsyncIterator[tuple[bytes, Event]]:
+        """`batches()`, one event at a time."""
+        async for batch in self.batches():
+            for item in batch:
+                yield item
+
+    def _up_to_terminal(self, batch: Batch) -> Batch:
+        for index, (_raw, event) in enumerate(batch):
+            if event.name in (events.END, events.ERROR):
+                self.terminal = event
+                return batch[: index + 1]
+        return batch
 
     def _fail(self, why: str) -> tuple[bytes, Event]:
         worker = self.worker
@@ -161,6 +154,10 @@ class Upstream:
                 await self._relay.cancel(self.worker, self._response, self.request_id)
             else:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(self._relay.settings.cancel_timeout):
+                    # the rest is `[DONE]` and the body's end: reading it keeps the connection reusable
+                    with contextlib.suppress(httpx.HTTPError):
+                        async for _batch in self._stream:
+                            pass
                     await self._response.aclose()
         finally:
             self.lease.release()
@@ -221,26 +218,26 @@ class Relay:
                 if response.status_code in CLIENT_ERROR_STATUSES:
                     raise error
                 raise _Retry(error)
-            capture = _RawLines(response.aiter_lines())
-            stream = aiter(iter_events(capture.lines()))
-            prefetched: list[tuple[bytes, Event]] = []
+            stream = aiter(iter_event_batches(response.aiter_bytes()))
+            prefetched: Batch = []
             while True:
                 try:
-                    event = await anext(stream)
+                    batch = await anext(stream)
                 except StopAsyncIteration:
                     raise _Retry(
                         RbeeError(
                             ErrorCode.WORKER_CRASHED, f"worker {worker.id} ended the stream early", status=502
                         )
                     ) from None
-                prefetched.append((capture.take(), event))
-                if event.name in (events.TOKEN, events.END):
-                    return Upstream(self, lease, response, request_id, capture, stream, prefetched)
-                if event.name == events.ERROR:
-                    error = _event_error(event)
-                    if error.status in CLIENT_ERROR_STATUSES:
-                        raise error
-                    raise _Retry(error)
+                for _raw, event in batch:
+                    if event.name in (events.TOKEN, events.END):
+                        return Upstream(self, lease, response, request_id, stream, prefetched + batch)
+                    if event.name == events.ERROR:
+                        error = _event_error(event)
+                        if error.status in CLIENT_ERROR_STATUSES:
+                            raise error
+                        raise _Retry(error)
+                prefetched += batch
         except BaseException as exc:
             if response.status_code == 200:
                 await self.cancel(worker, response, request_id)
