@@ -13,7 +13,6 @@ then everything the queen started is stopped (bounded) and it exits 0.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import ipaddress
 import logging
 import os
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 import uvicorn
+import uvloop
 
 from rbee_worker.app.server import bind_socket
 from rbee_worker.protocol.errors import RbeeError
@@ -123,7 +123,7 @@ def run_queen(options: QueenOptions) -> int:
     log.info(
         "queen-rbee on http://%s:%d (OpenAI base URL http://%s:%d/v1)", options.host, port, options.host, port
     )
-    asyncio.run(server.serve(sockets=[sock]))
+    uvloop.run(server.serve(sockets=[sock]))
     return 130 if server.stopped_by == signal.SIGINT else 0
 
 

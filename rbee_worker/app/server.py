@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 import uvicorn
+import uvloop
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -210,7 +211,7 @@ def serve(config: WorkerConfig) -> int:
     )
     app.state.server = server
     app.state.exit_code = 0
-    asyncio.run(server.serve(sockets=[sock]))
+    uvloop.run(server.serve(sockets=[sock]))
     code = app.state.exit_code
     if code and getattr(app.state, "worker", None) is not None and app.state.worker.error is not None:
         print(f"rbee-worker: {app.state.worker.error.message}", file=sys.stderr)
