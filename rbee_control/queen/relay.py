@@ -129,6 +129,9 @@ class Upstream:
         for index, (_raw, event) in enumerate(batch):
             if event.name in (events.END, events.ERROR):
                 self.terminal = event
+                # The worker freed its slot before it wrote `end`: the next queued request
+                # can go now, not after this client has read the rest.
+                self.lease.release()
                 return batch[: index + 1]
         return batch
 
