@@ -57,9 +57,9 @@ def cmd_daemon(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None
 
 
 def cmd_status(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
-    from . import daemon
+    from .status import hive_status
 
-    info = asyncio.run(daemon.hive_status(paths))
+    info = asyncio.run(hive_status(paths))
     node = info["node"]
     state = f"running, pid {info['pid']}" if info["running"] else "not running"
     backends = ", ".join(node["backends"]) or "none"

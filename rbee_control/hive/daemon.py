@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,20 +20,18 @@ import sys
 from typing import Any
 
 import httpx
-import psutil
 import uvicorn
 
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
-from . import API_VERSION, __version__
+from . import __version__
 from .api import create_app
-from .catalog import Catalog
-from .client import HiveClient, hive_not_running, wait_for_hive
+from .client import HiveClient, wait_for_hive
 from .config import HiveConfig
 from .paths import HivePaths
 from .pidfiles import claim_hive_pid, read_worker_files, release_hive_pid, running_hive
 from .process import is_alive, terminate, wait_gone
-from .spawn import available_backends
+from .status import base_info
 from .supervisor import Supervisor, stop_worker_process
 
 log = logging.getLogger("rbee.hive")
@@ -61,17 +58,6 @@ def _setup_logging(paths: HivePaths) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-
-
-def base_info(paths: HivePaths, pid: int | None) -> dict[str, Any]:
-    return {
-        "pid": pid,
-        "home": str(paths.home),
-        "socket": str(paths.socket),
-        "log": str(paths.hive_log),
-        "version": __version__,
-        "api_version": API_VERSION,
-    }
 
 
 def run_daemon(paths: HivePaths, config: HiveConfig, on_serving: Any = None) -> int:
@@ -195,41 +181,6 @@ async def stop_hive(paths: HivePaths, grace: float = 30.0) -> dict[str, Any]:
         "workers_stopped": workers,
         "orphans_stopped": len(leftovers),
         **base_info(paths, pid),
-    }
-
-
-def node_facts(paths: HivePaths) -> dict[str, Any]:
-    """What the keeper shows per node and needs for placement: memory, disk, runtimes, models."""
-    mem = psutil.virtual_memory()
-    return {
-        "hostname": socket.gethostname(),
-        "cpus": os.cpu_count(),
-        "ram_total": mem.total,
-        "ram_available": mem.available,
-        "disk_free": shutil.disk_usage(paths.home).free,
-        "backends": available_backends(),
-        "models": len(Catalog(paths.db).list()),
-    }
-
-
-async def hive_status(paths: HivePaths) -> dict[str, Any]:
-    paths.ensure()
-    pid = running_hive(paths)
-    if pid is None:
-        return {"running": False, "workers": [], "node": node_facts(paths), **base_info(paths, None)}
-    try:
-        async with HiveClient(paths) as hive:
-            health = await hive.health()
-            workers = await hive.list_workers()
-    except RbeeError as exc:
-        if exc.code == ErrorCode.HIVE_NOT_RUNNING:  # pid alive but socket silent: starting or wedged
-            raise hive_not_running(paths) from None
-        raise
-    return {
-        "running": True,
-        "workers": workers,
-        "node": node_facts(paths),
-        **base_info(paths, health.get("pid", pid)),
     }
 
 

@@ -20,7 +20,6 @@ import psutil
 
 from rbee_worker.gguf_info import GGUFInfo
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
-from rbee_worker.runtimes import BACKENDS, is_installed
 from rbee_worker.runtimes import choose_backend as worker_choose_backend
 
 from .catalog import ModelRow
@@ -40,10 +39,6 @@ class SpawnRequest:
     ctx: int | None = None
     threads: int | None = None
     idle_timeout: float | None = None
-
-
-def available_backends() -> list[str]:
-    return [b for b in BACKENDS if is_installed(b)]
 
 
 def choose_backend(requested: str, model: ModelRow) -> str:
