@@ -36,6 +36,9 @@ _SCALARS: dict[GGUFValueType, str] = {
 }
 
 
+_U64 = struct.Struct("<Q")
+
+
 class HeaderError(ValueError):
     """The bytes are not a well-formed GGUF header."""
 
@@ -59,26 +62,71 @@ class GGUFHeader:
     tensors: list[TensorExtent] = field(default_factory=list)
 
 
+#: The header is read in windows this large: one `read` per window, not one per value.
+WINDOW = 1 << 20
+
+
 class _Cursor:
+    """A read position over the file's first bytes, fetched window by window into memory.
+
+    A 49k-entry vocabulary is ~150k values; unpacking them from memory with
+    `struct.unpack_from` instead of a `read` and a `tell` each is what makes
+    reading a real model's header take milliseconds.
+    """
+
     def __init__(self, f: BinaryIO, size: int) -> None:
         self.f, self.size = f, size
+        self.buf = bytearray()
+        self.pos = 0
+
+    def _need(self, n: int, what: str) -> None:
+        end = self.pos + n
+        if n < 0 or end > self.size:
+            raise HeaderError(f"truncated header ({what} {n} bytes at offset {self.pos})")
+        if end > len(self.buf):
+            self.buf += self.f.read(max(end - len(self.buf), WINDOW))
+            if end > len(self.buf):
+                raise HeaderError(f"truncated header ({what} {n} bytes at offset {self.pos})")
 
     def read(self, n: int) -> bytes:
-        if n < 0 or self.f.tell() + n > self.size:
-            raise HeaderError(f"truncated header (wanted {n} bytes at offset {self.f.tell()})")
-        return self.f.read(n)
+        self._need(n, "wanted")
+        data = bytes(self.buf[self.pos : self.pos + n])
+        self.pos += n
+        return data
 
     def unpack(self, fmt: str) -> Any:
-        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
+        n = struct.calcsize(fmt)
+        self._need(n, "wanted")
+        value = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += n
+        return value
 
     def string(self) -> str:
         length = self.unpack("<Q")
-        return self.read(length).decode("utf-8", errors="replace")
+        self._need(length, "wanted")
+        text = self.buf[self.pos : self.pos + length].decode("utf-8", errors="replace")
+        self.pos += length
+        return text
+
+    def strings(self, count: int, keep: bool) -> list[str]:
+        """`count` length-prefixed strings, decoded when `keep` (a vocabulary), else only passed over."""
+        out: list[str] = []
+        for _ in range(count):
+            if self.pos + 8 > len(self.buf):
+                self._need(8, "wanted")
+            (length,) = _U64.unpack_from(self.buf, self.pos)
+            self.pos += 8
+            if self.pos + length > len(self.buf):
+                self._need(length, "wanted")
+            if keep:
+                out.append(self.buf[self.pos : self.pos + length].decode("utf-8", errors="replace"))
+            self.pos += length
+        return out
 
     def skip(self, n: int) -> None:
-        if n < 0 or self.f.tell() + n > self.size:
-            raise HeaderError(f"truncated header (skipping {n} bytes at offset {self.f.tell()})")
-        self.f.seek(n, 1)
+        if n < 0 or self.pos + n > self.size:
+            raise HeaderError(f"truncated header (skipping {n} bytes at offset {self.pos})")
+        self.pos += n
 
     def value(self, vtype: int) -> Any:
         kind = _value_type(vtype)
@@ -117,11 +165,12 @@ def read_header(f: BinaryIO, size: int, keep_arrays: frozenset[str] = frozenset(
         if count > size:
             raise HeaderError(f"{key}: absurd array length {count}")
         header.array_lengths[key] = count
-        if key in keep_arrays:
+        if item_type is GGUFValueType.STRING:
+            kept = cur.strings(count, keep=key in keep_arrays)
+            if key in keep_arrays:
+                header.fields[key] = kept
+        elif key in keep_arrays:
             header.fields[key] = [cur.value(item_type) for _ in range(count)]
-        elif item_type is GGUFValueType.STRING:
-            for _ in range(count):
-                cur.skip(cur.unpack("<Q"))
         elif item_type is GGUFValueType.ARRAY:
             raise HeaderError(f"{key}: nested array")
         else:
@@ -138,7 +187,7 @@ def read_header(f: BinaryIO, size: int, keep_arrays: frozenset[str] = frozenset(
     alignment = header.fields.get("general.alignment", DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
         raise HeaderError(f"bad general.alignment {alignment!r}")
-    data_start = -(-f.tell() // alignment) * alignment
+    data_start = -(-cur.pos // alignment) * alignment
     for name, dims, raw_type, offset in infos:
         try:
             qtype = GGMLQuantizationType(raw_type)

@@ -6,11 +6,8 @@ local subprocess); the daemon itself listens on a Unix socket, never on TCP.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
+from rbee_control import __version__
 
-try:
-    __version__ = version("rbee")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0"
+__all__ = ["API_VERSION", "__version__"]
 
 API_VERSION = "v1"

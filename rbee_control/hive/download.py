@@ -85,13 +85,59 @@ def _disk_full(part: Path, needed: int | None = None) -> RbeeError:
     )
 
 
+class PartDigest:
+    """The sha256 of a `.part` file, kept current while bytes are appended to it.
+
+    A download hashes each chunk as it writes it, so a finished file needs no
+    second read to verify (for a multi-GB model that read costs as long as a fast
+    LAN download). A resumed file is hashed once from disk up to where it resumes.
+    """
+
+    def __init__(self, part: Path) -> None:
+        self.part = part
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    async def start_at(self, offset: int) -> None:
+        """Writing resumes at `offset`: the bytes before it must already be in the hash."""
+        if offset == self.size:
+            return
+        self._hash, self.size = hashlib.sha256(), 0
+        if offset:
+            self._hash = await asyncio.to_thread(_hash_prefix, self.part, offset)
+            self.size = offset
+
+    def update(self, chunk: bytes) -> None:
+        self._hash.update(chunk)
+        self.size += len(chunk)
+
+    async def hexdigest(self) -> str:
+        """The digest of the file as it is on disk now (re-hashed if something else wrote to it)."""
+        await self.start_at(self.part.stat().st_size)
+        return self._hash.hexdigest()
+
+
+def _hash_prefix(path: Path, length: int) -> hashlib._Hash:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while length > 0 and (chunk := f.read(min(CHUNK, length))):
+            h.update(chunk)
+            length -= len(chunk)
+    return h
+
+
 async def download(
     resolve: Callable[[], Awaitable[Source]],
     part: Path,
     emitter: Emitter,
     policy: RetryPolicy,
+    digest: PartDigest | None = None,
 ) -> Source:
-    """Fill `part` from the source `resolve()` names; return the source (with size) once whole."""
+    """Fill `part` from the source `resolve()` names; return the source (with size) once whole.
+
+    `digest`, when given, follows every byte written, for a verify without a second read.
+    """
+    digest = digest or PartDigest(part)
     source: Source | None = None
     last: Exception | None = None
     timeout = httpx.Timeout(connect=10.0, read=policy.stall_timeout, write=30.0, pool=10.0)
@@ -106,7 +152,7 @@ async def download(
             try:
                 if source is None:
                     source = await resolve()
-                await _fetch_once(client, source, part, emitter)
+                await _fetch_once(client, source, part, emitter, digest)
                 return source
             except TransientError as exc:
                 last = exc
@@ -126,7 +172,9 @@ async def download(
     )
 
 
-async def _fetch_once(client: httpx.AsyncClient, source: Source, part: Path, emitter: Emitter) -> None:
+async def _fetch_once(
+    client: httpx.AsyncClient, source: Source, part: Path, emitter: Emitter, digest: PartDigest
+) -> None:
     offset = part.stat().st_size if part.exists() else 0
     if source.size is not None:
         if offset == source.size and offset > 0:
@@ -187,10 +235,12 @@ async def _fetch_once(client: httpx.AsyncClient, source: Source, part: Path, emi
             emitter.log(f"resuming at byte {offset}")
         meter = _Meter(emitter, "download", offset, total)
         meter.add(0, force=True)
+        await digest.start_at(offset)
         try:
             with part.open("ab" if offset else "wb") as f:
                 async for chunk in resp.aiter_raw():  # unbuffered: a drop loses nothing
                     f.write(chunk)
+                    digest.update(chunk)
                     meter.add(len(chunk))
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):

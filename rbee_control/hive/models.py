@@ -23,7 +23,7 @@ from rbee_worker.gguf_info import read_gguf_info
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
 from .catalog import Catalog, ModelRow
-from .download import RetryPolicy, download, import_file, sha256_file
+from .download import PartDigest, RetryPolicy, download, import_file, sha256_file
 from .paths import HivePaths, check_model_name
 from .refs import ModelRef, Source, TransientError, hf_source, http_source, name_from_filename, parse_ref
 
@@ -185,10 +185,11 @@ async def _download_verified(
 
     resumed = part.exists() and part.stat().st_size > 0
     while True:
-        got = await download(resolve, part, emitter, policy)
+        digest = PartDigest(part)
+        got = await download(resolve, part, emitter, policy, digest)
         try:
             _check_size(part, got)
-            return await _check_sha(part, sha256 or got.sha256, emitter, refused_by=ref.raw)
+            return _check_digest(part, await digest.hexdigest(), sha256 or got.sha256, refused_by=ref.raw)
         except RbeeError as exc:
             part.unlink(missing_ok=True)
             # a resumed file may splice two versions of the source: one clean retry is worth it
@@ -210,7 +211,10 @@ def _check_size(part: Path, source: Source) -> None:
 
 
 async def _check_sha(part: Path, expected: str | None, emitter: Emitter, refused_by: str) -> str:
-    digest = await sha256_file(part, emitter)
+    return _check_digest(part, await sha256_file(part, emitter), expected, refused_by)
+
+
+def _check_digest(part: Path, digest: str, expected: str | None, refused_by: str) -> str:
     if expected is not None and digest != expected:
         part.unlink(missing_ok=True)
         raise RbeeError(

@@ -361,17 +361,6 @@ def stopped_requests(metrics: dict[str, float]) -> float:
     )
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
 def _cmdline(proc: psutil.Process) -> list[str]:
     try:
         return proc.cmdline()

@@ -16,6 +16,7 @@ import httpx
 import openai
 
 from tests.keeper.conftest import read_some
+from tests.waiting import wait_for
 
 from .conftest import (
     MODEL,
@@ -24,7 +25,6 @@ from .conftest import (
     Queen,
     sse_events,
     stopped_requests,
-    wait_for,
     worker_metrics,
 )
 

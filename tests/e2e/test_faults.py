@@ -24,7 +24,8 @@ import pytest
 from rbee_worker.tinymodel import write_tiny_model
 from tests.hive.servers import FileServer, serve_in_thread
 
-from .conftest import MODEL, NODE_ADDRESSES, PORT_MAX, PORT_MIN, E2EFleet, Queen, wait_for, worker_stream
+from ..waiting import wait_for
+from .conftest import MODEL, NODE_ADDRESSES, PORT_MAX, PORT_MIN, E2EFleet, Queen, worker_stream
 
 CATEGORY = "faults"
 LONG = 3000  # tokens: far more than a stream produces in the moment a test needs to kill something

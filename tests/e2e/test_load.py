@@ -22,7 +22,8 @@ import openai
 from rbee_control.queen.chat_template import normalize_messages, render_chat
 from rbee_control.queen.openai_api import parse_request
 
-from .conftest import MODEL, E2EFleet, Queen, wait_for, worker_stream
+from ..waiting import wait_for
+from .conftest import MODEL, E2EFleet, Queen, worker_stream
 
 CATEGORY = "load"
 #: a short queue, so that a burst of 64 meets the "reject cleanly" path as well as the queue

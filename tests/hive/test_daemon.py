@@ -12,7 +12,8 @@ from rbee_control.hive.client import HiveClient
 from rbee_control.hive.paths import HivePaths
 from rbee_control.node_events import parse_line
 
-from .conftest import HIVE, Hive, gone, wait_until
+from ..waiting import wait_for as wait_until
+from .conftest import HIVE, Hive, gone
 
 
 async def test_start_is_idempotent_private_and_stops_clean(hive: Hive) -> None:

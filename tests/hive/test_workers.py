@@ -23,7 +23,8 @@ from rbee_control.hive.paths import HivePaths
 from rbee_control.hive.spawn import port_is_free
 from rbee_worker.protocol.events import iter_events
 
-from .conftest import Hive, cleanup, gone, hive_env, wait_until
+from ..waiting import wait_for as wait_until
+from .conftest import Hive, cleanup, gone, hive_env
 from .servers import FileServer
 
 PORTS = ("--port-min", "8700", "--port-max", "8799")

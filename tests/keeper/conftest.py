@@ -233,14 +233,3 @@ def fleet(
         for node in built.nodes.values():
             node.start()  # a test may have stopped it; hive stop needs it
         stop_fleet(built.keeper, built.homes)
-
-
-def wait_for(predicate: Any, timeout: float, interval: float = 0.1, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)

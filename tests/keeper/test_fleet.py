@@ -17,7 +17,8 @@ import pytest
 
 from tests import sshd
 
-from .conftest import Fleet, make_keeper, wait_for
+from ..waiting import wait_for
+from .conftest import Fleet, make_keeper
 
 #: rbee's connect timeout per attempt (rbee_control/ssh/connect.py); a down node must cost far less
 #: than the sum over nodes or attempts when the port is closed.

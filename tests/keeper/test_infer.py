@@ -16,7 +16,8 @@ import httpx
 import psutil
 import pytest
 
-from .conftest import Fleet, Keeper, make_keeper, read_some, stop_fleet, wait_for
+from ..waiting import wait_for
+from .conftest import Fleet, Keeper, make_keeper, read_some, stop_fleet
 
 PROMPT = "Once upon a time"
 SEED = "11"
