@@ -10,6 +10,28 @@ from .base import ProgressCallback, SamplingParams
 NAME = "ctransformers"
 
 
+def cpu_library(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """Which of ctransformers' builds (avx2, avx, basic) this CPU runs, by ctransformers' own rule.
+
+    Left to itself ctransformers asks py-cpuinfo, which starts a Python subprocess
+    that runs lscpu, dmesg and more: about 1 s on every worker start. The kernel's
+    flags line says the same at once. None (let ctransformers decide) off Linux.
+    """
+    try:
+        with open(cpuinfo) as f:
+            line = next((line for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    if line is None:
+        return None
+    flags = set(line.partition(":")[2].split())
+    if "avx2" in flags:
+        return "avx2"
+    if "avx" in flags and "f16c" in flags:
+        return "avx"
+    return "basic"
+
+
 class CTransformersRuntime:
     name = NAME
 
@@ -21,7 +43,7 @@ class CTransformersRuntime:
         progress(0.0)
         # ctransformers defaults to a 512-token context whatever the file says.
         config = Config(context_length=context_length, threads=threads or -1, gpu_layers=0, reset=True)
-        self._llm = LLM(path, model_type="llama", config=config)
+        self._llm = LLM(path, model_type="llama", config=config, lib=cpu_library())
         self._threads = threads or -1
         progress(1.0)
 
