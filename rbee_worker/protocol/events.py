@@ -58,12 +58,16 @@ class EventParser:
 
     def __init__(self) -> None:
         self._buffer = b""
+        self._cr = b""  # a chunk's last byte when it was a CR: its LF may come in the next chunk
         self.done = False
 
     def feed(self, chunk: bytes) -> list[tuple[bytes, Event]]:
         if self.done:
             return []
+        chunk, self._cr = self._cr + chunk, b""
         if b"\r" in chunk:
+            if chunk.endswith(b"\r"):
+                chunk, self._cr = chunk[:-1], b"\r"
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         buffer = self._buffer + chunk if self._buffer else chunk
         parsed: list[tuple[bytes, Event]] = []
@@ -83,7 +87,8 @@ class EventParser:
 
     def close(self) -> list[tuple[bytes, Event]]:
         """The stream ended: a last event not followed by a blank line still counts."""
-        rest, self._buffer = self._buffer, b""
+        rest = self._buffer + (b"\n" if self._cr else b"")
+        self._buffer, self._cr = b"", b""
         return self.feed(rest + b"\n\n") if rest.strip() else []
 
 

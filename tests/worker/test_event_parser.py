@@ -44,6 +44,16 @@ def test_every_split_of_the_bytes_gives_the_same_events_and_exact_bytes() -> Non
         assert parser.done
 
 
+def test_crlf_streams_split_anywhere_even_between_cr_and_lf() -> None:
+    crlf = STREAM.replace(b"\n", b"\r\n")
+    rng = random.Random(11)
+    for _ in range(200):
+        parser = EventParser()
+        parsed = [item for chunk in _split(crlf, rng) for item in parser.feed(chunk)]
+        parsed += parser.close()
+        assert [event for _raw, event in parsed] == EXPECTED
+
+
 def test_nothing_after_done_is_parsed() -> None:
     parser = EventParser()
     assert parser.feed(events.encode_done() + events.token_event("late", 9)) == []
