@@ -24,7 +24,7 @@ from types import FrameType
 import uvicorn
 import uvloop
 
-from rbee_worker.app.server import bind_socket
+from rbee_worker.app.server import KEEP_ALIVE_S, bind_socket
 from rbee_worker.protocol.errors import RbeeError
 
 from .app import create_app
@@ -116,6 +116,9 @@ def run_queen(options: QueenOptions) -> int:
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=GRACE_SECONDS,
+            # Longer than clients keep idle connections (httpx and the openai SDK: 5 s, uvicorn's
+            # own default too): the client closes first, so no request races the server's close.
+            timeout_keep_alive=KEEP_ALIVE_S,
             lifespan="on",
         )
     )

@@ -29,6 +29,9 @@ from .state import Phase, WorkerConfig, WorkerState
 
 log = logging.getLogger("rbee.worker")
 
+#: Seconds an idle keep-alive connection stays open (uvicorn's default is 5).
+KEEP_ALIVE_S = 75
+
 
 async def _rbee_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RbeeError)
@@ -205,6 +208,9 @@ def serve(config: WorkerConfig) -> int:
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=30,
+            # Longer than any client's idle keep-alive (the queen keeps 30 s): the client closes an
+            # idle connection first, so a request never races the worker's close and fails.
+            timeout_keep_alive=KEEP_ALIVE_S,
             lifespan="on",
         ),
         app,

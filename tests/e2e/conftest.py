@@ -494,6 +494,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             entry["outcome"] = "xfail" if hasattr(report, "wasxfail") else "skipped"
         else:
             entry["outcome"] = "failed"
+            crash = getattr(report.longrepr, "reprcrash", None)
+            entry["failure"] = " ".join(str(getattr(crash, "message", report.longrepr)).split())[:600]
     elif report.when == "setup" and not report.passed:
         entry["outcome"] = "skipped" if report.skipped else "error (setup)"
     elif report.when == "teardown" and report.failed and entry.get("outcome") in ("passed", "xfail"):
@@ -561,6 +563,10 @@ def _render(config: pytest.Config) -> str:
         numbers = ", ".join(f"{k} {_fmt(v)}" for k, v in row.get("numbers", {}).items()) or "-"
         seconds = f"{row.get('seconds', 0.0):.1f}"
         lines.append(f"| `{row['name']}` | {row['category']} | {row['outcome']} | {numbers} | {seconds} |")
+    failed = [row for row in rows if row.get("failure")]
+    if failed:
+        lines += ["", "## Failures", ""]
+        lines += [f"- `{row['name']}`: {row['failure']}" for row in failed]
     known = [row for row in rows if row["outcome"] in ("xfail", "xpassed") and row.get("xfail_reason")]
     if known:
         lines += ["", "## Known product bugs (strict xfail)", ""]

@@ -46,11 +46,19 @@ def test_queen_process_serves_then_stops_without_touching_registered_workers(
                 pass
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
-        with httpx.Client(base_url=url, headers=headers, timeout=30) as client:
+        limits = httpx.Limits(keepalive_expiry=60)
+        with httpx.Client(base_url=url, headers=headers, timeout=30, limits=limits) as client:
             body = {"url": worker.url, "api_key": worker.api_key, "model": "tiny"}
             assert client.post("/v2/workers/register", json=body).status_code == 201
             answer = client.post("/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 5})
             assert answer.status_code == 200 and answer.json()["choices"][0]["finish_reason"] == "length"
+            # Idle past the 5 s that clients (httpx, the openai SDK) keep connections: the queen must not
+            # have closed it, or a client's next request could race that close and fail.
+            time.sleep(6.5)
+            again = client.get("/health")
+            streams = [r.extensions["network_stream"] for r in (answer, again)]
+            addresses = {stream.get_extra_info("client_addr") for stream in streams}
+            assert again.status_code == 200 and len(addresses) == 1, "one connection served both"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0, log.read_text()
         assert worker.api_key not in log.read_text()

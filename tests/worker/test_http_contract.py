@@ -109,3 +109,23 @@ async def test_cors_preflight_needs_no_key(shared_tiny_worker: WorkerProcess) ->
         )
     assert response.status_code == 200
     assert response.headers["access-control-allow-origin"] in {"*", "http://ui.local"}
+
+
+async def test_an_idle_keep_alive_connection_outlives_the_clients_own_expiry(
+    shared_tiny_worker: WorkerProcess,
+) -> None:
+    """The worker keeps idle connections longer than httpx clients do (5 s), so the client always closes
+    first and a request never races the server's close (uvicorn's default is also 5 s)."""
+    import asyncio
+
+    import httpx
+
+    limits = httpx.Limits(keepalive_expiry=60)
+    async with shared_tiny_worker.async_client(limits=limits) as client:
+        first = await client.get("/v1/ready")
+        address = first.extensions["network_stream"].get_extra_info("client_addr")
+        await asyncio.sleep(6.5)
+        second = await client.get("/v1/ready")
+        again = second.extensions["network_stream"].get_extra_info("client_addr")
+    assert first.status_code == second.status_code == 200
+    assert again == address, "the same connection served both requests"
