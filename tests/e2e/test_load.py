@@ -202,5 +202,15 @@ def test_concurrent_streams_through_the_queen(e2e: E2EFleet, queen: Queen, soak:
     for i in sample:
         worker = after[i % len(after)]
         assert tally.texts[i] == _direct(e2e, worker, i), f"stream #{i} differs from a direct run"
-    distinct = len(set(tally.texts.values()))
-    assert distinct == len(tally.texts), "distinct prompts and seeds gave identical streams"
+    # identical texts for different requests: a mix-up, unless each one is what its own direct run gives
+    # (with ~15,000 short samples from the tiny model, two can coincide)
+    by_text: dict[str, list[int]] = {}
+    for i, text in tally.texts.items():
+        by_text.setdefault(text, []).append(i)
+    collisions = [ids for ids in by_text.values() if len(ids) > 1][:5]
+    for ids in collisions:
+        for i in ids:
+            direct = _direct(e2e, after[i % len(after)], i)
+            assert tally.texts[i] == direct, f"streams {ids} are identical and #{i} differs from a direct run"
+    if collisions:
+        record(identical_but_genuine=sum(len(ids) for ids in collisions))
