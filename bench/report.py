@@ -1340,11 +1340,12 @@ def part_download(ctx: Context) -> Section:
         f"The SmolLM2 GGUF ({mb:.0f} MB; a real model file, as the hive validates the GGUF header) "
         "served by tests/hive/servers.py's Starlette file server (uvicorn, 1 MiB chunks, in a thread of "
         f"this process, its sha256 ETag computed once) on 127.0.0.1; {reps} repetitions per side, "
-        "alternating. The hive command writes `<home>/models/smol.gguf.part`, hashes it (sha256), checks "
-        "the GGUF header, renames it and writes the catalog row; curl only writes the file. *to first "
+        "alternating. The hive command writes `<home>/models/smol.gguf.part`, hashing (sha256) each chunk "
+        "as it writes it, checks the GGUF header, renames the file and writes the catalog row; curl only "
+        "writes the file. *to first "
         "byte* is until the hive's first `download` progress event (curl: `time_starttransfer`); "
         "*download* the span of the `download` events (throttled, so approximate); *after* the rest "
-        "(verify, rename, catalog, exit). *fixed cost* is `rbee-hive models list` on an empty home: "
+        "(GGUF check, rename, catalog, exit). *fixed cost* is `rbee-hive models list` on an empty home: "
         "what any hive command costs before it moves a byte."
     )
     hive_first = med([h["first_byte"] for h in hive])
