@@ -31,26 +31,26 @@ def _split(data: bytes, rng: random.Random) -> list[bytes]:
     return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
 
 
+def _parse_in_pieces(data: bytes, rng: random.Random) -> tuple[EventParser, list[tuple[bytes, Event]]]:
+    parser = EventParser()
+    parsed = [item for chunk in _split(data, rng) for item in parser.feed(chunk)]
+    return parser, parsed + parser.close()
+
+
 def test_every_split_of_the_bytes_gives_the_same_events_and_exact_bytes() -> None:
     rng = random.Random(7)
+    expected_bytes = STREAM[: STREAM.index(b"data: [DONE]")].replace(b": a comment line\n\n", b"")
     for _ in range(200):
-        parser = EventParser()
-        parsed = [item for chunk in _split(STREAM, rng) for item in parser.feed(chunk)]
-        parsed += parser.close()
+        parser, parsed = _parse_in_pieces(STREAM, rng)
         assert [event for _raw, event in parsed] == EXPECTED
-        assert b"".join(raw for raw, _event in parsed) == STREAM[: STREAM.index(b"data: [DONE]")].replace(
-            b": a comment line\n\n", b""
-        )
+        assert b"".join(raw for raw, _event in parsed) == expected_bytes
         assert parser.done
 
 
 def test_crlf_streams_split_anywhere_even_between_cr_and_lf() -> None:
-    crlf = STREAM.replace(b"\n", b"\r\n")
     rng = random.Random(11)
     for _ in range(200):
-        parser = EventParser()
-        parsed = [item for chunk in _split(crlf, rng) for item in parser.feed(chunk)]
-        parsed += parser.close()
+        _parser, parsed = _parse_in_pieces(STREAM.replace(b"\n", b"\r\n"), rng)
         assert [event for _raw, event in parsed] == EXPECTED
 
 
