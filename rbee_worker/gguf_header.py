@@ -11,29 +11,39 @@ size, so hostile metadata ends in a clean error instead of a huge allocation.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
-
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 8
 
-_SCALARS: dict[GGUFValueType, str] = {
-    GGUFValueType.UINT8: "<B",
-    GGUFValueType.INT8: "<b",
-    GGUFValueType.UINT16: "<H",
-    GGUFValueType.INT16: "<h",
-    GGUFValueType.UINT32: "<I",
-    GGUFValueType.INT32: "<i",
-    GGUFValueType.FLOAT32: "<f",
-    GGUFValueType.BOOL: "<?",
-    GGUFValueType.UINT64: "<Q",
-    GGUFValueType.INT64: "<q",
-    GGUFValueType.FLOAT64: "<d",
-}
+
+@dataclass(frozen=True, slots=True)
+class _Tables:
+    """The format's type tables, as the `gguf` package defines them."""
+
+    value_type: Any  # gguf.GGUFValueType
+    quant_type: Any  # gguf.GGMLQuantizationType
+    quant_sizes: dict[Any, tuple[int, int]]
+    scalars: dict[Any, str]  # scalar value type -> struct format
+
+
+@functools.cache
+def _tables() -> _Tables:
+    """Import `gguf` on the first header read, not at import time.
+
+    `gguf` pulls in numpy (~0.1 s); the hive's daemon start, `status` and `models
+    list` import this module but never read a header, and should not pay for it.
+    """
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+
+    formats = {"UINT8": "<B", "INT8": "<b", "UINT16": "<H", "INT16": "<h", "UINT32": "<I", "INT32": "<i",
+               "FLOAT32": "<f", "BOOL": "<?", "UINT64": "<Q", "INT64": "<q", "FLOAT64": "<d"}  # fmt: skip
+    scalars = {GGUFValueType[name]: fmt for name, fmt in formats.items()}
+    return _Tables(GGUFValueType, GGMLQuantizationType, GGML_QUANT_SIZES, scalars)
 
 
 _U64 = struct.Struct("<Q")
@@ -74,8 +84,8 @@ class _Cursor:
     reading a real model's header take milliseconds.
     """
 
-    def __init__(self, f: BinaryIO, size: int) -> None:
-        self.f, self.size = f, size
+    def __init__(self, f: BinaryIO, size: int, tables: _Tables) -> None:
+        self.f, self.size, self.tables = f, size, tables
         self.buf = bytearray()
         self.pos = 0
 
@@ -128,24 +138,25 @@ class _Cursor:
             raise HeaderError(f"truncated header (skipping {n} bytes at offset {self.pos})")
         self.pos += n
 
-    def value(self, vtype: int) -> Any:
-        kind = _value_type(vtype)
-        if kind is GGUFValueType.STRING:
+    def value_type(self) -> Any:
+        raw = self.unpack("<I")
+        try:
+            return self.tables.value_type(raw)
+        except ValueError:
+            raise HeaderError(f"unknown value type {raw}") from None
+
+    def value(self, kind: Any) -> Any:
+        if kind is self.tables.value_type.STRING:
             return self.string()
-        if kind is GGUFValueType.ARRAY:
+        if kind is self.tables.value_type.ARRAY:
             raise HeaderError("nested array")
-        return self.unpack(_SCALARS[kind])
-
-
-def _value_type(raw: int) -> GGUFValueType:
-    try:
-        return GGUFValueType(raw)
-    except ValueError:
-        raise HeaderError(f"unknown value type {raw}") from None
+        return self.unpack(self.tables.scalars[kind])
 
 
 def read_header(f: BinaryIO, size: int, keep_arrays: frozenset[str] = frozenset()) -> GGUFHeader:
-    cur = _Cursor(f, size)
+    tables = _tables()
+    types = tables.value_type
+    cur = _Cursor(f, size, tables)
     if cur.read(4) != MAGIC:
         raise HeaderError("missing GGUF magic")
     version = cur.unpack("<I")
@@ -157,24 +168,24 @@ def read_header(f: BinaryIO, size: int, keep_arrays: frozenset[str] = frozenset(
     header = GGUFHeader(version)
     for _ in range(n_kv):
         key = cur.string()
-        vtype = _value_type(cur.unpack("<I"))
-        if vtype is not GGUFValueType.ARRAY:
+        vtype = cur.value_type()
+        if vtype is not types.ARRAY:
             header.fields[key] = cur.value(vtype)
             continue
-        item_type, count = _value_type(cur.unpack("<I")), cur.unpack("<Q")
+        item_type, count = cur.value_type(), cur.unpack("<Q")
         if count > size:
             raise HeaderError(f"{key}: absurd array length {count}")
         header.array_lengths[key] = count
-        if item_type is GGUFValueType.STRING:
+        if item_type is types.STRING:
             kept = cur.strings(count, keep=key in keep_arrays)
             if key in keep_arrays:
                 header.fields[key] = kept
         elif key in keep_arrays:
             header.fields[key] = [cur.value(item_type) for _ in range(count)]
-        elif item_type is GGUFValueType.ARRAY:
+        elif item_type is types.ARRAY:
             raise HeaderError(f"{key}: nested array")
         else:
-            cur.skip(count * struct.calcsize(_SCALARS[item_type]))
+            cur.skip(count * struct.calcsize(tables.scalars[item_type]))
     infos = []
     for _ in range(n_tensors):
         name = cur.string()
@@ -190,8 +201,8 @@ def read_header(f: BinaryIO, size: int, keep_arrays: frozenset[str] = frozenset(
     data_start = -(-cur.pos // alignment) * alignment
     for name, dims, raw_type, offset in infos:
         try:
-            qtype = GGMLQuantizationType(raw_type)
-            block, type_size = GGML_QUANT_SIZES[qtype]
+            qtype = tables.quant_type(raw_type)
+            block, type_size = tables.quant_sizes[qtype]
         except (ValueError, KeyError):
             raise HeaderError(f"tensor {name}: unknown type {raw_type}") from None
         n_elements = 1
