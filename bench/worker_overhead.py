@@ -752,7 +752,9 @@ async def llama_server_mode(
         f"max_tokens {tokens}, seed {args.seed}+client, temperature {args.temperature}, {runs} rounds)",
         flush=True,
     )
-    limits = httpx.Limits(max_connections=max(concurrency) + 2)
+    # llama_cpp.server closes idle connections after uvicorn's default 5 s; a client that keeps them as
+    # long can send a request on a connection the server is closing. Expire them on this side first.
+    limits = httpx.Limits(max_connections=max(concurrency) + 2, keepalive_expiry=2.0)
     with contextlib.ExitStack() as stack:
         worker = stack.enter_context(
             running(
