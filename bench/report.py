@@ -204,18 +204,7 @@ class SshdPool:
         if address not in self.nodes:
             if self._factory is None:
                 self._factory = sshd.SshdFactory(self.base)
-            node = self._factory.start(address)
-            # sshd honours only the first SetEnv line: join the variables to the existing one
-            extra = " ".join(f"{k}={v}" for k, v in HIVE_ENV.items())
-            config = node.config_path.read_text()
-            if "SetEnv " in config:
-                config = config.replace("SetEnv SHLVL=2", f"SetEnv SHLVL=2 {extra}", 1)
-            else:
-                config += f"SetEnv {extra}\n"
-            node.config_path.write_text(config)
-            node.stop()
-            node.start()
-            self.nodes[address] = node
+            self.nodes[address] = self._factory.start(address).set_env(HIVE_ENV)
         return self.nodes[address]
 
     def close(self) -> None:
