@@ -15,9 +15,10 @@ buffering, and no per-line trips through async iterators at thousands of tokens
 per second), and a worker that dies mid-stream becomes a final `error` event,
 never silence. Every event comes with its exact bytes, so the native
 `/v1/inference` route is a byte-for-byte passthrough. A finished stream is read
-to its end so its connection goes back to the pool. Closing an `Upstream` early (the client went away)
-closes the worker connection and sends `DELETE /v1/inference/{id}` so the slot
-is free within one token, then releases the lease.
+to its end so its connection goes back to the pool. Closing an `Upstream` early
+(the client went away) closes the worker connection and sends
+`DELETE /v1/inference/{id}` so the slot is free within one token, then releases
+the lease.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import httpx
 
 from rbee_worker.protocol import events
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
-from rbee_worker.protocol.events import Event, iter_event_batches
+from rbee_worker.protocol.events import Batch, Event, iter_event_batches
 from rbee_worker.protocol.request import InferenceRequest
 
 from .catalog import Target
@@ -70,9 +71,6 @@ def _event_error(event: Event) -> RbeeError:
     return RbeeError(
         code, str(event.data.get("message", "")), status=status, details=event.data.get("details")
     )
-
-
-Batch = list[tuple[bytes, Event]]
 
 
 class Upstream:

@@ -47,6 +47,10 @@ def token_event(text: str, index: int) -> bytes:
     return encode_event(TOKEN, {"t": text, "i": index})
 
 
+#: Parsed events with the exact bytes each came in, in stream order.
+Batch = list[tuple[bytes, Event]]
+
+
 class EventParser:
     """Incremental SSE parser: feed bytes as they arrive, get whole events back with their exact bytes.
 
@@ -61,7 +65,7 @@ class EventParser:
         self._cr = b""  # a chunk's last byte when it was a CR: its LF may come in the next chunk
         self.done = False
 
-    def feed(self, chunk: bytes) -> list[tuple[bytes, Event]]:
+    def feed(self, chunk: bytes) -> Batch:
         if self.done:
             return []
         chunk, self._cr = self._cr + chunk, b""
@@ -70,7 +74,7 @@ class EventParser:
                 chunk, self._cr = chunk[:-1], b"\r"
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         buffer = self._buffer + chunk if self._buffer else chunk
-        parsed: list[tuple[bytes, Event]] = []
+        parsed: Batch = []
         start = 0
         while (end := buffer.find(b"\n\n", start)) >= 0:
             raw = buffer[start : end + 2]
@@ -85,7 +89,7 @@ class EventParser:
         self._buffer = buffer[start:]
         return parsed
 
-    def close(self) -> list[tuple[bytes, Event]]:
+    def close(self) -> Batch:
         """The stream ended: a last event not followed by a blank line still counts."""
         rest = self._buffer + (b"\n" if self._cr else b"")
         self._buffer, self._cr = b"", b""
@@ -118,13 +122,13 @@ async def iter_events(lines: AsyncIterator[str]) -> AsyncIterator[Event]:
     """
     parser = EventParser()
     async for line in lines:
-        for _raw, event in parser.feed(f"{line.rstrip(chr(13) + chr(10))}\n".encode()):
+        for _raw, event in parser.feed((line.rstrip("\r\n") + "\n").encode()):
             yield event
     for _raw, event in parser.close():
         yield event
 
 
-async def iter_event_batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[tuple[bytes, Event]]]:
+async def iter_event_batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[Batch]:
     """Events as (exact bytes, event), a list per network read that completed any; reads to the end."""
     parser = EventParser()
     async for chunk in chunks:
