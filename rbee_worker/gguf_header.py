@@ -89,31 +89,30 @@ class _Cursor:
         self.buf = bytearray()
         self.pos = 0
 
-    def _need(self, n: int, what: str) -> None:
+    def _need(self, n: int) -> None:
+        """Have the `n` bytes at the read position in memory, or a truncated-header error."""
         end = self.pos + n
-        if n < 0 or end > self.size:
-            raise HeaderError(f"truncated header ({what} {n} bytes at offset {self.pos})")
-        if end > len(self.buf):
+        if n >= 0 and end <= self.size and end > len(self.buf):
             self.buf += self.f.read(max(end - len(self.buf), WINDOW))
-            if end > len(self.buf):
-                raise HeaderError(f"truncated header ({what} {n} bytes at offset {self.pos})")
+        if n < 0 or end > self.size or end > len(self.buf):
+            raise HeaderError(f"truncated header (wanted {n} bytes at offset {self.pos})")
 
     def read(self, n: int) -> bytes:
-        self._need(n, "wanted")
+        self._need(n)
         data = bytes(self.buf[self.pos : self.pos + n])
         self.pos += n
         return data
 
     def unpack(self, fmt: str) -> Any:
         n = struct.calcsize(fmt)
-        self._need(n, "wanted")
+        self._need(n)
         value = struct.unpack_from(fmt, self.buf, self.pos)[0]
         self.pos += n
         return value
 
     def string(self) -> str:
         length = self.unpack("<Q")
-        self._need(length, "wanted")
+        self._need(length)
         text = self.buf[self.pos : self.pos + length].decode("utf-8", errors="replace")
         self.pos += length
         return text
@@ -123,11 +122,11 @@ class _Cursor:
         out: list[str] = []
         for _ in range(count):
             if self.pos + 8 > len(self.buf):
-                self._need(8, "wanted")
+                self._need(8)
             (length,) = _U64.unpack_from(self.buf, self.pos)
             self.pos += 8
             if self.pos + length > len(self.buf):
-                self._need(length, "wanted")
+                self._need(length)
             if keep:
                 out.append(self.buf[self.pos : self.pos + length].decode("utf-8", errors="replace"))
             self.pos += length
