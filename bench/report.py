@@ -652,11 +652,13 @@ DIRECT_SCRIPT = (
 
 def direct_process(url: str, api_key: str) -> float:
     """A fresh Python that imports httpx and streams the answer: the floor for any CLI client."""
+    return command_seconds([sys.executable, "-c", DIRECT_SCRIPT, url, json.dumps(direct_body()), api_key])
+
+
+def command_seconds(argv: list[str]) -> float:
+    """Wall time of one command that must succeed, output discarded."""
     started = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-c", DIRECT_SCRIPT, url, json.dumps(direct_body()), api_key],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
+    subprocess.run(argv, check=True, capture_output=True, timeout=60)
     return time.perf_counter() - started
 
 
@@ -1253,12 +1255,9 @@ def hive_download(url: str, home: Path) -> dict[str, float]:
 
 def hive_fixed_cost(home: Path) -> float:
     """Wall time of a hive command that moves no bytes (`models list` on an empty home)."""
-    t0 = time.perf_counter()
-    subprocess.run(
-        [str(Path(sys.prefix) / "bin" / "rbee-hive"), "--home", str(home), "--json", "models", "list"],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    return time.perf_counter() - t0
+    return command_seconds(
+        [str(Path(sys.prefix) / "bin" / "rbee-hive"), "--home", str(home), "--json", "models", "list"]
+    )
 
 
 def part_download(ctx: Context) -> Section:
