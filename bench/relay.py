@@ -43,7 +43,6 @@ import argparse
 import asyncio
 import contextlib
 import importlib.util
-import json
 import math
 import os
 import secrets
@@ -218,7 +217,7 @@ async def direct(client: httpx.AsyncClient, url: str, headers: dict[str, str], b
     tokens: int | None = None
     async with client.stream("POST", f"{url}/v1/inference", json=body, headers=headers) as response:
         response.raise_for_status()
-        async for event in iter_events(response.aiter_lines()):
+        async for event in iter_events(response.aiter_bytes()):
             if event.name == "token":
                 last = time.perf_counter()
                 first = first or last
@@ -236,10 +235,8 @@ async def queen(client: httpx.AsyncClient, url: str, headers: dict[str, str], bo
     payload = {**body, "model": "bench", "stream": True, "stream_options": {"include_usage": True}}
     async with client.stream("POST", f"{url}/v1/completions", json=payload, headers=headers) as response:
         response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        async for event in iter_events(response.aiter_bytes()):
+            chunk = event.data
             if chunk.get("choices") and chunk["choices"][0].get("text"):
                 last = time.perf_counter()
                 first = first or last

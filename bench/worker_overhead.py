@@ -352,7 +352,7 @@ async def run_worker_sse(client: httpx.AsyncClient, req: InferenceRequest) -> Sa
             if response.status_code != 200:
                 await response.aread()
                 raise RuntimeError(f"worker answered {response.status_code}: {response.text[:300]}")
-            async for event in events.iter_events(response.aiter_lines()):
+            async for event in events.iter_events(response.aiter_bytes()):
                 first_event_at = first_event_at or time.perf_counter()
                 if event.name == events.TOKEN:
                     last_at = time.perf_counter()
@@ -404,7 +404,7 @@ async def run_llama_server_sse(client: httpx.AsyncClient, req: InferenceRequest)
             if response.status_code != 200:
                 await response.aread()
                 raise RuntimeError(f"llama-server answered {response.status_code}: {response.text[:300]}")
-            async for event in events.iter_events(response.aiter_lines()):
+            async for event in events.iter_events(response.aiter_bytes()):
                 choice = event.data["choices"][0]
                 if choice.get("text"):
                     last_at = time.perf_counter()

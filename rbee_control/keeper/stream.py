@@ -100,7 +100,7 @@ async def _stream_once(
             if response.status_code != 200:
                 raise _worker_error(await response.aread(), response.status_code)
             try:
-                async for event in events.iter_events(response.aiter_lines()):
+                async for event in events.iter_events(response.aiter_bytes()):
                     if event.name == events.TOKEN:
                         if result.first_token_at is None:
                             result.first_token_at = time.perf_counter()

@@ -113,19 +113,18 @@ def _parse_block(raw: bytes) -> Event | None:
     return _DONE if payload == DONE_DATA else Event(name, json.loads(payload))
 
 
-async def iter_events(lines: AsyncIterator[str]) -> AsyncIterator[Event]:
-    """Parse SSE lines (as from `httpx.Response.aiter_lines`) into events, up to `[DONE]`.
+async def iter_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[Event]:
+    """Events from the body's bytes (`httpx.Response.aiter_bytes()`), up to `[DONE]`.
 
-    What follows `[DONE]` is read and ignored rather than abandoned: a body read to
-    its end lets the HTTP client put the connection back in its pool instead of
-    closing it, which saves a TCP connect on the next request.
+    Bytes, not `aiter_lines()`: httpx splits lines like `str.splitlines`, also at
+    U+2028, U+0085 or U+001C, which JSON leaves unescaped inside token text, while
+    SSE ends lines only at CR and LF. What follows `[DONE]` is read and ignored
+    rather than abandoned: a body read to its end lets the HTTP client put the
+    connection back in its pool instead of closing it.
     """
-    parser = EventParser()
-    async for line in lines:
-        for _raw, event in parser.feed((line.rstrip("\r\n") + "\n").encode()):
+    async for batch in iter_event_batches(chunks):
+        for _raw, event in batch:
             yield event
-    for _raw, event in parser.close():
-        yield event
 
 
 async def iter_event_batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[Batch]:

@@ -46,6 +46,7 @@ import openai
 import psutil
 import pytest
 
+from rbee_worker.protocol.events import EventParser
 from rbee_worker.tinymodel import write_tiny_model
 from tests import sshd
 from tests.keeper.conftest import Keeper, Run, make_keeper
@@ -304,20 +305,14 @@ class E2EFleet:
                 proc.kill()
 
 
-def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, Any]]:
-    """(event name, parsed data) from SSE lines; `("done", None)` for `data: [DONE]`."""
-    name = "message"
-    for line in lines:
-        if line.startswith("event:"):
-            name = line[6:].strip()
-        elif line.startswith("data:"):
-            data = line[5:].strip()
-            if data == "[DONE]":
-                yield "done", None
-                return
-            yield name, json.loads(data)
-        elif not line:
-            name = "message"
+def sse_events(chunks: Iterator[bytes]) -> Iterator[tuple[str, Any]]:
+    """(event name, parsed data) from a body's bytes, by the protocol's own parser (reads to the end)."""
+    parser = EventParser()
+    for chunk in chunks:
+        for _raw, event in parser.feed(chunk):
+            yield event.name, event.data
+    for _raw, event in parser.close():
+        yield event.name, event.data
 
 
 def worker_stream(record: dict[str, Any], body: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
@@ -330,7 +325,7 @@ def worker_stream(record: dict[str, Any], body: dict[str, Any], timeout: float =
         client.stream("POST", f"{record['url']}/v1/inference", json=body, headers=headers) as response,
     ):
         assert response.status_code == 200, response.read()
-        for name, data in sse_events(response.iter_lines()):
+        for name, data in sse_events(response.iter_bytes()):
             if name == "token":
                 text.append(data["t"])
             elif name in ("end", "error"):

@@ -225,7 +225,7 @@ def test_native_delete_through_the_queen_ends_with_cancelled(
         with client.stream("POST", "/v1/inference", json=body, headers=headers) as response:
             assert response.status_code == 200, response.read()
             assert response.headers["x-request-id"] == request_id
-            for name, data in sse_events(response.iter_lines()):
+            for name, data in sse_events(response.iter_bytes()):
                 if name == "token":
                     tokens += 1
                     if tokens == 2:

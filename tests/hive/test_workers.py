@@ -71,7 +71,7 @@ async def stream(worker: dict[str, Any], body: dict[str, Any]) -> list[Any]:
         client.stream("POST", "/v1/inference", json=body) as response,
     ):
         assert response.status_code == 200
-        return [e async for e in iter_events(response.aiter_lines())]
+        return [e async for e in iter_events(response.aiter_bytes())]
 
 
 async def test_two_workers_on_two_ports_stream_at_once(node: Hive) -> None:

@@ -46,7 +46,7 @@ def expected(one_slot_workers: list[WorkerProcess]) -> dict[int, str]:
             for seed in range(N):
                 body = {"prompt": "the bee", "max_tokens": MAX_TOKENS, "temperature": 1.0, "seed": seed}
                 async with client.stream("POST", "/v1/inference", json=body) as response:
-                    events = [e async for e in iter_events(response.aiter_lines())]
+                    events = [e async for e in iter_events(response.aiter_bytes())]
                 out[seed] = "".join(e.data["t"] for e in events if e.name == "token")
         return out
 

@@ -19,7 +19,7 @@ async def _direct_text(worker: WorkerProcess, prompt: str, **sampling: object) -
         body = {"prompt": prompt, **sampling}
         async with client.stream("POST", "/v1/inference", json=body) as response:
             assert response.status_code == 200
-            events = [e async for e in iter_events(response.aiter_lines())]
+            events = [e async for e in iter_events(response.aiter_bytes())]
     assert events[-1].name == "end"
     return "".join(e.data["t"] for e in events if e.name == "token")
 
@@ -189,7 +189,7 @@ async def test_native_stream_can_be_cancelled_through_the_queen(registered: Quee
             "POST", "/v1/inference", json=body, headers={"X-Request-ID": "cancel-me"}
         ) as response:
             names = []
-            async for event in iter_events(response.aiter_lines()):
+            async for event in iter_events(response.aiter_bytes()):
                 names.append(event.name)
                 if event.name == "token" and names.count("token") == 1:
                     cancelled = await client.delete("/v1/inference/cancel-me")

@@ -12,7 +12,7 @@ from rbee_worker.protocol.events import Event, iter_events
 async def collect(client: httpx.AsyncClient, body: dict[str, Any], **kwargs: Any) -> list[Event]:
     async with client.stream("POST", "/v1/inference", json=body, **kwargs) as response:
         assert response.status_code == 200, await response.aread()
-        return [event async for event in iter_events(response.aiter_lines())]
+        return [event async for event in iter_events(response.aiter_bytes())]
 
 
 def text_of(events: list[Event]) -> str:

@@ -68,6 +68,15 @@ def test_crlf_line_endings_and_a_last_event_without_blank_line() -> None:
     assert not parser.done
 
 
+async def test_unicode_line_separators_inside_token_text_stay_inside_it() -> None:
+    """JSON leaves U+2028, U+0085 and U+001C unescaped; `str.splitlines` (and httpx's
+    `aiter_lines`) breaks lines there, SSE does not."""
+    texts = ["a\u2028b", "c\x85d", "e\x1cf\x1dg\x1eh\u2029i"]
+    body = b"".join(events.token_event(t, i) for i, t in enumerate(texts)) + events.encode_done()
+    got = [e async for e in iter_events(_aiter([body[:7], body[7:]]))]
+    assert [e.data["t"] for e in got] == texts
+
+
 def test_a_broken_json_payload_is_an_error_not_a_silent_skip() -> None:
     with pytest.raises(ValueError):
         EventParser().feed(b"event: token\ndata: {not json\n\n")
@@ -78,19 +87,18 @@ async def _aiter(items: list) -> AsyncIterator:
         yield item
 
 
-async def test_line_and_batch_iterators_agree_and_read_to_the_end() -> None:
-    lines = [*STREAM.decode().split("\n"), "trailing after done"]
-    consumed: list[str] = []
+async def test_event_and_batch_iterators_agree_and_read_to_the_end() -> None:
+    chunks = [*_split(STREAM, random.Random(3)), events.token_event("after done", 9)]
+    consumed: list[bytes] = []
 
-    async def tracked() -> AsyncIterator[str]:
-        async for line in _aiter(lines):
-            consumed.append(line)
-            yield line
+    async def tracked() -> AsyncIterator[bytes]:
+        async for chunk in _aiter(chunks):
+            consumed.append(chunk)
+            yield chunk
 
     assert [e async for e in iter_events(tracked())] == EXPECTED
-    assert consumed == lines, "the body is read to its end so the connection can be reused"
+    assert consumed == chunks, "the body is read to its end so the connection can be reused"
 
-    chunks = _split(STREAM, random.Random(3))
     batches = [batch async for batch in iter_event_batches(_aiter(chunks))]
     assert all(batches), "no empty batches"
     assert [e for batch in batches for _r, e in batch] == EXPECTED

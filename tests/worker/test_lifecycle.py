@@ -41,7 +41,7 @@ class Reader:
     """Reads a stream a little at a time; holding the iterator keeps the connection open."""
 
     def __init__(self, response: httpx.Response) -> None:
-        self.events = aiter(iter_events(response.aiter_lines()))
+        self.events = aiter(iter_events(response.aiter_bytes()))
 
     async def tokens(self, n: int) -> list[str]:
         seen: list[str] = []
