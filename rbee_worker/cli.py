@@ -7,10 +7,19 @@ import logging
 import os
 import sys
 
+from .planning import BACKENDS as DEVICE_BACKENDS
+from .planning import GpuLayers, parse_gpu_layers
 from .protocol.errors import RbeeError
 from .runtimes import BACKENDS
 
 API_KEY_ENV = "RBEE_WORKER_API_KEY"
+
+
+def _gpu_layers(text: str) -> GpuLayers:
+    try:
+        return parse_gpu_layers(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,7 +33,21 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--api-key", help=f"bearer token clients must send (prefer ${API_KEY_ENV}: argv is visible in ps)"
     )
-    serve.add_argument("--backend", default="auto", choices=["auto", *BACKENDS])
+    serve.add_argument("--runtime", default="auto", choices=["auto", *BACKENDS], help="the GGUF runtime")
+    serve.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", *DEVICE_BACKENDS, *BACKENDS],
+        help="where to run: auto (a GPU the runtime can drive, else cpu), cpu, cuda, metal "
+        "(a runtime name here still selects the runtime)",
+    )
+    serve.add_argument("--device", type=int, help="GPU index as the node numbers it (default 0)")
+    serve.add_argument(
+        "--gpu-layers",
+        type=_gpu_layers,
+        default="auto",
+        help="layers to offload: auto (as many as fit the device's free memory), all, or a number",
+    )
     serve.add_argument("--slots", type=int, default=1, help="concurrent generations (one model copy each)")
     serve.add_argument("--queue", type=int, default=8, help="requests allowed to wait for a slot")
     serve.add_argument("--ctx", type=int, help="context length (default: the model's own)")
@@ -55,17 +78,26 @@ def main(argv: list[str] | None = None) -> int:
     if not api_key:
         print(f"rbee-worker: an API key is required (--api-key or ${API_KEY_ENV})", file=sys.stderr)
         return 2
-    for name in ("slots", "queue", "ctx", "threads"):
+    for name in ("slots", "queue", "ctx", "threads", "device"):
         value = getattr(args, name)
-        if value is not None and value < (0 if name == "queue" else 1):
+        if value is not None and value < (0 if name in ("queue", "device") else 1):
             print(f"rbee-worker: --{name} must be positive", file=sys.stderr)
             return 2
+    runtime, backend = args.runtime, args.backend
+    if backend in BACKENDS:  # before --runtime existed, --backend named the runtime
+        runtime, backend = (backend if runtime == "auto" else runtime), "auto"
+    from .runtimes.device_choice import pin_visible_device
+
+    pin_visible_device(backend, args.device)
     config = WorkerConfig(
         model_path=args.model,
         api_key=api_key,
         host=args.host,
         port=args.port,
-        backend=args.backend,
+        runtime=runtime,
+        backend=backend,
+        device=args.device,
+        gpu_layers=args.gpu_layers,
         slots=args.slots,
         queue=args.queue,
         ctx=args.ctx,

@@ -1,7 +1,8 @@
 """The hive's HTTP API, served only on its Unix socket (mode 0600: the owner is the auth).
 
 GET  /v1/health              {status, version, api_version, pid, workers}
-POST /v1/workers/spawn       {model, backend?, slots?, ctx?, threads?, idle_timeout?, wait?, timeout?}
+POST /v1/workers/spawn       {model, runtime?, backend?, device?, gpu_layers?, slots?, ctx?, threads?,
+                              idle_timeout?, wait?, timeout?}
 POST /v1/workers/ready       callback from a worker: {worker_id, state, url, model, backend, error}
 GET  /v1/workers/list        {workers: [...]}
 POST /v1/workers/{id}/stop   {id, stopped, how}
@@ -21,10 +22,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from rbee_worker.planning import parse_gpu_layers
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
 from . import API_VERSION, __version__
-from .spawn import SpawnRequest
+from .spawn import SpawnRequest, split_legacy_backend
 from .supervisor import Supervisor
 
 
@@ -85,9 +87,25 @@ def create_app(supervisor: Supervisor, request_exit: Callable[[], None]) -> Star
         model = _field(body, "model", str)
         if not model:
             raise RbeeError(ErrorCode.INVALID_REQUEST, "'model' is required", status=400)
+        runtime, backend = split_legacy_backend(
+            _field(body, "runtime", str, "auto"), _field(body, "backend", str, "auto")
+        )
+        gpu_layers = body.get("gpu_layers", "auto")
+        try:
+            gpu_layers = parse_gpu_layers(gpu_layers)
+        except ValueError as exc:
+            raise RbeeError(
+                ErrorCode.INVALID_REQUEST,
+                str(exc),
+                status=400,
+                details={"field": "gpu_layers", "expected": "auto | all | int >= 0"},
+            ) from None
         req = SpawnRequest(
             model=model,
-            backend=_field(body, "backend", str, "auto"),
+            runtime=runtime,
+            backend=backend,
+            device=_field(body, "device", int, None, minimum=0),
+            gpu_layers=gpu_layers,
             slots=_field(body, "slots", int, 1, minimum=1),
             ctx=_field(body, "ctx", int, None, minimum=16),
             threads=_field(body, "threads", int, None, minimum=1),

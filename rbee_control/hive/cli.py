@@ -16,6 +16,8 @@ from dataclasses import fields
 from typing import Any
 
 from rbee_control.node_events import Emitter
+from rbee_worker.planning import BACKENDS as DEVICE_BACKENDS
+from rbee_worker.planning import parse_gpu_layers
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from rbee_worker.runtimes import BACKENDS
 
@@ -145,7 +147,10 @@ def cmd_worker_spawn(args: argparse.Namespace, paths: HivePaths, out: Emitter) -
             paths,
             lambda h: h.spawn(
                 args.model,
+                runtime=args.runtime,
                 backend=args.backend,
+                device=args.device,
+                gpu_layers=args.gpu_layers,
                 slots=args.slots,
                 ctx=args.ctx,
                 threads=args.threads,
@@ -157,7 +162,8 @@ def cmd_worker_spawn(args: argparse.Namespace, paths: HivePaths, out: Emitter) -
     )
     out.result(
         info,
-        f"{info['id']}: {info['state']} at {info['url']} (pid {info['pid']}, {info['backend']})\n"
+        f"{info['id']}: {info['state']} at {info['url']} (pid {info['pid']}, {info.get('runtime')} on "
+        f"{info['backend']}{'' if info.get('device') is None else ':' + str(info['device'])})\n"
         f"api key: {info['api_key']}",
     )
 
@@ -165,10 +171,32 @@ def cmd_worker_spawn(args: argparse.Namespace, paths: HivePaths, out: Emitter) -
 def cmd_worker_list(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
     workers = asyncio.run(_with_hive(paths, lambda h: h.list_workers()))
     table = _table(
-        [[w["id"], w["state"], w["model"], w["backend"], w["url"], str(w["pid"])] for w in workers],
-        ["ID", "STATE", "MODEL", "BACKEND", "URL", "PID"],
+        [
+            [w["id"], w["state"], w["model"], w.get("runtime", ""), _where(w), w["url"], str(w["pid"])]
+            for w in workers
+        ],
+        ["ID", "STATE", "MODEL", "RUNTIME", "BACKEND", "URL", "PID"],
     )
     out.result({"workers": workers}, table or "no workers")
+
+
+def _where(w: dict[str, Any]) -> str:
+    return str(w["backend"]) + ("" if w.get("device") is None else f":{w['device']}")
+
+
+def cmd_detect(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
+    from .devices import detect
+
+    info = detect(paths)
+    rows = [
+        [f"{d.backend}:{d.device}", d.name, _mb(d.memory_total_bytes), _mb(d.memory_free_bytes)]
+        for d in info.devices
+    ]
+    lines = [_table(rows, ["DEVICE", "NAME", "TOTAL", "FREE"])]
+    built = ", ".join(info.llama_cpp_backends) or "not installed"
+    lines.append(f"llama-cpp-python built for: {built}")
+    lines += [f"warning: {w}" for w in info.warnings]
+    out.result(info.to_json(), "\n".join(lines))
 
 
 def cmd_worker_stop(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
@@ -177,6 +205,13 @@ def cmd_worker_stop(args: argparse.Namespace, paths: HivePaths, out: Emitter) ->
 
 
 # --- parser ------------------------------------------------------------------
+
+
+def _gpu_layers(text: str) -> str | int:
+    try:
+        return parse_gpu_layers(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _common(parser: argparse.ArgumentParser, top: bool) -> None:
@@ -217,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"default {f.default!r} (env RBEE_HIVE_{f.name.upper()})",
         )
     leaf(sub, "status", cmd_status, "is the daemon up; node facts; workers")
+    leaf(sub, "detect", cmd_detect, "this node's devices (cpu, cuda, metal) and llama-cpp-python's build")
     p = leaf(sub, "stop", cmd_stop, "stop the daemon and every worker (cascading)")
     p.add_argument(
         "--timeout", type=float, default=30.0, help="seconds for the daemon to stop before SIGTERM"
@@ -240,7 +276,21 @@ def build_parser() -> argparse.ArgumentParser:
     wsub = worker_p.add_subparsers(dest="worker_command", required=True, metavar="ACTION")
     p = leaf(wsub, "spawn", cmd_worker_spawn, "start a worker for a catalogued model")
     p.add_argument("--model", required=True)
-    p.add_argument("--backend", choices=["auto", *BACKENDS], default="auto")
+    p.add_argument("--runtime", choices=["auto", *BACKENDS], default="auto", help="the GGUF runtime")
+    p.add_argument(
+        "--backend",
+        choices=["auto", *DEVICE_BACKENDS, *BACKENDS],
+        default="auto",
+        help="where it runs: auto (a GPU llama-cpp-python can drive, else cpu), cpu, cuda, metal "
+        "(a runtime name here still selects the runtime)",
+    )
+    p.add_argument("--device", type=int, help="GPU index (default: the one with most free memory)")
+    p.add_argument(
+        "--gpu-layers",
+        type=_gpu_layers,
+        default="auto",
+        help="layers to offload: auto (as many as fit), all, or a number",
+    )
     p.add_argument("--slots", type=int, default=1)
     p.add_argument("--ctx", type=int)
     p.add_argument("--threads", type=int)

@@ -87,11 +87,21 @@ class HiveClient:
         idle_timeout: float | None = None,
         wait: bool = False,
         timeout: float | None = None,
+        runtime: str | None = None,
+        device: int | None = None,
+        gpu_layers: str | int | None = None,
     ) -> dict[str, Any]:
-        """Start a worker; the answer carries `{id, url, api_key, model, backend, state, pid, port}`."""
+        """Start a worker; the answer carries `{id, url, api_key, model, runtime, backend, state, pid, port}`.
+
+        `backend` is where it runs (auto | cpu | cuda | metal); a runtime name there still
+        selects the runtime, as it did before `runtime` existed.
+        """
         body = {
             "model": model,
+            "runtime": runtime,
             "backend": backend,
+            "device": device,
+            "gpu_layers": gpu_layers,
             "slots": slots,
             "ctx": ctx,
             "threads": threads,

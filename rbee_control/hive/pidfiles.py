@@ -91,10 +91,20 @@ class WorkerFile:
     url: str
     model: str
     model_path: str
+    #: where it runs: cpu | cuda | metal
     backend: str
     api_key: str
     slots: int
     started_at: float
+    #: the GGUF runtime (llama-cpp | ctransformers)
+    runtime: str = ""
+    device: int | None = None
+    #: offload steps planned (0 on cpu; n_layers + 1 is everything)
+    gpu_layers: int = 0
+    #: the memory plan's total: what the hive counted this worker for
+    planned_bytes: int = 0
+    #: what the worker reported it holds on its GPU
+    vram_bytes: int = 0
 
     def save(self, paths: HivePaths) -> None:
         write_private(paths.worker_file(self.id), json.dumps(asdict(self), indent=1))
@@ -112,7 +122,7 @@ def read_worker_files(paths: HivePaths) -> list[WorkerFile]:
     for path in sorted(paths.workers_dir.glob("*.json")):
         try:
             data = json.loads(path.read_text())
-            found.append(WorkerFile(**{k: data[k] for k in WorkerFile.__dataclass_fields__}))
+            found.append(WorkerFile(**{k: data[k] for k in WorkerFile.__dataclass_fields__ if k in data}))
         except (OSError, ValueError, KeyError, TypeError):
             path.unlink(missing_ok=True)
     return found

@@ -1,7 +1,7 @@
-"""Starting one worker process: preflight, backend, port, key, launch.
+"""Starting one worker process: preflight, runtime and device, port, key, launch.
 
-Everything that can be refused (model unknown, backend missing, not enough RAM,
-no free port) is checked before a process exists, so a refusal leaves nothing to
+Everything that can be refused (model unknown, runtime or device missing, not enough
+memory, no free port) is checked before a process exists, so a refusal leaves nothing to
 clean up. The API key reaches the worker through its environment, never argv,
 which any user on the node can read with `ps`.
 """
@@ -16,32 +16,43 @@ import sys
 import time
 from dataclasses import dataclass
 
-import psutil
-
 from rbee_worker.gguf_info import GGUFInfo
+from rbee_worker.planning import GpuLayers
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
-from rbee_worker.runtimes import choose_backend as worker_choose_backend
+from rbee_worker.runtimes import BACKENDS as RUNTIMES
+from rbee_worker.runtimes import choose_backend as worker_choose_runtime
 
 from .catalog import ModelRow
 from .config import HiveConfig
 from .paths import HivePaths
 from .pidfiles import WorkerFile
+from .placement import Placement
 from .process import create_time
-
-MB = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
 class SpawnRequest:
     model: str
-    backend: str = "auto"
+    #: the GGUF runtime: auto | ctransformers | llama-cpp
+    runtime: str = "auto"
     slots: int = 1
     ctx: int | None = None
     threads: int | None = None
     idle_timeout: float | None = None
+    #: where it runs: auto | cpu | cuda | metal, on `device` (None: the one with most free memory)
+    backend: str = "auto"
+    device: int | None = None
+    gpu_layers: GpuLayers = "auto"
 
 
-def choose_backend(requested: str, model: ModelRow) -> str:
+def split_legacy_backend(runtime: str, backend: str) -> tuple[str, str]:
+    """(runtime, backend): before `runtime` existed, `backend` named the runtime, and still may."""
+    if backend in RUNTIMES:
+        return (backend if runtime == "auto" else runtime), "auto"
+    return runtime, backend
+
+
+def choose_runtime(requested: str, model: ModelRow) -> str:
     """Pick as the worker would, from the metadata catalogued at add time (re-parsing costs seconds)."""
     if not os.path.isfile(model.path):
         raise RbeeError(
@@ -63,27 +74,7 @@ def choose_backend(requested: str, model: ModelRow) -> str:
         bos_token=None,
         eos_token=None,
     )
-    return worker_choose_backend(info, requested)
-
-
-def check_ram(model: ModelRow, factor: float) -> None:
-    available = psutil.virtual_memory().available
-    required = int(model.size * factor)
-    if available < required:
-        raise RbeeError(
-            ErrorCode.INSUFFICIENT_RAM,
-            f"insufficient RAM: need {required // MB} MB (model size × {factor}), have {available // MB} MB",
-            status=507,
-            details={
-                "model": model.name,
-                "required_bytes": required,
-                "available_bytes": available,
-                "required_mb": required // MB,
-                "available_mb": available // MB,
-                "ram_factor": factor,
-            },
-            hint="stop other workers (rbee-hive worker list / stop) or use a smaller quantization",
-        )
+    return worker_choose_runtime(info, requested)
 
 
 def port_is_free(address: str, port: int) -> bool:
@@ -132,28 +123,38 @@ async def launch(
     config: HiveConfig,
     req: SpawnRequest,
     model: ModelRow,
-    backend: str,
+    placement: Placement,
     worker_id: str,
     port: int,
 ) -> tuple[WorkerFile, asyncio.subprocess.Process]:
-    """Start the worker detached (own session) with its log file; write its record."""
+    """Start the worker detached (own session) with its log file; write its record.
+
+    A CUDA worker sees only its own GPU (CUDA_VISIBLE_DEVICES), so nothing it
+    allocates can land on a device another worker was planned onto.
+    """
     api_key = secrets.token_urlsafe(32)
+    plan = placement.plan
     cmd = [
         sys.executable, "-m", "rbee_worker.cli", "serve",
         "--model", model.path,
         "--host", config.address,
         "--port", str(port),
-        "--backend", backend,
+        "--runtime", placement.runtime,
+        "--backend", placement.backend,
+        "--gpu-layers", str(plan.gpu_layers),
         "--slots", str(req.slots),
+        "--ctx", str(plan.ctx),
         "--worker-id", worker_id,
         "--callback-url", "http://hive/v1/workers/ready",
         "--callback-uds", str(paths.socket),
     ]  # fmt: skip
-    if req.ctx:
-        cmd += ["--ctx", str(req.ctx)]
+    if placement.device is not None:
+        cmd += ["--device", str(placement.device)]
     if req.threads:
         cmd += ["--threads", str(req.threads)]
     env = {**os.environ, "RBEE_WORKER_API_KEY": api_key}
+    if placement.backend == "cuda":
+        env["CUDA_VISIBLE_DEVICES"] = str(placement.device)
     with paths.worker_log(worker_id).open("ab") as log:
         log.write(
             f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} hive starts {worker_id} on port {port}\n".encode()
@@ -176,10 +177,14 @@ async def launch(
         url=worker_url(advertised_host(config), port),
         model=model.name,
         model_path=model.path,
-        backend=backend,
+        backend=placement.backend,
         api_key=api_key,
         slots=req.slots,
         started_at=round(time.time(), 3),
+        runtime=placement.runtime,
+        device=placement.device,
+        gpu_layers=plan.gpu_layers,
+        planned_bytes=plan.total_bytes,
     )
     record.save(paths)
     return record, proc

@@ -19,13 +19,16 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from rbee_worker.model_shape import read_model_shape
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
 from . import spawn
 from .catalog import Catalog
 from .config import HiveConfig
+from .devices import detect
 from .paths import HivePaths
 from .pidfiles import WorkerFile, read_worker_files
+from .placement import Placement, place, reserve_loading, runtime_request
 from .process import is_alive, terminate, wait_gone
 from .registry import Registry, Worker, WorkerState
 
@@ -83,33 +86,65 @@ class Supervisor:
 
     async def spawn(self, req: spawn.SpawnRequest, wait: bool, timeout: float | None) -> Worker:
         model = self.catalog.require(req.model)
-        backend = spawn.choose_backend(req.backend, model)
-        spawn.check_ram(model, self.config.ram_factor)
-        worker = await self._launch_bound(req, model, backend)
+        worker = await self._launch_bound(req, model)
         if wait:
             await self.wait_ready(worker, timeout or self.config.loading_timeout)
         return worker
 
-    async def _launch_bound(self, req: spawn.SpawnRequest, model: Any, backend: str) -> Worker:
-        """Launch and wait until the worker's port answers; retry another port if it lost a bind race."""
+    async def place(self, req: spawn.SpawnRequest, model: Any) -> Placement:
+        """Runtime, device and memory plan from `detect` and the GGUF header; refusals raise here."""
+        node = await asyncio.to_thread(detect, self.paths)
+        runtime = spawn.choose_runtime(runtime_request(node, req.runtime, req.backend), model)
+        shape = await asyncio.to_thread(read_model_shape, model.path)
+        placement = place(
+            reserve_loading(node, [w.file for w in self.registry.list() if w.state == WorkerState.LOADING]),
+            shape,
+            runtime=runtime,
+            backend=req.backend,
+            device=req.device,
+            gpu_layers=req.gpu_layers,
+            slots=req.slots,
+            ctx=req.ctx,
+            ram_headroom=self.config.ram_factor,
+            model=model.name,
+        )
+        for warning in placement.warnings:
+            log.warning("%s: %s", model.name, warning)
+        return placement
+
+    async def _launch_bound(self, req: spawn.SpawnRequest, model: Any) -> Worker:
+        """Place, launch and wait until the worker's port answers; retry another port if it lost a bind race.
+
+        Placing and registering happen under one lock: the next spawn's plan then
+        counts this worker's memory as taken (see `reserve_loading`).
+        """
         skip: set[int] = set()
+        placement: Placement | None = None
         for _ in range(_PORT_RETRIES):
             async with self._spawn_lock:
+                if placement is None:
+                    placement = await self.place(req, model)
                 port = spawn.pick_port(self.config, self.registry.ports() | skip)
                 worker_id = spawn.new_worker_id()
                 log_start = spawn.log_size(self.paths, worker_id)
                 record, proc = await spawn.launch(
-                    self.paths, self.config, req, model, backend, worker_id, port
+                    self.paths, self.config, req, model, placement, worker_id, port
                 )
                 worker = Worker(file=record, process=proc, idle_timeout=req.idle_timeout)
                 self.registry.add(worker)
+            plan = placement.plan
             log.info(
-                "spawned %s (pid %d) for %s on %s, backend %s",
+                "spawned %s (pid %d) for %s on %s: %s on %s%s, %d/%d layers offloaded, plan %d MB",
                 worker_id,
                 proc.pid,
                 model.name,
                 record.url,
-                backend,
+                placement.runtime,
+                placement.backend,
+                "" if placement.device is None else f":{placement.device}",
+                plan.gpu_layers,
+                plan.n_layers + 1,
+                plan.total_bytes >> 20,
             )
             self._background(self._watch_exit(worker))
             if await self._wait_http(worker):
@@ -176,13 +211,17 @@ class Supervisor:
         if payload.get("state") == "ready":
             now = time.time()
             worker.state, worker.ready_at, worker.last_activity = WorkerState.IDLE, now, now
-            if payload.get("backend"):
-                worker.file.backend = str(payload["backend"])
+            if payload.get("runtime"):
+                worker.file.runtime = str(payload["runtime"])
+            if isinstance(payload.get("vram_bytes"), int):
+                worker.file.vram_bytes = payload["vram_bytes"]
             log.info(
-                "%s ready (%s, %s) after %.2f s",
+                "%s ready (%s, %s on %s, %d MB VRAM) after %.2f s",
                 worker.id,
                 worker.file.model,
+                worker.file.runtime,
                 worker.file.backend,
+                worker.file.vram_bytes >> 20,
                 now - worker.file.started_at,
             )
         else:

@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse
 
 from ..gguf_info import read_gguf_info
 from ..protocol.errors import ErrorCode, RbeeError
-from ..runtimes import choose_backend, runtime_factory
+from ..runtimes import LLAMA_CPP, choose_backend, device_choice, runtime_factory
 from .middleware import BearerAuthMiddleware, HeadersTimeoutMiddleware, RequestIdMiddleware
 from .routes import PUBLIC_PATHS, ROUTES
 from .state import Phase, WorkerConfig, WorkerState
@@ -85,11 +85,25 @@ async def load_model(app: Starlette) -> None:
     try:
         info = await asyncio.to_thread(read_gguf_info, config.model_path)
         state.info = info
-        backend = choose_backend(info, config.backend)
-        state.backend = backend
+        backend = choose_backend(info, device_choice.runtime_for(config.runtime, config.backend))
+        state.runtime = backend
         factory = runtime_factory(backend)
         ctx = config.ctx or info.context_length or 2048
         threads = config.threads or default_threads()
+        where = await asyncio.to_thread(
+            device_choice.for_worker,
+            config.backend,
+            config.device,
+            config.gpu_layers,
+            runtime=backend,
+            model_path=config.model_path,
+            slots=config.slots,
+            ctx=ctx,
+        )
+        state.backend, state.device, state.gpu_layers = where.backend, where.device, where.n_gpu_layers
+        offload = (
+            {"n_gpu_layers": where.n_gpu_layers, "main_gpu": where.main_gpu} if backend == LLAMA_CPP else {}
+        )
         for index in range(config.slots):
 
             def progress(fraction: float, index: int = index) -> None:
@@ -97,17 +111,32 @@ async def load_model(app: Starlette) -> None:
 
             try:
                 runtime = await asyncio.to_thread(
-                    factory, config.model_path, context_length=ctx, threads=threads, progress=progress
+                    factory,
+                    config.model_path,
+                    context_length=ctx,
+                    threads=threads,
+                    progress=progress,
+                    **offload,
                 )
             except (RuntimeError, ValueError, OSError) as exc:
                 raise RbeeError(
                     ErrorCode.MODEL_LOAD_FAILED, f"{backend} could not load {config.model_path}: {exc}"
                 ) from None
             state.pool.add(runtime)
+        state.vram_bytes = await asyncio.to_thread(device_choice.vram_used, where)
         state.metrics.slots_total.set(config.slots)
         state.set_progress(1.0)
         state.set_phase(Phase.READY)
-        log.info("ready: %s on %s with %s, %d slot(s)", info.name, state.url, backend, config.slots)
+        log.info(
+            "ready: %s on %s with %s on %s, %d layers offloaded, %d MB VRAM, %d slot(s)",
+            info.name,
+            state.url,
+            backend,
+            where.backend,
+            where.n_gpu_layers,
+            state.vram_bytes >> 20,
+            config.slots,
+        )
     except RbeeError as exc:
         state.set_phase(Phase.FAILED, exc)
         app.state.exit_code = 1
@@ -128,7 +157,10 @@ async def _report(state: WorkerState) -> None:
         "state": state.phase.value,
         "url": state.url,
         "model": state.model_name,
+        "runtime": state.runtime,
         "backend": state.backend,
+        "device": state.device,
+        "vram_bytes": state.vram_bytes,
         "pid": os.getpid(),
         "error": state.error.body()["error"] if state.error else None,
     }

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from ..gguf_info import GGUFInfo
+from ..planning import GpuLayers
 from ..protocol.errors import RbeeError
 from .generation import Generation
 from .metrics import WorkerMetrics
@@ -27,7 +28,12 @@ class WorkerConfig:
     api_key: str
     host: str = "127.0.0.1"
     port: int = 8081
+    #: the GGUF runtime: auto | ctransformers | llama-cpp
+    runtime: str = "auto"
+    #: where it runs: auto | cpu | cuda | metal
     backend: str = "auto"
+    device: int | None = None
+    gpu_layers: GpuLayers = "auto"
     slots: int = 1
     queue: int = 8
     ctx: int | None = None
@@ -46,7 +52,11 @@ class WorkerState:
     progress: float = 0.0
     error: RbeeError | None = None
     info: GGUFInfo | None = None
+    runtime: str | None = None
     backend: str | None = None
+    device: int | None = None
+    gpu_layers: int = 0
+    vram_bytes: int = 0
     started_at: float = field(default_factory=time.time)
     pool: SlotPool = field(init=False)
     generations: dict[str, Generation] = field(default_factory=dict)
@@ -83,7 +93,11 @@ class WorkerState:
             "progress": round(self.progress, 3),
             "worker_id": self.config.worker_id,
             "model": self.model_name,
+            "runtime": self.runtime,
             "backend": self.backend,
+            "device": self.device,
+            "gpu_layers": self.gpu_layers,
+            "vram_bytes": self.vram_bytes,
             "slots": self.config.slots,
             "slots_busy": self.pool.busy,
         }

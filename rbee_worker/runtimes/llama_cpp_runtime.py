@@ -14,7 +14,14 @@ class LlamaCppRuntime:
     name = NAME
 
     def __init__(
-        self, path: str, *, context_length: int, threads: int | None, progress: ProgressCallback
+        self,
+        path: str,
+        *,
+        context_length: int,
+        threads: int | None,
+        progress: ProgressCallback,
+        n_gpu_layers: int = 0,
+        main_gpu: int = 0,
     ) -> None:
         from llama_cpp import Llama
 
@@ -23,7 +30,8 @@ class LlamaCppRuntime:
             model_path=path,
             n_ctx=context_length,
             n_threads=threads,
-            n_gpu_layers=0,
+            n_gpu_layers=n_gpu_layers,
+            main_gpu=main_gpu,
             verbose=False,
         )
         self._eos = self._llm.token_eos()

@@ -1,0 +1,244 @@
+"""How much memory a worker will need, and where, before anything loads.
+
+need = weights + KV cache for `slots × ctx` + a compute buffer, split between the
+accelerator and the host by how many layers are offloaded — the estimate GPUStack
+and Ollama make before they place a model. Pure arithmetic over a `ModelShape`;
+the hive refuses a spawn from it, the worker reports from it.
+
+Offload steps follow llama.cpp's `n_gpu_layers`: step k puts the last k repeating
+blocks (and their KV cache) on the device; step `n_layers + 1` adds the output
+head. The token embedding always stays on the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from .model_shape import ModelShape
+from .protocol.errors import ErrorCode, RbeeError
+
+MB = 1 << 20
+GpuLayers = Literal["auto", "all"] | int
+
+#: Bytes per K or V element: llama.cpp's default cache type is f16.
+KV_F16 = 2
+#: llama.cpp's default micro-batch: the compute buffer is sized for this many tokens at once.
+N_UBATCH = 512
+#: llama.cpp rounds the KV cache up to a multiple of this many cells.
+KV_PAD = 256
+#: The per-sequence context when none is asked for: a long training context would reserve GBs of KV.
+DEFAULT_CTX_CAP = 4096
+BACKENDS = ("cpu", "cuda", "metal")
+
+
+def default_ctx(shape: ModelShape) -> int:
+    return min(shape.context_length or 2048, DEFAULT_CTX_CAP)
+
+
+def kv_cells(slots: int, ctx: int) -> int:
+    total = slots * ctx
+    return -(-total // KV_PAD) * KV_PAD
+
+
+def kv_bytes(shape: ModelShape, cells: int, layers: int | None = None, elem: int = KV_F16) -> int:
+    """K and V for `cells` tokens across `layers` layers (all by default)."""
+    n = shape.n_layers if layers is None else layers
+    return n * cells * shape.kv_width * elem
+
+
+def compute_bytes(shape: ModelShape, cells: int, n_ubatch: int = N_UBATCH) -> int:
+    """The scratch llama.cpp reserves for one micro-batch (Ollama's estimate for llama-like graphs).
+
+    The larger of the attention scores for `n_ubatch` tokens against the whole cache
+    and the logits of `n_ubatch` tokens, in f32: an upper bound when flash attention is on.
+    """
+    attention = 4 * n_ubatch * (1 + 4 * shape.n_embd + cells * (1 + shape.n_head))
+    logits = 4 * n_ubatch * (shape.n_embd + shape.n_vocab)
+    return max(attention, logits)
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryPlan:
+    backend: str
+    device: int | None
+    slots: int
+    ctx: int
+    n_layers: int
+    #: offload steps: 0 … n_layers + 1 (the last one adds the output head)
+    gpu_layers: int
+    weights_bytes: int
+    kv_bytes: int
+    compute_bytes: int
+    #: what lands on the accelerator (0 for cpu)
+    device_bytes: int
+    #: what lands in RAM (for metal, the same unified pool as device_bytes)
+    host_bytes: int
+    #: the part of host_bytes that is weights (what `ram_headroom` scales)
+    host_weights_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.device_bytes + self.host_bytes
+
+    @property
+    def full_offload(self) -> bool:
+        return self.gpu_layers > self.n_layers
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "total_bytes": self.total_bytes}
+
+
+def split(shape: ModelShape, backend: str, steps: int, cells: int) -> tuple[int, int, int]:
+    """(device bytes, host bytes, host weight bytes) with `steps` offload steps."""
+    total_kv = kv_bytes(shape, cells)
+    compute = compute_bytes(shape, cells)
+    if backend == "cpu" or steps <= 0:
+        host = shape.weights_bytes + total_kv + compute
+        return (compute if backend != "cpu" else 0), host, shape.weights_bytes
+    layers = min(steps, shape.n_layers)
+    on_device = sum(shape.layer_bytes[shape.n_layers - layers :])
+    if steps > shape.n_layers:
+        on_device += shape.output_bytes
+    device_kv = kv_bytes(shape, cells, layers)
+    device = on_device + device_kv + compute
+    # the host keeps the rest of the weights and KV; it computes the logits unless the head is offloaded
+    host_compute = 0 if steps > shape.n_layers else 4 * N_UBATCH * (shape.n_embd + shape.n_vocab)
+    host = shape.weights_bytes - on_device + (total_kv - device_kv) + host_compute
+    return device, host, shape.weights_bytes - on_device
+
+
+def parse_gpu_layers(text: str | int) -> GpuLayers:
+    """`auto`, `all` or a count ≥ 0; ValueError otherwise (the CLIs turn it into a usage error)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    elif isinstance(text, str) and text in ("auto", "all"):
+        return text  # type: ignore[return-value]
+    elif isinstance(text, str) and text.strip().isdigit():
+        value = int(text)
+    else:
+        raise ValueError(f"gpu layers must be auto, all or a number >= 0, not {text!r}")
+    if value < 0:
+        raise ValueError(f"gpu layers must be auto, all or a number >= 0, not {text!r}")
+    return value
+
+
+def plan_memory(
+    shape: ModelShape,
+    *,
+    backend: str,
+    slots: int = 1,
+    ctx: int | None = None,
+    device: int | None = None,
+    gpu_layers: GpuLayers = "auto",
+    device_free: int | None = None,
+) -> MemoryPlan:
+    """Resolve `gpu_layers` and split the need; `auto` offloads as many steps as fit `device_free`.
+
+    Nothing here refuses: `check_fits` compares a plan with what is free.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r}")
+    per_seq = ctx or default_ctx(shape)
+    cells = kv_cells(slots, per_seq)
+    last = shape.n_layers + 1
+    if backend == "cpu":
+        steps = 0
+    elif gpu_layers == "all":
+        steps = last
+    elif gpu_layers == "auto":
+        steps = last
+        if device_free is not None:
+            fitting = (k for k in range(last, 0, -1) if split(shape, backend, k, cells)[0] <= device_free)
+            steps = next(fitting, 0)
+    else:
+        steps = min(int(gpu_layers), last)
+    device_bytes, host_bytes, host_weights = split(shape, backend, steps, cells)
+    return MemoryPlan(
+        backend=backend,
+        device=device,
+        slots=slots,
+        ctx=per_seq,
+        n_layers=shape.n_layers,
+        gpu_layers=steps,
+        weights_bytes=shape.weights_bytes,
+        kv_bytes=kv_bytes(shape, cells),
+        compute_bytes=compute_bytes(shape, cells),
+        device_bytes=device_bytes,
+        host_bytes=host_bytes,
+        host_weights_bytes=host_weights,
+    )
+
+
+def _mb(n: int) -> int:
+    return -(-n // MB)
+
+
+def check_fits(
+    plan: MemoryPlan, ram_free: int, device_free: int | None, model: str = "", ram_headroom: float = 1.0
+) -> None:
+    """Refuse a plan that does not fit: `INSUFFICIENT_VRAM` for the accelerator, else `INSUFFICIENT_RAM`.
+
+    Metal shares one pool between GPU and host, so both halves count against it. The
+    weights kept on the host count `ram_headroom` times (the hive's `--ram-factor`,
+    1.2: "model size × 1.2"): the runtime and the worker's Python want room beside them.
+    """
+    breakdown = {
+        "weights_bytes": plan.weights_bytes,
+        "kv_bytes": plan.kv_bytes,
+        "compute_bytes": plan.compute_bytes,
+        "slots": plan.slots,
+        "ctx": plan.ctx,
+        "gpu_layers": plan.gpu_layers,
+        "model": model,
+    }
+    what = f"{plan.slots} slot(s) × ctx {plan.ctx}"
+    if plan.backend != "cpu" and device_free is not None:
+        need = plan.total_bytes if plan.backend == "metal" else plan.device_bytes
+        if plan.gpu_layers == 0 or need > device_free:
+            where = f"{plan.backend}:{plan.device if plan.device is not None else 0}"
+            raise RbeeError(
+                ErrorCode.INSUFFICIENT_VRAM,
+                f"insufficient VRAM on {where}: need {_mb(need)} MB "
+                f"({plan.gpu_layers}/{plan.n_layers + 1} layers, {what}), have {_mb(device_free)} MB free",
+                status=507,
+                details={
+                    **breakdown,
+                    "backend": plan.backend,
+                    "device": plan.device,
+                    "required_bytes": need,
+                    "available_bytes": device_free,
+                    "required_vram_mb": _mb(need),
+                    "available_vram_mb": device_free // MB,
+                },
+                hint="fewer --slots or a smaller --ctx-size, --gpu-layers N for a partial offload, "
+                "a smaller quantization, or --backend cpu",
+            )
+        if plan.backend == "metal":
+            return
+    need = plan.host_bytes + int(plan.host_weights_bytes * (ram_headroom - 1))
+    if need > ram_free:
+        if plan.backend == "cpu":
+            parts = (
+                f"weights {_mb(plan.weights_bytes)} MB + KV cache {_mb(plan.kv_bytes)} MB for {what} "
+                f"+ compute {_mb(plan.compute_bytes)} MB"
+            )
+        else:
+            parts = f"what {plan.gpu_layers}/{plan.n_layers + 1} offloaded layers leave on the host, {what}"
+        if ram_headroom != 1.0:
+            parts += f", weights × {ram_headroom:g}"
+        raise RbeeError(
+            ErrorCode.INSUFFICIENT_RAM,
+            f"insufficient RAM: need {_mb(need)} MB ({parts}), have {ram_free // MB} MB free",
+            status=507,
+            details={
+                **breakdown,
+                "ram_factor": ram_headroom,
+                "required_bytes": need,
+                "available_bytes": ram_free,
+                "required_mb": _mb(need),
+                "available_mb": ram_free // MB,
+            },
+            hint="fewer --slots or a smaller --ctx-size, a smaller quantization, "
+            "or stop other workers (rbee-hive worker list / stop)",
+        )
