@@ -28,7 +28,7 @@ from .config import HiveConfig
 from .devices import detect
 from .paths import HivePaths
 from .pidfiles import WorkerFile, read_worker_files
-from .placement import Placement, place, reserve_loading, runtime_request
+from .placement import Placement, choose_device, place, reserve_loading, runtime_request
 from .process import is_alive, terminate, wait_gone
 from .registry import Registry, Worker, WorkerState
 
@@ -94,7 +94,9 @@ class Supervisor:
     async def place(self, req: spawn.SpawnRequest, model: Any) -> Placement:
         """Runtime, device and memory plan from `detect` and the GGUF header; refusals raise here."""
         node = await asyncio.to_thread(detect, self.paths)
-        runtime = spawn.choose_runtime(runtime_request(node, req.runtime, req.backend), model)
+        wanted = runtime_request(node, req.runtime, req.backend)
+        choose_device(node, req.backend, req.device, wanted)  # a missing GPU first: it is the bigger news
+        runtime = spawn.choose_runtime(wanted, model)
         shape = await asyncio.to_thread(read_model_shape, model.path)
         placement = place(
             reserve_loading(node, [w.file for w in self.registry.list() if w.state == WorkerState.LOADING]),
