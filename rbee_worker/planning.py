@@ -108,6 +108,12 @@ def split(shape: ModelShape, backend: str, steps: int, cells: int) -> tuple[int,
     return device, host, shape.weights_bytes - on_device
 
 
+def _on_device(shape: ModelShape, backend: str, steps: int, cells: int) -> int:
+    """What counts against the device's free memory: on Metal's unified memory, the host half too."""
+    device, host, _ = split(shape, backend, steps, cells)
+    return device + host if backend == "metal" else device
+
+
 def parse_gpu_layers(text: str | int) -> GpuLayers:
     """`auto`, `all` or a count ≥ 0; ValueError otherwise (the CLIs turn it into a usage error)."""
     if isinstance(text, int) and not isinstance(text, bool):
@@ -149,8 +155,9 @@ def plan_memory(
     elif gpu_layers == "auto":
         steps = last
         if device_free is not None:
-            fitting = (k for k in range(last, 0, -1) if split(shape, backend, k, cells)[0] <= device_free)
-            steps = next(fitting, 0)
+            steps = next(
+                (k for k in range(last, 0, -1) if _on_device(shape, backend, k, cells) <= device_free), 0
+            )
     else:
         steps = min(int(gpu_layers), last)
     device_bytes, host_bytes, host_weights = split(shape, backend, steps, cells)

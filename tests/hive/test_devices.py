@@ -171,7 +171,9 @@ def test_cuda_with_a_cpu_build_of_llama_cpp_names_the_install_command(
     assert "llama-cpp-python on this node was built for cpu, not cuda" in err["message"]
     assert err["hint"] == "rbee-keeper setup install --node <node> --extras llama --backend cuda"
     # the ctransformers runtime never runs on a GPU, whatever the build
-    err = node.run("worker", "spawn", "--model", "tiny", "--runtime", "ctransformers", "--backend", "cuda").error
+    err = node.run(
+        "worker", "spawn", "--model", "tiny", "--runtime", "ctransformers", "--backend", "cuda"
+    ).error
     assert err["code"] == "BACKEND_NOT_AVAILABLE" and "CPU only" in err["message"]
     # `auto` on this node: a GPU the build cannot drive is not used, and a warning says why
     spawned = node.ok("worker", "spawn", "--model", "tiny", "--wait")
