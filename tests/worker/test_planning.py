@@ -87,7 +87,7 @@ QWEN25_7B = llama_like(
 
 
 def test_shapes_of_published_files() -> None:
-    # published Q4_K_M files: Meta-Llama-3-8B-Instruct 4.92 GB, Llama-2-7B 4.08 GB, Qwen2.5-7B-Instruct 4.68 GB
+    # published Q4_K_M files: Llama-3-8B-Instruct 4.92 GB, Llama-2-7B 4.08 GB, Qwen2.5-7B-Instruct 4.68 GB
     assert LLAMA3_8B.weights_bytes == pytest.approx(4.92e9, rel=0.02)
     assert LLAMA2_7B.weights_bytes == pytest.approx(4.08e9, rel=0.02)
     assert QWEN25_7B.weights_bytes == pytest.approx(4.68e9, rel=0.02)
