@@ -11,3 +11,6 @@ from rbee_control import __version__
 __all__ = ["API_VERSION", "__version__"]
 
 API_VERSION = "v1"
+
+#: Hints from the hive name the node this way (it does not know its inventory name); the keeper fills it in.
+NODE_PLACEHOLDER = "<node>"

@@ -71,6 +71,12 @@ def cmd_status(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None
         f"{_mb(node['ram_total'])} RAM free, {_mb(node['disk_free'])} disk free, backends {backends}",
         f"models: {node['models']}, workers: {len(info['workers'])}",
     ]
+    gpus = [d for d in node.get("devices", []) if d["backend"] != "cpu"]
+    lines += [
+        f"{d['backend']}:{d['device']}: {d['name']}, {_mb(d['memory_free_bytes'])} of "
+        f"{_mb(d['memory_total_bytes'])} free"
+        for d in gpus
+    ]
     out.result(info, "\n".join(lines))
 
 
@@ -199,6 +205,19 @@ def cmd_detect(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None
     out.result(info.to_json(), "\n".join(lines))
 
 
+def cmd_install_llama(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
+    from .llama_install import install_llama
+
+    paths.ensure()
+    info = install_llama(paths, args.backend, out, dry_run=args.dry_run)
+    verb = "would build" if info.get("dry_run") else "installed"
+    if info.get("already_installed"):
+        verb = "already installed"
+    out.result(
+        info, f"llama-cpp-python {info['version']} for {info['backend']}: {verb} ({info['cmake_args']})"
+    )
+
+
 def cmd_worker_stop(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
     info = asyncio.run(_with_hive(paths, lambda h: h.stop_worker(args.id)))
     out.result(info, f"{info['id']}: stopped ({info['how']})")
@@ -253,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
     leaf(sub, "status", cmd_status, "is the daemon up; node facts; workers")
     leaf(sub, "detect", cmd_detect, "this node's devices (cpu, cuda, metal) and llama-cpp-python's build")
+    p = leaf(sub, "install-llama", cmd_install_llama, "build llama-cpp-python for this node's accelerator")
+    p.add_argument("--backend", choices=["auto", *DEVICE_BACKENDS], default="auto", help="force a build")
+    p.add_argument("--dry-run", action="store_true", help="say which build and command, install nothing")
     p = leaf(sub, "stop", cmd_stop, "stop the daemon and every worker (cascading)")
     p.add_argument(
         "--timeout", type=float, default=30.0, help="seconds for the daemon to stop before SIGTERM"

@@ -17,11 +17,10 @@ from rbee_worker.planning import GpuLayers, MemoryPlan, check_fits, plan_memory
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from rbee_worker.runtimes import CTRANSFORMERS, LLAMA_CPP
 
+from . import NODE_PLACEHOLDER
 from .devices import Device, NodeDevices
 
 DEVICE_BACKENDS = ("cpu", "cuda", "metal")
-#: stands for the node's inventory name in hints; the keeper fills it in
-NODE_PLACEHOLDER = "<node>"
 
 
 def install_hint(backend: str) -> str:

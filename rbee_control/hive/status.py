@@ -21,6 +21,7 @@ from rbee_worker.runtimes import BACKENDS, is_installed
 from . import API_VERSION, __version__
 from .catalog import Catalog
 from .client import HiveClient, hive_not_running
+from .devices import detect
 from .paths import HivePaths
 from .pidfiles import running_hive
 
@@ -41,9 +42,13 @@ def available_backends() -> list[str]:
 
 
 def node_facts(paths: HivePaths) -> dict[str, Any]:
-    """What the keeper shows per node and needs for placement: memory, disk, runtimes, models."""
+    """What the keeper shows per node and needs for placement: memory, devices, disk, runtimes, models."""
     mem = psutil.virtual_memory()
+    devices = detect(paths)
     return {
+        "devices": [d.to_json() for d in devices.devices],
+        "llama_cpp_backends": devices.llama_cpp_backends,
+        "device_warnings": devices.warnings,
         "hostname": socket.gethostname(),
         "cpus": os.cpu_count(),
         "ram_total": mem.total,

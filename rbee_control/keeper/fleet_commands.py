@@ -89,9 +89,48 @@ async def cmd_hive(args: argparse.Namespace, display: Display) -> int:
         "start": lambda c: c.hive_start(),
         "stop": lambda c: c.hive_stop(),
         "status": lambda c: c.hive_status(),
+        "detect": lambda c: c.call("detect", timeout=60),
     }[args.action]
     outcomes = await fan_out(inventory, _targets(inventory, args), action)
+    if args.action == "detect":
+        if not display.json_mode:
+            display.out.print(_detect_table(outcomes))
+        return report_outcomes(display, outcomes, _detect_notes)
     return report_outcomes(display, outcomes, lambda name, v: _hive_line(args.action, v))
+
+
+def _detect_table(outcomes: dict[str, NodeOutcome[Any]]) -> Any:
+    rows = [
+        [
+            name,
+            f"{d['backend']}:{d['device']}",
+            d.get("name"),
+            human_bytes(d.get("memory_total_bytes")),
+            human_bytes(d.get("memory_free_bytes")),
+            ", ".join(o.value.get("llama_cpp_backends") or []) or "not installed",
+        ]
+        for name, o in outcomes.items()
+        if o.ok
+        for d in o.value.get("devices", [])
+    ]
+    return table("devices", ["node", "device", "name", "total", "free", "llama-cpp-python built for"], rows)
+
+
+def _detect_notes(name: str, info: dict[str, Any]) -> str:
+    warnings = info.get("warnings") or []
+    return "; ".join(warnings) if warnings else f"{len(info.get('devices', []))} device(s)"
+
+
+def devices_cell(node_info: dict[str, Any]) -> str:
+    """`cpu (2 cores) · cuda:0 23.3/24.0 GB`: each device with free/total memory (RAM has its own column)."""
+    parts = []
+    for d in node_info.get("devices") or []:
+        if d.get("backend") == "cpu":
+            parts.append(f"cpu ({d.get('name')})")
+            continue
+        free, total = human_bytes(d.get("memory_free_bytes")), human_bytes(d.get("memory_total_bytes"))
+        parts.append(f"{d.get('backend')}:{d.get('device')} {free}/{total}")
+    return " · ".join(parts) or "-"
 
 
 def _hive_line(action: str, info: Any) -> str:
@@ -195,7 +234,7 @@ async def cmd_status(args: argparse.Namespace, display: Display) -> int:
     rows = []
     for name, outcome in outcomes.items():
         if outcome.error is not None:
-            rows.append([name, f"[red]unreachable[/red] ({outcome.error.code})", "-", "-", "-"])
+            rows.append([name, f"[red]unreachable[/red] ({outcome.error.code})", "-", "-", "-", "-"])
             continue
         info = outcome.value or {}
         node_info = info.get("node", {})
@@ -203,9 +242,12 @@ async def cmd_status(args: argparse.Namespace, display: Display) -> int:
         hive = "[green]running[/green]" if info.get("running") else "stopped"
         worker_text = ", ".join(f"{w.get('model')}:{w.get('state')}" for w in workers) or "-"
         ram = f"{human_bytes(node_info.get('ram_available'))} free"
-        rows.append([name, hive, worker_text, str(node_info.get("models", "-")), ram])
+        rows.append(
+            [name, hive, worker_text, str(node_info.get("models", "-")), ram, devices_cell(node_info)]
+        )
     if not display.json_mode:
-        display.out.print(table("rbee fleet", ["node", "hive", "workers", "models", "RAM"], rows))
+        columns = ["node", "hive", "workers", "models", "RAM", "devices (free)"]
+        display.out.print(table("rbee fleet", columns, rows))
     return report_outcomes(display, outcomes)
 
 
@@ -216,7 +258,7 @@ def register(sub: Any) -> None:
         group.add_argument("--all", action="store_true")
 
     hive = sub.add_parser("hive", help="start, stop or inspect node daemons")
-    hive.add_argument("action", choices=["start", "stop", "status"])
+    hive.add_argument("action", choices=["start", "stop", "status", "detect"])
     nodes(hive)
     hive.set_defaults(handler=cmd_hive)
 

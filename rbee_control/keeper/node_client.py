@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from rbee_control.hive import NODE_PLACEHOLDER
 from rbee_control.hive import __version__ as HIVE_VERSION
 from rbee_control.inventory.model import Node
 from rbee_control.node_events import NodeEvent, parse_line
@@ -61,7 +62,11 @@ class NodeClient:
                         progress(event)
                 status = await proc.wait()
         if result is not None and result.event == "error":
-            raise result.to_error()
+            err = result.to_error()
+            # a hive does not know its inventory name; its hints say <node> where the command needs it
+            err.message = err.message.replace(NODE_PLACEHOLDER, self.node.name)
+            err.hint = err.hint.replace(NODE_PLACEHOLDER, self.node.name) if err.hint else err.hint
+            raise err
         if result is not None:
             return result.data
         if status.exit_status in _NOT_INSTALLED:

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from rbee_control.inventory.editor import add_node, remove_node
 from rbee_control.inventory.loader import load_inventory
 from rbee_control.inventory.model import Node, SshSettings, check_node_name
@@ -190,12 +192,26 @@ async def build_wheel(directory: Path) -> Path:
     return wheels[-1]
 
 
+def split_extras(extras: str | None) -> tuple[str | None, bool]:
+    """(extras for pip, whether llama-cpp-python is wanted): the node builds that one itself."""
+    names = [e.strip() for e in (extras or "").split(",") if e.strip()]
+    rest = [e for e in names if e != "llama"]
+    return (",".join(rest) or None), len(rest) != len(names)
+
+
 async def install_on(
-    node: Node, transport: Any, wheel: Path, extras: str | None, progress: NodeProgress
+    node: Node,
+    transport: Any,
+    wheel: Path,
+    extras: str | None,
+    progress: NodeProgress,
+    backend: str = "auto",
+    display: Display | None = None,
 ) -> dict:
     from .node_client import NodeClient
     from .provision import remote_home
 
+    extras, llama = split_extras(extras)
     client = NodeClient(node, transport)
     home = node.home
     if home.startswith("~"):
@@ -224,7 +240,22 @@ async def install_on(
             f"pip install on {node.name} failed: {(pip.stderr + deps.stderr)[-600:]}",
         )
     version = await transport.run(hive_command(node, "--version"), env=node_env(node), timeout=60)
-    return {"node": node.name, "version": version.stdout.strip(), "wheel": wheel.name}
+    done: dict[str, Any] = {"node": node.name, "version": version.stdout.strip(), "wheel": wheel.name}
+    if llama:
+        done["llama"] = await install_llama_on(client, backend, display)
+    return done
+
+
+async def install_llama_on(client: Any, backend: str, display: Display | None) -> dict[str, Any]:
+    """Build llama-cpp-python on the node for what its `detect` finds; pip's lines narrate the build."""
+    name = client.node.name
+
+    def narrate(event: Any) -> None:
+        message = event.data.get("message") if event.event == "log" else None
+        if display is not None and message:
+            display.narrate(f"[dim]{name}: {escape(str(message))}[/dim]")
+
+    return await client.call("install-llama", "--backend", backend, progress=narrate, timeout=3 * 3600 + 60)
 
 
 async def cmd_install(args: argparse.Namespace, display: Display) -> int:
@@ -241,10 +272,20 @@ async def cmd_install(args: argparse.Namespace, display: Display) -> int:
             async with TransportPool(inventory) as pool:
 
                 async def one(transport: Any) -> dict:
-                    return await install_on(transport.node, transport, wheel, args.extras, progress)
+                    return await install_on(
+                        transport.node, transport, wheel, args.extras, progress, args.backend, display
+                    )
 
                 outcomes = await pool.fan_out(nodes, one, timeout=3600)
-    return report_outcomes(display, outcomes, lambda name, value: value["version"])
+    return report_outcomes(display, outcomes, _installed_line)
+
+
+def _installed_line(name: str, value: dict[str, Any]) -> str:
+    llama = value.get("llama")
+    if not llama:
+        return str(value["version"])
+    build = f"llama-cpp-python {llama.get('version')} for {llama.get('backend')} ({llama.get('cmake_args')})"
+    return f"{value['version']}, {build}"
 
 
 def register(sub: Any) -> None:
@@ -270,5 +311,11 @@ def register(sub: Any) -> None:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--node")
     group.add_argument("--all", action="store_true")
-    p.add_argument("--extras", help="e.g. llama")
+    p.add_argument("--extras", help="e.g. llama (llama-cpp-python, built on the node for its accelerator)")
+    p.add_argument(
+        "--backend",
+        choices=["auto", "cpu", "cuda", "metal"],
+        default="auto",
+        help="with --extras llama: the build (default: what rbee-hive detect finds on the node)",
+    )
     p.set_defaults(handler=cmd_install)
