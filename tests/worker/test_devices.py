@@ -90,7 +90,7 @@ def test_this_build_sees_one_cpu_device() -> None:
     assert built_backends() == ["cpu"] and supports_gpu_offload() is False
 
 
-def test_device_choice_on_a_two_gpu_cuda_build() -> None:
+def test_device_choice_on_a_two_gpu_cuda_build(tiny_model: Path) -> None:
     """The worker's side of a CUDA node, fed the registry a CUDA build reports (pure logic)."""
     gib = 1 << 30
     devices = [
@@ -98,7 +98,7 @@ def test_device_choice_on_a_two_gpu_cuda_build() -> None:
         GgmlDevice("cuda", 0, "CUDA0", "NVIDIA GeForce RTX 4090", 23 * gib, 24 * gib),
         GgmlDevice("cuda", 1, "CUDA1", "NVIDIA GeForce RTX 3060", 1 * gib, 12 * gib),
     ]
-    shape = read_model_shape_of_tiny()
+    shape = read_model_shape(tiny_model)
     kw = {"runtime": "llama-cpp", "devices": devices, "shape": shape, "slots": 1, "ctx": 512}
     auto = choose("auto", None, "auto", **kw)  # type: ignore[arg-type]
     assert (auto.backend, auto.device, auto.main_gpu, auto.n_gpu_layers) == ("cuda", 0, 0, shape.n_layers + 1)
@@ -112,15 +112,6 @@ def test_device_choice_on_a_two_gpu_cuda_build() -> None:
         choose("cuda", 4, "auto", **kw, env={})  # type: ignore[arg-type]
     with pytest.raises(Exception, match="sees cpu, cuda only"):
         choose("metal", None, "auto", **kw)  # type: ignore[arg-type]
-
-
-def read_model_shape_of_tiny():  # type: ignore[no-untyped-def]
-    import tempfile
-
-    from rbee_worker.tinymodel import write_tiny_model
-
-    with tempfile.TemporaryDirectory() as tmp:
-        return read_model_shape(write_tiny_model(Path(tmp) / "tiny.gguf"))
 
 
 @pytest.mark.llama
