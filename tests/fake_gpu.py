@@ -67,3 +67,9 @@ def sysctl(bin_dir: Path, values: dict[str, str]) -> Path:
 
 def with_path(env: dict[str, str], bin_dir: Path) -> dict[str, str]:
     return {**env, "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', os.defpath)}"}
+
+
+def hung_nvidia_smi(bin_dir: Path) -> Path:
+    """An `nvidia-smi` that never answers, as one does when the driver is wedged."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    return _script(bin_dir / "nvidia-smi", "exec sleep 60\n")

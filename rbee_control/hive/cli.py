@@ -193,7 +193,7 @@ def _where(w: dict[str, Any]) -> str:
 def cmd_detect(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
     from .devices import detect
 
-    info = detect(paths)
+    info = detect(paths, timeout=args.timeout)
     rows = [
         [f"{d.backend}:{d.device}", d.name, _mb(d.memory_total_bytes), _mb(d.memory_free_bytes)]
         for d in info.devices
@@ -271,7 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"default {f.default!r} (env RBEE_HIVE_{f.name.upper()})",
         )
     leaf(sub, "status", cmd_status, "is the daemon up; node facts; workers")
-    leaf(sub, "detect", cmd_detect, "this node's devices (cpu, cuda, metal) and llama-cpp-python's build")
+    p = leaf(sub, "detect", cmd_detect, "this node's devices (cpu, cuda, metal) and llama-cpp-python's build")
+    p.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds each probe (nvidia-smi, sysctl) may take"
+    )
     p = leaf(sub, "install-llama", cmd_install_llama, "build llama-cpp-python for this node's accelerator")
     p.add_argument("--backend", choices=["auto", *DEVICE_BACKENDS], default="auto", help="force a build")
     p.add_argument("--dry-run", action="store_true", help="say which build and command, install nothing")

@@ -82,6 +82,13 @@ def test_a_driver_error_means_no_cuda_and_a_warning(node: Hive, fake_bin: Path) 
     assert any("exit 9" in w and "couldn't communicate with the NVIDIA driver" in w for w in info["warnings"])
 
 
+def test_a_hung_nvidia_smi_is_abandoned(node: Hive, fake_bin: Path) -> None:
+    fake_gpu.hung_nvidia_smi(fake_bin)
+    info = node.ok("detect", "--timeout", "0.5")
+    assert info["backends"] == ["cpu"]
+    assert info["warnings"] == ["nvidia-smi did not answer within 0.5 s; CUDA devices unknown"]
+
+
 def test_apple_silicon_has_metal_on_unified_memory(node: Hive, fake_bin: Path) -> None:
     fake_gpu.sysctl(fake_bin, fake_gpu.APPLE_SILICON)
     info = detect(node)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -40,4 +42,48 @@ def test_install_builds_pushes_and_runs_from_the_node_venv(
 
     status = keeper.run("hive", "start", "--node", "fresh")
     assert status.rc == 0, status
+    stop_fleet(keeper, tmp_path / "homes")
+
+
+@pytest.mark.slow
+@pytest.mark.llama
+def test_install_with_llama_builds_for_what_the_node_has(
+    keeper_sshd_nodes: list[sshd.SshdNode], tmp_path: Path
+) -> None:
+    """This node has no GPU: the CPU flags, from the wheel cache (a build from source takes minutes)."""
+    from rbee_control.hive.llama_install import LLAMA_VERSION, wheel_cache
+
+    assert list(wheel_cache().glob(f"llama_cpp_python-{LLAMA_VERSION}-*.whl")), "run scripts/setup.sh first"
+    node = keeper_sshd_nodes[1]
+    home = tmp_path / "homes" / "gpu-less"
+    inventory = sshd.write_inventory(
+        tmp_path / "inventory.yaml", {"gpu-less": node}, tmp_path / "homes", local_node=None
+    )
+    keeper: Keeper = make_keeper(tmp_path, inventory)
+    sshd.trust_nodes(keeper.config_dir, [node])
+
+    run = keeper.run("setup", "install", "--node", "gpu-less", "--extras", "llama", timeout=1200)
+    assert run.rc == 0, run
+    assert "CMAKE_ARGS=-DGGML_NATIVE=OFF" in run.err and "(no GPU found)" in run.err, run
+    assert f"llama-cpp-python {LLAMA_VERSION} for cpu (-DGGML_NATIVE=OFF)" in run.err, run
+    record = json.loads((home / "llama-build.json").read_text())
+    assert (record["backend"], record["cmake_args"]) == ("cpu", "-DGGML_NATIVE=OFF")
+    assert "--find-links" in record["command"] and "--no-binary" not in record["command"]
+
+    detect = keeper.run("hive", "detect", "--node", "gpu-less", json_mode=True)
+    assert detect.rc == 0, detect
+    found = detect.json()["gpu-less"]
+    assert found["llama_cpp_backends"] == ["cpu"]
+    assert found["llama_cpp_build"]["cmake_args"] == "-DGGML_NATIVE=OFF"
+    venv_python = home / "venv" / "bin" / "python"
+    probe = subprocess.run(
+        [str(venv_python), "-c", "import llama_cpp; print(llama_cpp.llama_supports_gpu_offload())"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert probe.stdout.strip() == "False", probe.stderr
+
+    again = keeper.run(
+        "setup", "install", "--node", "gpu-less", "--extras", "llama", "--backend", "cpu", timeout=1200
+    )
+    assert again.rc == 0 and "already installed" in again.err, again
     stop_fleet(keeper, tmp_path / "homes")
