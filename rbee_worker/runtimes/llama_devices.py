@@ -10,11 +10,11 @@
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 #: ggml backend registry names → rbee's backend names
 _REGISTRY_NAMES = {"cpu": "cpu", "cuda": "cuda", "metal": "metal", "mtl": "metal"}
@@ -59,7 +59,9 @@ class GgmlDevice:
     memory_total_bytes: int
 
 
-def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+def _bind(lib: Any) -> Any:
+    import ctypes
+
     p, size = ctypes.c_void_p, ctypes.c_size_t
     sigs = {
         "ggml_backend_reg_count": ([], size),
@@ -79,6 +81,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 def ggml_devices() -> list[GgmlDevice]:
     """Every device ggml's registry knows in this process (imports llama_cpp; ~0.3 s)."""
+    import ctypes
+
     from llama_cpp._ggml import libggml
 
     lib = _bind(libggml)
