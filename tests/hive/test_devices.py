@@ -129,10 +129,11 @@ def test_unreadable_nvidia_smi_rows_become_warnings() -> None:
 # --- refusals at spawn -------------------------------------------------------------
 
 
-def assert_nothing_started(hive: Hive) -> None:
+def assert_nothing_started(hive: Hive, logs: bool = True) -> None:
+    """No worker known, recorded or running (and, with `logs`, none ever started)."""
     assert hive.ok("worker", "list")["workers"] == []
     assert list((hive.home / "workers").iterdir()) == []
-    assert not list((hive.home / "logs").glob("worker-*.log"))
+    assert not logs or not list((hive.home / "logs").glob("worker-*.log"))
     daemon = hive.daemon_pid
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(proc.info["cmdline"] or [])
@@ -182,9 +183,10 @@ def test_cuda_with_a_cpu_build_of_llama_cpp_names_the_install_command(
         "worker", "spawn", "--model", "tiny", "--runtime", "ctransformers", "--backend", "cuda"
     ).error
     assert err["code"] == "BACKEND_NOT_AVAILABLE" and "CPU only" in err["message"]
+    assert_nothing_started(node)
     # `auto` on this node: a GPU the build cannot drive is not used, and a warning says why
     spawned = node.ok("worker", "spawn", "--model", "tiny", "--wait")
     assert spawned["backend"] == "cpu" and spawned["device"] is None and spawned["gpu_layers"] == 0
     assert "not built for cuda" in node.log()
     node.ok("worker", "stop", spawned["id"])
-    assert_nothing_started(node)
+    assert_nothing_started(node, logs=False)
