@@ -190,3 +190,21 @@ def test_cuda_with_a_cpu_build_of_llama_cpp_names_the_install_command(
     assert "not built for cuda" in node.log()
     node.ok("worker", "stop", spawned["id"])
     assert_nothing_started(node, logs=False)
+
+
+@pytest.mark.llama
+@pytest.mark.slow
+def test_a_planned_smollm2_worker_reports_where_it_runs(node: Hive, smollm2: Path) -> None:
+    from rbee_worker.model_shape import read_model_shape
+    from rbee_worker.planning import plan_memory
+
+    node.ok("models", "add", f"file:{smollm2}", "--name", "smol")
+    node.start(*PORTS)
+    spawned = node.ok("worker", "spawn", "--model", "smol", "--slots", "2", "--gpu-layers", "all", "--wait")
+    plan = plan_memory(read_model_shape(smollm2), backend="cpu", slots=2)  # ctx: min(8192, 4096)
+    assert plan.ctx == 4096 and spawned["planned_bytes"] == plan.total_bytes
+    assert (spawned["runtime"], spawned["backend"], spawned["device"]) == ("llama-cpp", "cpu", None)
+    assert spawned["gpu_layers"] == 0 and spawned["vram_bytes"] == 0  # nothing to offload to on a CPU
+    assert f"--ctx {plan.ctx}" in " ".join(psutil.Process(spawned["pid"]).cmdline())
+    node.ok("worker", "stop", spawned["id"])
+    assert_nothing_started(node, logs=False)
