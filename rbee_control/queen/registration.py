@@ -27,7 +27,7 @@ from rbee_worker.protocol.errors import ErrorCode, RbeeError
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+NAME_RE = re.compile(r"[A-Za-z0-9:][A-Za-z0-9._:-]{0,63}")  # ':' for IPv6 hosts as node names
 MAX_MODEL_NAME = 200
 MAX_WORKERS = 1024
 RESOLVE_TIMEOUT = 5.0
@@ -111,7 +111,7 @@ def check_name(field: str, value: str) -> str:
     if not NAME_RE.fullmatch(value):
         raise RbeeError(
             ErrorCode.INVALID_REQUEST,
-            f"{field}: expected 1-64 letters, digits, '.', '_', ':' or '-', starting with a letter or digit",
+            f"{field}: expected 1-64 letters, digits, '.', '_', ':' or '-', not starting with '.', '_' or '-'",
             status=400,
             details={"field": field},
         )
