@@ -111,7 +111,7 @@ def check_name(field: str, value: str) -> str:
     if not NAME_RE.fullmatch(value):
         raise RbeeError(
             ErrorCode.INVALID_REQUEST,
-            f"{field}: expected 1-64 letters, digits, '.', '_', ':' or '-', not starting with '.', '_' or '-'",
+            f"{field}: expected 1-64 letters, digits, '.', '_', ':' or '-', not starting with '.', '_', '-'",
             status=400,
             details={"field": field},
         )
