@@ -92,6 +92,15 @@ def test_no_key_on_a_lan_bind_is_refused_before_binding(tmp_path: Path) -> None:
     assert not (tmp_path / "config").exists()  # nothing was written either
 
 
+def test_keeper_serve_refuses_the_same(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "rbee_control.keeper.cli", "serve", "--insecure-no-auth", "--host", "0.0.0.0",
+         "--port", str(free_port())],
+        env=_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1 and "refusing --insecure-no-auth" in done.stderr, done.stderr
+
+
 def test_a_first_start_mints_both_keys_into_a_private_secrets_file(
     tmp_path: Path, start: type[Running]
 ) -> None:
