@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from rbee_control.queen import QueenSettings
-from rbee_control.queen.access import HostPolicy
+from rbee_control.queen.access import HostPolicy, is_json
 from rbee_control.queen.metrics import OTHER, QueenMetrics
 from rbee_control.queen.registration import RegistrationPolicy
 from rbee_worker.protocol.events import iter_events
@@ -98,6 +98,13 @@ def test_a_wildcard_bind_accepts_ip_literals_but_not_names() -> None:
     policy = HostPolicy.for_bind("0.0.0.0")
     assert policy.allows("192.168.1.20:8080") and policy.allows("localhost")
     assert not policy.allows("evil.example") and not policy.allows("0.0.0.0.evil.example")
+
+
+def test_json_content_types() -> None:
+    for accepted in (b"application/json", b"Application/JSON; charset=utf-8", b"application/patch+json"):
+        assert is_json(accepted), accepted
+    for refused in (None, b"", b"text/plain", b"application/x-www-form-urlencoded", b"multipart/form-data"):
+        assert not is_json(refused), refused
 
 
 # -- two planes ------------------------------------------------------------------------------------

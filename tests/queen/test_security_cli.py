@@ -130,6 +130,19 @@ def test_a_first_start_mints_both_keys_into_a_private_secrets_file(
     assert json.loads(secrets_file.read_text())["queen_key"] == client
 
 
+def test_insecure_no_auth_on_loopback_opens_only_the_client_plane(
+    tmp_path: Path, start: type[Running]
+) -> None:
+    queen = start("--no-inventory", "--insecure-no-auth")
+    stored = json.loads((tmp_path / "config" / "inventory.secrets.json").read_text())
+    assert "queen_key" not in stored and stored["queen_admin_key"]
+    with httpx.Client(base_url=queen.url, timeout=30) as anyone:
+        assert anyone.get("/v1/models").status_code == 200
+        assert anyone.get("/v2/workers/list").status_code == 401
+        admin = {"Authorization": f"Bearer {stored['queen_admin_key']}"}
+        assert anyone.get("/v2/workers/list", headers=admin).status_code == 200
+
+
 def test_a_loose_secrets_file_is_refused(tmp_path: Path) -> None:
     config = tmp_path / "config"
     config.mkdir()
