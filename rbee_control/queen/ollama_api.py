@@ -66,12 +66,14 @@ def invalid(field: str, message: str) -> RbeeError:
 
 @dataclass(slots=True)
 class OllamaRequest:
-    """A parsed `/api/chat` or `/api/generate` body; `parsed` is None for a load-only request."""
+    """A parsed `/api/chat` or `/api/generate` body; `parsed` is None for a load or unload request."""
 
     kind: Kind
     model: str
     stream: bool
     parsed: OpenAIRequest | None
+    #: Load-only with `keep_alive: 0`: Ollama unloads the model; the queen leaves its workers running.
+    unload: bool = False
 
 
 def parse_model(body: Any) -> str:
@@ -97,13 +99,13 @@ def parse(kind: Kind, body: Any) -> OllamaRequest:
     if kind == "chat":
         messages = body.get("messages")
         if messages is None or messages == []:  # Ollama: load the model, answer `done_reason: load`
-            return OllamaRequest(kind, model, stream, None)
+            return OllamaRequest(kind, model, stream, None, _is_zero(body.get("keep_alive")))
         openai_body: dict[str, Any] = {"messages": _messages(messages)}
         openai_kind: Literal["chat", "completion"] = "chat"
     else:
         prompt = body.get("prompt")
         if prompt is None or prompt == "":
-            return OllamaRequest(kind, model, stream, None)
+            return OllamaRequest(kind, model, stream, None, _is_zero(body.get("keep_alive")))
         if not isinstance(prompt, str):
             raise invalid("prompt", "expected a string")
         system = body.get("system")
@@ -120,6 +122,12 @@ def parse(kind: Kind, body: Any) -> OllamaRequest:
     except RbeeError as exc:
         raise _renamed(exc) from None
     return OllamaRequest(kind, model, stream, parsed)
+
+
+def _is_zero(keep_alive: Any) -> bool:
+    if isinstance(keep_alive, str):
+        return keep_alive.strip() in ("0", "0s", "0m", "0h")
+    return isinstance(keep_alive, int | float) and not isinstance(keep_alive, bool) and keep_alive == 0
 
 
 def _renamed(error: RbeeError) -> RbeeError:

@@ -93,6 +93,8 @@ async def _generate(request: Request, kind: Kind) -> Response:
         target = await _resolve(state, req.model)
         record.model = target.model
         shapes = Shapes(kind, req.model)
+        if req.unload:  # workers belong to the queen; a client cannot stop them
+            return JSONResponse(shapes.final("", "unload", None))
         if req.parsed is None:
             return await _load(state, target, shapes, record)
         infer = worker_request(req.parsed, target)

@@ -178,6 +178,9 @@ async def test_bad_input_is_a_clear_error_and_the_worker_is_unharmed(registered:
 async def test_an_empty_message_list_loads_the_model(registered: Queen) -> None:
     loaded = await client(registered).chat(model="alpha", messages=[])
     assert loaded.done and loaded.done_reason == "load" and loaded.message.content == ""
+    unloaded = await client(registered).generate(model="alpha", keep_alive=0)
+    assert unloaded.done_reason == "unload" and unloaded.response == ""
+    assert len((await client(registered).ps()).models) == 2  # the workers are the queen's to stop
 
 
 class DescribedFleet(ProcessFleet):
@@ -260,3 +263,14 @@ async def test_ndjson_and_the_routes_over_plain_http(registered: Queen) -> None:
             assert response.headers["content-type"] == "application/x-ndjson"
             lines = [line async for line in response.aiter_lines() if line]
         assert len(lines) >= 2 and '"done":true' in lines[-1]
+
+
+async def test_an_empty_prompt_cold_starts_the_model_as_ollama_loads_it(
+    worker_factory: type[WorkerProcess], tiny_model: Path
+) -> None:
+    fleet = ProcessFleet(tiny_model, worker_factory)
+    async with serve_queen(fleet) as queen:
+        api = client(queen)
+        loaded = await api.generate(model="cold:latest")
+        assert loaded.done_reason == "load" and fleet.spawns == 1
+        assert [m.model for m in (await api.ps()).models] == ["cold"]

@@ -107,6 +107,9 @@ def test_generate_renders_a_user_turn_unless_raw() -> None:
 def test_an_empty_prompt_or_message_list_only_loads_the_model() -> None:
     assert parse("generate", {"model": "m"}).parsed is None
     assert parse("chat", {"model": "m", "messages": []}).parsed is None
+    for keep_alive in (0, "0", "0s"):
+        assert parse("generate", {"model": "m", "keep_alive": keep_alive}).unload
+    assert not parse("generate", {"model": "m", "keep_alive": "5m"}).unload
 
 
 def test_ndjson_lines_cannot_be_split_by_unicode_line_ends() -> None:
