@@ -99,13 +99,13 @@ def parse(kind: Kind, body: Any) -> OllamaRequest:
     if kind == "chat":
         messages = body.get("messages")
         if messages is None or messages == []:  # Ollama: load the model, answer `done_reason: load`
-            return OllamaRequest(kind, model, stream, None, _is_zero(body.get("keep_alive")))
+            return _load_only(kind, model, stream, sampling, body)
         openai_body: dict[str, Any] = {"messages": _messages(messages)}
         openai_kind: Literal["chat", "completion"] = "chat"
     else:
         prompt = body.get("prompt")
         if prompt is None or prompt == "":
-            return OllamaRequest(kind, model, stream, None, _is_zero(body.get("keep_alive")))
+            return _load_only(kind, model, stream, sampling, body)
         if not isinstance(prompt, str):
             raise invalid("prompt", "expected a string")
         system = body.get("system")
@@ -117,11 +117,24 @@ def parse(kind: Kind, body: Any) -> OllamaRequest:
             turns = [{"role": "system", "content": system}] if system else []
             openai_body = {"messages": [*turns, {"role": "user", "content": prompt}]}
             openai_kind = "chat"
+    return OllamaRequest(
+        kind, model, stream, _openai(openai_kind, {**openai_body, **sampling, "model": model})
+    )
+
+
+def _openai(kind: Literal["chat", "completion"], body: dict[str, Any]) -> OpenAIRequest:
     try:
-        parsed = parse_request(openai_kind, {**openai_body, **sampling, "model": model, "stream": stream})
+        return parse_request(kind, body)
     except RbeeError as exc:
         raise _renamed(exc) from None
-    return OllamaRequest(kind, model, stream, parsed)
+
+
+def _load_only(
+    kind: Kind, model: str, stream: bool, sampling: dict[str, Any], body: dict[str, Any]
+) -> OllamaRequest:
+    """Nothing to generate; the options are still checked, so a bad one is an error here too."""
+    _openai("completion", {**sampling, "model": model, "prompt": "-"})
+    return OllamaRequest(kind, model, stream, None, _is_zero(body.get("keep_alive")))
 
 
 def _is_zero(keep_alive: Any) -> bool:

@@ -274,3 +274,35 @@ async def test_an_empty_prompt_cold_starts_the_model_as_ollama_loads_it(
         loaded = await api.generate(model="cold:latest")
         assert loaded.done_reason == "load" and fleet.spawns == 1
         assert [m.model for m in (await api.ps()).models] == ["cold"]
+
+
+BAD_BODIES = {
+    "oversized 5 MiB": b'{"prompt": "' + b"a" * (5 * 1024 * 1024) + b'"}',
+    "invalid JSON": b'{"prompt": ',
+    "not UTF-8": b'{"prompt": "\xff\xfe"}',
+    "empty": b"",
+    "a JSON list": b"[1, 2, 3]",
+    "JSON null": b"null",
+    "huge number": b'{"model": "alpha", "prompt": "x", "options": {"num_predict": 1e400}}',
+    "deep nesting": b"[" * 100_000 + b"]" * 100_000,
+}
+
+
+async def test_bad_bodies_on_every_ollama_route_are_4xx_in_ollama_shape(registered: Queen) -> None:
+    problems = []
+    async with registered.http() as http:
+        for path in ("/api/chat", "/api/generate", "/api/show", "/api/embed"):
+            for name, body in BAD_BODIES.items():
+                if name == "huge number" and path in ("/api/show", "/api/embed"):
+                    continue  # they take no options
+                response = await http.post(path, content=body, headers={"content-type": "application/json"})
+                error = response.json().get("error") if response.status_code != 200 else None
+                if not (400 <= response.status_code < 500 and isinstance(error, str) and error):
+                    problems.append(f"{path} {name}: {response.status_code} {response.text[:120]}")
+        for method, path in [("GET", "/api/tags"), ("GET", "/api/ps"), ("GET", "/api/version")]:
+            wrong = await http.request(method, path, headers={"Authorization": "Bearer wrong"})
+            if wrong.status_code != 401:
+                problems.append(f"{method} {path} with a wrong key: {wrong.status_code}")
+    assert not problems, "\n".join(problems)
+    answer = await client(registered).generate(model="alpha", prompt="x", options={"num_predict": 2})
+    assert answer.done and answer.eval_count

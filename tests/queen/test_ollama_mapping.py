@@ -110,6 +110,8 @@ def test_an_empty_prompt_or_message_list_only_loads_the_model() -> None:
     for keep_alive in (0, "0", "0s"):
         assert parse("generate", {"model": "m", "keep_alive": keep_alive}).unload
     assert not parse("generate", {"model": "m", "keep_alive": "5m"}).unload
+    error = _refused("generate", {"model": "m", "options": {"temperature": -1}})  # checked all the same
+    assert error.details["field"] == "options.temperature"
 
 
 def test_ndjson_lines_cannot_be_split_by_unicode_line_ends() -> None:
