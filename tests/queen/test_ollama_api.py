@@ -6,6 +6,7 @@ import asyncio
 import signal
 from pathlib import Path
 
+import httpx
 import ollama
 import pytest
 
@@ -306,3 +307,29 @@ async def test_bad_bodies_on_every_ollama_route_are_4xx_in_ollama_shape(register
     assert not problems, "\n".join(problems)
     answer = await client(registered).generate(model="alpha", prompt="x", options={"num_predict": 2})
     assert answer.done and answer.eval_count
+
+
+async def test_a_client_hanging_up_mid_stream_stops_the_generation_on_the_worker(
+    worker_factory: type[WorkerProcess], model_files: dict[str, Path]
+) -> None:
+    long = 15_000
+    worker = worker_factory(model_files["alpha"], ctx=16384)
+    worker.wait_ready()
+    async with serve_queen() as queen:
+        await queen.register(worker, "alpha")
+        async with queen.http() as http, asyncio.timeout(30):
+            body = {"model": "alpha", "prompt": "a", "raw": True, "options": {"num_predict": long}}
+            async with http.stream("POST", "/api/generate", json=body) as response:
+                assert response.status_code == 200
+                async for _line in response.aiter_lines():
+                    break  # one object, then hang up
+            stopped = ""
+            async with httpx.AsyncClient(base_url=worker.url, headers=worker.headers) as direct:
+                while (
+                    metric(stopped, 'rbee_worker_requests_total{outcome="disconnected"}')
+                    + metric(stopped, 'rbee_worker_requests_total{outcome="cancelled"}')
+                    < 1
+                ):
+                    await asyncio.sleep(0.05)
+                    stopped = (await direct.get("/metrics")).text
+        assert metric(stopped, "rbee_worker_tokens_total") < long / 4
