@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 import uvicorn
-import uvloop
 
+from rbee_worker.app import event_loop
 from rbee_worker.app.server import KEEP_ALIVE_S, bind_socket
 from rbee_worker.protocol.errors import RbeeError
 
@@ -110,9 +110,11 @@ def run_queen(options: QueenOptions) -> int:
     if not options.api_key and not _is_loopback(options.host):
         log.warning("listening on %s without an API key: anyone who can reach it can use it", options.host)
     app = create_app(fleet, api_key=options.api_key, settings=options.settings)
+    serving = event_loop.choose()
     server = QueenServer(
         uvicorn.Config(
             app,
+            http=serving.http,
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=GRACE_SECONDS,
@@ -126,7 +128,7 @@ def run_queen(options: QueenOptions) -> int:
     log.info(
         "queen-rbee on http://%s:%d (OpenAI base URL http://%s:%d/v1)", options.host, port, options.host, port
     )
-    uvloop.run(server.serve(sockets=[sock]))
+    serving.run(server.serve(sockets=[sock]))
     return 130 if server.stopped_by == signal.SIGINT else 0
 
 

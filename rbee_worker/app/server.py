@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 
 import httpx
 import uvicorn
-import uvloop
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -23,6 +22,7 @@ from starlette.responses import JSONResponse
 from ..gguf_info import read_gguf_info
 from ..protocol.errors import ErrorCode, RbeeError
 from ..runtimes import choose_backend, runtime_factory
+from . import event_loop
 from .middleware import BearerAuthMiddleware, HeadersTimeoutMiddleware, RequestIdMiddleware
 from .routes import PUBLIC_PATHS, ROUTES
 from .state import Phase, WorkerConfig, WorkerState
@@ -202,9 +202,11 @@ def serve(config: WorkerConfig) -> int:
     if config.port == 0:
         config = dataclasses.replace(config, port=sock.getsockname()[1])
     app = create_app(config)
+    serving = event_loop.choose()
     server = WorkerServer(
         uvicorn.Config(
             app,
+            http=serving.http,
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=30,
@@ -217,7 +219,7 @@ def serve(config: WorkerConfig) -> int:
     )
     app.state.server = server
     app.state.exit_code = 0
-    uvloop.run(server.serve(sockets=[sock]))
+    serving.run(server.serve(sockets=[sock]))
     code = app.state.exit_code
     if code and getattr(app.state, "worker", None) is not None and app.state.worker.error is not None:
         print(f"rbee-worker: {app.state.worker.error.message}", file=sys.stderr)
