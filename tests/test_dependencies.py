@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 FIRST_PARTY = {"rbee_worker", "rbee_control", "tests", "bench"}
 #: Imported only when present, to recognise huggingface_hub's own network errors (its 1.x HTTP layer).
 GUARDED = {"httpx2"}
-#: Used without an import statement: uvicorn loads its parser by name (`http="httptools"`).
+#: Used through uvicorn's httptools protocol (rbee_worker/app/connections.py), never imported by name.
 USED_BY_NAME = {"httptools"}
 #: Import names of distributions named otherwise, for those not installed in this venv.
 ALIASES = {"llama_cpp": "llama-cpp-python", "yaml": "pyyaml", "ruamel": "ruamel.yaml"}

@@ -1,8 +1,9 @@
-"""The event loop and HTTP parser the worker and the queen serve on.
+"""The event loop the worker and the queen serve on: uvloop where it is installed.
 
-uvloop and httptools make each SSE write and relayed token cheaper, but neither is
-required: they are not installed on Windows (or PyPy), and without them uvicorn
-serves on asyncio's own loop with its pure-Python h11 parser.
+uvloop makes each SSE write and relayed token cheaper, but it is not required: it
+does not install on Windows (or PyPy), and without it uvicorn serves on asyncio's
+own loop. (The HTTP parser is always httptools: the connection guard in
+`connections.py` is built on uvicorn's httptools protocol.)
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import importlib
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
 
 def importable(module: str) -> bool:
@@ -24,26 +25,20 @@ def importable(module: str) -> bool:
     return True
 
 
-@dataclass(frozen=True, slots=True)
-class Serving:
-    loop: str  # "uvloop" | "asyncio"
-    http: str  # "httptools" | "h11", uvicorn's names for its parsers
-
-    def loop_factory(self) -> Callable[[], asyncio.AbstractEventLoop] | None:
-        if self.loop == "uvloop":
-            import uvloop
-
-            return uvloop.new_event_loop
-        return None  # asyncio's default loop
-
-    def run(self, main: Coroutine[Any, Any, T]) -> T:
-        with asyncio.Runner(loop_factory=self.loop_factory()) as runner:
-            return runner.run(main)
+def choose(available: Callable[[str], bool] = importable) -> str:
+    """The loop to serve on: "uvloop" when it is installed here, else "asyncio"."""
+    return "uvloop" if available("uvloop") else "asyncio"
 
 
-def choose(available: Callable[[str], bool] = importable) -> Serving:
-    """The fastest loop and parser installed here."""
-    return Serving(
-        loop="uvloop" if available("uvloop") else "asyncio",
-        http="httptools" if available("httptools") else "h11",
-    )
+def loop_factory(loop: str) -> LoopFactory | None:
+    if loop == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return None  # asyncio's default loop
+
+
+def run(main: Coroutine[Any, Any, T], loop: str | None = None) -> T:
+    """Run `main` to completion on `loop` (by default the one `choose()` picks)."""
+    with asyncio.Runner(loop_factory=loop_factory(loop or choose())) as runner:
+        return runner.run(main)

@@ -23,6 +23,7 @@ from ..gguf_info import read_gguf_info
 from ..protocol.errors import ErrorCode, RbeeError
 from ..runtimes import choose_backend, runtime_factory
 from . import event_loop
+from .connections import ConnectionLimits, guarded_protocol
 from .middleware import BearerAuthMiddleware, HeadersTimeoutMiddleware, RequestIdMiddleware
 from .routes import PUBLIC_PATHS, ROUTES
 from .state import Phase, WorkerConfig, WorkerState
@@ -202,11 +203,12 @@ def serve(config: WorkerConfig) -> int:
     if config.port == 0:
         config = dataclasses.replace(config, port=sock.getsockname()[1])
     app = create_app(config)
-    serving = event_loop.choose()
+    limits = ConnectionLimits(head_timeout=config.head_timeout_s, max_connections=config.max_connections)
     server = WorkerServer(
         uvicorn.Config(
             app,
-            http=serving.http,
+            http=guarded_protocol(limits),
+            limit_concurrency=limits.uvicorn_concurrency,
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=30,
@@ -219,7 +221,7 @@ def serve(config: WorkerConfig) -> int:
     )
     app.state.server = server
     app.state.exit_code = 0
-    serving.run(server.serve(sockets=[sock]))
+    event_loop.run(server.serve(sockets=[sock]))
     code = app.state.exit_code
     if code and getattr(app.state, "worker", None) is not None and app.state.worker.error is not None:
         print(f"rbee-worker: {app.state.worker.error.message}", file=sys.stderr)

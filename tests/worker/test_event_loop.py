@@ -1,4 +1,4 @@
-"""uvloop and httptools are optional: without them the worker serves on asyncio's loop and h11."""
+"""uvloop is optional: without it the worker serves on asyncio's own loop."""
 
 from __future__ import annotations
 
@@ -10,17 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from rbee_worker.app.event_loop import Serving, choose, importable
+from rbee_worker.app import event_loop
 
 from ..worker_proc import WorkerProcess
 from .sse import collect
 
 
 def test_choice_follows_what_is_installed() -> None:
-    assert choose(lambda module: True) == Serving("uvloop", "httptools")
-    assert choose(lambda module: False) == Serving("asyncio", "h11")
-    assert choose(lambda module: module != "uvloop") == Serving("asyncio", "httptools")
-    assert importable("json") and not importable("rbee_no_such_module")
+    assert event_loop.choose(lambda module: True) == "uvloop"
+    assert event_loop.choose(lambda module: module != "uvloop") == "asyncio"
+    assert event_loop.importable("json") and not event_loop.importable("rbee_no_such_module")
 
 
 async def _loop_module() -> str:
@@ -28,34 +27,34 @@ async def _loop_module() -> str:
 
 
 def test_asyncio_fallback_runs_on_asyncios_own_loop() -> None:
-    assert Serving("asyncio", "h11").run(_loop_module()).startswith("asyncio")
+    assert event_loop.loop_factory("asyncio") is None
+    assert event_loop.run(_loop_module(), "asyncio").startswith("asyncio")
 
 
 def test_uvloop_runs_on_uvloop() -> None:
-    if not importable("uvloop"):
+    if not event_loop.importable("uvloop"):
         pytest.skip("uvloop is not installed here")
-    assert Serving("uvloop", "httptools").run(_loop_module()).startswith("uvloop")
+    assert event_loop.run(_loop_module(), "uvloop").startswith("uvloop")
 
 
 @pytest.fixture
 def without_uvloop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A PYTHONPATH entry that makes `import uvloop` and `import httptools` fail, as on Windows."""
+    """A PYTHONPATH entry that makes `import uvloop` fail, as on Windows."""
     shadow = tmp_path / "shadow"
     shadow.mkdir()
-    for module in ("uvloop", "httptools"):
-        (shadow / f"{module}.py").write_text(f"raise ImportError('{module} is not installed')\n")
+    (shadow / "uvloop.py").write_text("raise ImportError('uvloop is not installed')\n")
     monkeypatch.setenv("PYTHONPATH", str(shadow), prepend=os.pathsep)
     return shadow
 
 
-async def test_worker_serves_without_uvloop_and_httptools(
+async def test_worker_serves_without_uvloop(
     without_uvloop: Path, worker_factory: type[WorkerProcess], tiny_model: Path
 ) -> None:
     chosen = subprocess.run(
         [sys.executable, "-c", "from rbee_worker.app.event_loop import choose; print(choose())"],
         capture_output=True, text=True, check=True, timeout=60,
     )  # fmt: skip
-    assert "loop='asyncio', http='h11'" in chosen.stdout, chosen
+    assert chosen.stdout.strip() == "asyncio", chosen
     worker = worker_factory(tiny_model)
     worker.wait_ready()
     async with worker.async_client() as client:
