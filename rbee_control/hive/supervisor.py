@@ -31,6 +31,7 @@ from .pidfiles import WorkerFile, read_worker_files
 from .placement import Placement, choose_device, place, reserve_loading, runtime_request
 from .process import is_alive, terminate, wait_gone
 from .registry import Registry, Worker, WorkerState
+from .spawn import SpawnRequest
 
 log = logging.getLogger("rbee.hive")
 
@@ -84,14 +85,14 @@ class Supervisor:
 
     # --- spawn -----------------------------------------------------------------
 
-    async def spawn(self, req: spawn.SpawnRequest, wait: bool, timeout: float | None) -> Worker:
+    async def spawn(self, req: SpawnRequest, wait: bool, timeout: float | None) -> Worker:
         model = self.catalog.require(req.model)
         worker = await self._launch_bound(req, model)
         if wait:
             await self.wait_ready(worker, timeout or self.config.loading_timeout)
         return worker
 
-    async def place(self, req: spawn.SpawnRequest, model: Any) -> Placement:
+    async def place(self, req: SpawnRequest, model: Any) -> Placement:
         """Runtime, device and memory plan from `detect` and the GGUF header; refusals raise here."""
         node = await asyncio.to_thread(detect, self.paths)
         wanted = runtime_request(node, req.runtime, req.backend)
@@ -114,7 +115,7 @@ class Supervisor:
             log.warning("%s: %s", model.name, warning)
         return placement
 
-    async def _launch_bound(self, req: spawn.SpawnRequest, model: Any) -> Worker:
+    async def _launch_bound(self, req: SpawnRequest, model: Any) -> Worker:
         """Place, launch and wait until the worker's port answers; retry another port if it lost a bind race.
 
         Placing and registering happen under one lock: the next spawn's plan then
