@@ -16,7 +16,6 @@ from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from rbee_worker.protocol.request import InferenceRequest
 
 from .catalog import Target
-from .chat_template import normalize_messages, render_chat
 from .errors import sse_error
 from .openai_api import Kind, OpenAIRequest, Shapes, parse_request
 from .relay import Upstream
@@ -106,17 +105,10 @@ async def _complete(request: Request, kind: Kind) -> Response:
 
 
 def _inference(parsed: OpenAIRequest, target: Target) -> InferenceRequest:
+    """Chat goes to the worker as messages; a template the catalog knows goes along, the worker renders."""
     if parsed.kind == "completion":
-        assert parsed.prompt is not None
-        return parsed.inference(parsed.prompt)
-    entry = target.entry
-    rendered = render_chat(
-        normalize_messages(parsed.messages),
-        entry.chat_template,
-        bos_token=entry.bos_token,
-        eos_token=entry.eos_token,
-    )
-    return parsed.inference(rendered.prompt, rendered.extra_stop)
+        return parsed.inference()
+    return parsed.inference(target.entry.chat_template)
 
 
 async def _stream(upstream: Upstream, shapes: Shapes, record: _Record) -> AsyncIterator[bytes]:
