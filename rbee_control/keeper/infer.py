@@ -88,7 +88,7 @@ async def infer(inventory: Inventory, options: InferOptions, display: Display) -
             request = InferenceRequest.from_json(chat)
         result = await _stream(http, worker, request, display, options, known)
         phases.mark("stream")
-    summary = {
+    summary: dict[str, Any] = {
         "node": node.name,
         "model": model_name,
         "worker": worker.id,

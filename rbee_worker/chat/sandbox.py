@@ -91,9 +91,19 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             raise self.refuse(f"an integer of {value.bit_length()} bits")
 
     def call_binop(self, context: Context, operator_name: str, left: Any, right: Any) -> Any:
-        self._check_int(left)
-        self._check_int(right)
-        if operator_name == "*":
+        if operator_name == "+":
+            # the common case in chat templates ('<|im_start|>' + role + ...): keep it cheap
+            if type(left) is str and type(right) is str:
+                self._check_length(len(left) + len(right))
+                return left + right
+            left_size, right_size = _size(left), _size(right)
+            if left_size is not None and right_size is not None:
+                self._check_length(left_size + right_size)
+            self._check_int(left)
+            self._check_int(right)
+        elif operator_name == "*":
+            self._check_int(left)
+            self._check_int(right)
             for seq, count in ((left, right), (right, left)):
                 size = _size(seq)
                 if size is not None and isinstance(count, int):
@@ -107,10 +117,6 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
                     raise self.refuse(f"{left} ** {right}")
             elif isinstance(right, int | float) and abs(right) > MAX_INT_BITS:
                 raise self.refuse(f"an exponent of {right}")
-        elif operator_name == "+":
-            left_size, right_size = _size(left), _size(right)
-            if left_size is not None and right_size is not None:
-                self._check_length(left_size + right_size)
         elif operator_name == "%" and isinstance(left, str):
             self._check_format(left)
         return self.binop_table[operator_name](left, right)

@@ -135,3 +135,27 @@ async def test_a_template_bomb_in_the_gguf_is_refused_and_prompts_still_work(
         assert refused.status_code == 422 and refused.json()["error"]["details"]["reason"] == "limit"
         events = await collect(client, {"prompt": "hi", **ONE})
     assert events[-1].name == "end"
+
+
+@pytest.mark.slow
+@pytest.mark.llama
+async def test_smollm2_answers_messages_with_its_own_template(
+    worker_factory: type[WorkerProcess], smollm2: Path
+) -> None:
+    worker = worker_factory(smollm2, backend="llama-cpp", ctx=2048)
+    ready = worker.wait_ready(timeout=120)
+    assert ready["chat"] is True and ready["chat_template"] == "gguf"
+    question = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+    async with worker.async_client() as client:
+        events = await collect(client, {"messages": question, "max_tokens": 40, "temperature": 0})
+        answer = "".join(e.data["t"] for e in events if e.name == "token")
+        end = events[-1].data
+        assert "Paris" in answer and "<|im_" not in answer
+        assert end["stop_reason"] in ("eos", "stop")  # the template's <|im_end|> ended the turn
+        # SmolLM2's template writes its own system turn; the same text as a prompt costs the same tokens
+        rendered = (
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+            "<|im_end|>\n<|im_start|>user\n" + question[0]["content"] + "<|im_end|>\n<|im_start|>assistant\n"
+        )
+        direct = await collect(client, {"prompt": rendered, "max_tokens": 1})
+    assert end["prompt_tokens"] == direct[-1].data["prompt_tokens"]
