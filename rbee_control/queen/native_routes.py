@@ -135,6 +135,8 @@ async def inference(request: Request) -> Response:
         raise _invalid("model", "expected a non-empty string")
     infer = InferenceRequest.from_json(body)
     target = await state.catalog.resolve(model)
+    if infer.messages is not None and infer.chat_template is None:
+        infer.chat_template = target.entry.chat_template  # as /v1/chat/completions does
     given = request.headers.get("x-request-id", "")
     request_id = given if REQUEST_ID_RE.fullmatch(given) and given not in state.running else uuid.uuid4().hex
     try:

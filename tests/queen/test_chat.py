@@ -41,7 +41,12 @@ async def test_a_registered_template_is_rendered_by_the_worker(queen: Queen, wor
         model="tiny-chat", messages=HI, max_tokens=2, temperature=0
     )
     assert reply.usage is not None
-    assert reply.usage.prompt_tokens == await _direct_prompt_tokens(worker, RENDERED)
+    expected = await _direct_prompt_tokens(worker, RENDERED)
+    assert reply.usage.prompt_tokens == expected
+    # the native route passes messages through, with the registered template as well
+    async with queen.http() as client:
+        events = await collect(client, {"model": "tiny-chat", "messages": HI, "max_tokens": 1})
+    assert events[-1].data["prompt_tokens"] == expected
 
 
 async def test_a_registered_template_bomb_is_422_and_everything_keeps_answering(
