@@ -14,6 +14,7 @@ only awaits: `/health` and running streams keep answering throughout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import threading
 from collections.abc import Callable
@@ -78,7 +79,8 @@ class BoundedRunner:
             except _Interrupted:
                 job.error = job.error or _Interrupted()
             finally:
-                loop.call_soon_threadsafe(self._finished, finished)
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (shutdown)
+                    loop.call_soon_threadsafe(self._finished, finished)
 
         thread = threading.Thread(target=body, name="rbee-chat-template", daemon=True)
         try:
