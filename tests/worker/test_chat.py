@@ -103,6 +103,7 @@ async def _bomb_while_health_answers(worker: WorkerProcess, body: dict[str, obje
         response = await bomb
         assert healths == [200, 200, 200]
         assert (await plain.get("/health", timeout=30)).status_code == 200
+    assert "rbee_worker/chat" not in worker.log(), "the interrupted render left a traceback"
     return response
 
 
