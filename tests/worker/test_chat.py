@@ -51,11 +51,25 @@ async def test_ready_says_whether_the_model_has_a_chat_template(
     assert templated["chat"] is True and templated["chat_template"] == "gguf"
 
 
+async def _one_bos(worker: WorkerProcess) -> None:
+    chat = await _prompt_tokens(worker, {"messages": HI})
+    assert chat == await _prompt_tokens(worker, {"prompt": RENDERED_AFTER_BOS})
+    # the template's BOS text kept as well would have cost a token (or three) of its own
+    assert chat < await _prompt_tokens(worker, {"prompt": "<s>" + RENDERED_AFTER_BOS})
+
+
 async def test_messages_render_with_the_gguf_template_and_one_bos(chat_worker: WorkerProcess) -> None:
-    chat = await _prompt_tokens(chat_worker, {"messages": HI})
-    assert chat == await _prompt_tokens(chat_worker, {"prompt": RENDERED_AFTER_BOS})
-    # the template's BOS text kept as well would have cost tokens of its own
-    assert chat < await _prompt_tokens(chat_worker, {"prompt": "<s>" + RENDERED_AFTER_BOS})
+    await _one_bos(chat_worker)
+
+
+@pytest.mark.llama
+async def test_one_bos_on_llama_cpp_too(worker_factory: type[WorkerProcess], tmp_path: Path) -> None:
+    """llama.cpp reads `<s>` in text as the BOS token itself: kept, it would be a second BOS."""
+    worker = worker_factory(
+        write_tiny_model(tmp_path / "chat.gguf", chat_template=TEMPLATE), backend="llama-cpp"
+    )
+    assert worker.wait_ready()["backend"] == "llama-cpp"
+    await _one_bos(worker)
 
 
 async def test_messages_without_a_template_get_the_transcript_fallback(
