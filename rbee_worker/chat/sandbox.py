@@ -155,6 +155,10 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             sizes = [_size(item) or len(str(item)) for item in items]
             self._check_length(sum(sizes) + len(str(separator)) * max(len(sizes) - 1, 0))
 
+    def set_filter(self, name: str, func: Any) -> None:
+        """Add a filter with the same checks as the built-in ones."""
+        self.filters[name] = _bounded_filter(self, name, func)
+
     def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
         __self.check_arguments(__obj, args, kwargs)
         return super().call(__context, __obj, *args, **kwargs)
@@ -190,5 +194,5 @@ def bounded_sandbox(*, max_chars: int, **options: Any) -> BoundedSandbox:
     """A sandbox whose filters are all size-checked as well."""
     env = BoundedSandbox(max_chars=max_chars, **options)
     for name, func in list(env.filters.items()):
-        env.filters[name] = _bounded_filter(env, name, func)
+        env.set_filter(name, func)
     return env

@@ -88,7 +88,7 @@ def _environment(max_chars: int) -> BoundedSandbox:
     env = bounded_sandbox(
         max_chars=max_chars, trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
     )
-    env.filters["tojson"] = _tojson
+    env.set_filter("tojson", _tojson)
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env

@@ -97,6 +97,7 @@ BOMBS = [
     "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
     "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
     "{% for i in range(1000) %}{{ 'x' * 1000 }}{% endfor %}",
+    "{{ messages|tojson(indent=1000000000) }}",
 ]
 
 
