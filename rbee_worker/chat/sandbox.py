@@ -45,6 +45,17 @@ def _size(value: Any) -> int | None:
     return len(value) if isinstance(value, str | list | tuple) else None
 
 
+def _text_size(value: Any) -> int:
+    """About how long `value` is as text, without building that text."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list | tuple):
+        return 2 + sum(_text_size(item) + 2 for item in value)
+    if isinstance(value, dict):
+        return 2 + sum(_text_size(k) + _text_size(v) + 4 for k, v in value.items())
+    return 32
+
+
 class _BoundedCodeGenerator(CodeGenerator):
     """`a ~ b` compiles to a size-checked join on the environment instead of a bare `str_join`."""
 
@@ -64,6 +75,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         super().__init__(**options)
         self.max_chars = max_chars
         self.globals["range"] = self._range
+        self.globals.pop("lipsum", None)  # thousands of paragraphs on request; no template needs it
         self.concat = self.bounded_concat  # type: ignore[method-assign]
 
     def refuse(self, what: str) -> TemplateLimitError:
@@ -118,14 +130,26 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             elif isinstance(right, int | float) and abs(right) > MAX_INT_BITS:
                 raise self.refuse(f"an exponent of {right}")
         elif operator_name == "%" and isinstance(left, str):
-            self._check_format(left)
+            arguments = right if isinstance(right, tuple) else (right,)
+            if isinstance(right, dict):
+                arguments = tuple(right.values())
+            self._check_format(left, arguments, "%")
         return self.binop_table[operator_name](left, right)
 
-    def _check_format(self, spec: str) -> None:
+    def _check_format(self, spec: str, arguments: tuple[Any, ...] = (), marker: str = "{") -> None:
+        """A field may repeat an argument (`{0}{0}{0}`): count every field as the longest argument."""
         if _HUGE_WIDTH.search(spec):
             raise self.refuse("a format width or precision of a million or more")
         if _WIDTH_FROM_ARGUMENT.search(spec):
             raise self.refuse("a format width taken from an argument")
+        if arguments:
+            longest = max(_text_size(a) for a in arguments)
+            self._check_length(len(spec) + spec.count(marker) * longest)
+
+    def _check_lines(self, text: Any, lines: int, per_line: int) -> None:
+        """`indent`, `wordwrap` and `expandtabs` add up to `per_line` characters `lines` times."""
+        if isinstance(text, str):
+            self._check_length(len(text) + lines * per_line)
 
     def check_arguments(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Refuse huge counts and widths, and joins or replacements that would exceed the cap."""
@@ -142,8 +166,13 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             self._check_replace(owner, args[0], args[1])
         elif name == "join" and isinstance(owner, str) and args:
             self._check_join(owner, args[0])
-        elif name in ("format", "format_map") and isinstance(owner, str):
-            self._check_format(owner)
+        elif name == "format" and isinstance(owner, str):
+            self._check_format(owner, (*args, *kwargs.values()))
+        elif name == "format_map" and isinstance(owner, str) and args and isinstance(args[0], dict):
+            self._check_format(owner, tuple(args[0].values()))
+        elif name == "expandtabs" and isinstance(owner, str):
+            size = args[0] if args else kwargs.get("tabsize", 8)
+            self._check_lines(owner, owner.count("\t"), size if isinstance(size, int) else 8)
 
     def _check_replace(self, text: Any, old: Any, new: Any) -> None:
         if isinstance(text, str) and isinstance(old, str) and isinstance(new, str):
@@ -178,7 +207,16 @@ def _bounded_filter(env: BoundedSandbox, name: str, func: Any) -> Any:
         elif name == "join" and isinstance(value, list | tuple):
             env._check_join(rest[0] if rest else kwargs.get("d", ""), value)
         elif name == "format" and isinstance(value, str):
-            env._check_format(value)
+            env._check_format(value, (*rest, *kwargs.values()), "%")
+        elif name == "indent" and isinstance(value, str):
+            width = rest[0] if rest else kwargs.get("width", 4)
+            per_line = len(width) if isinstance(width, str) else width if isinstance(width, int) else 0
+            env._check_lines(value, value.count("\n") + 1, per_line)
+        elif name == "wordwrap" and isinstance(value, str):
+            width = rest[0] if rest else kwargs.get("width", 79)
+            wrap = rest[2] if len(rest) > 2 else kwargs.get("wrapstring") or "\n"
+            lines = len(value) // max(width if isinstance(width, int) else 1, 1) + value.count("\n") + 1
+            env._check_lines(value, lines, len(wrap) if isinstance(wrap, str) else 1)
         result = func(*args, **kwargs)
         size = _size(result)
         if size is not None:

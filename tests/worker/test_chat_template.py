@@ -98,6 +98,12 @@ BOMBS = [
     "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
     "{% for i in range(1000) %}{{ 'x' * 1000 }}{% endfor %}",
     "{{ messages|tojson(indent=1000000000) }}",
+    "{{ ('%s' * 1000) % ((('x' * 100000),) * 1000) }}",
+    "{{ ('{0}' * 1000).format('x' * 100000) }}",
+    "{{ ('%s' * 1000)|format(*((('x' * 1000),) * 1000)) }}",
+    "{{ ('a' ~ '\n' * 100000)|indent('x' * 4000) }}",
+    "{{ ('a ' * 100000)|wordwrap(1, wrapstring='x' * 4000) }}",
+    "{{ ('\t' * 100000).expandtabs(4000) }}",
 ]
 
 
@@ -108,13 +114,21 @@ def test_the_sandbox_refuses_huge_things_in_one_step(bomb: str) -> None:
     assert caught.value.status == 422 and caught.value.code == "CHAT_TEMPLATE_FAILED"
 
 
+def test_lipsum_is_not_offered() -> None:
+    with pytest.raises(RbeeError) as caught:
+        ChatTemplate("{{ lipsum(4096, max=4096) }}").render(HI)
+    assert caught.value.status == 400 and "lipsum" in caught.value.message
+
+
 def test_ordinary_formatting_and_loops_still_work() -> None:
     template = (
         "{{ '%s: %d'|format('a', 3) }} {{ '{}-{}'.format(1, 2) }} {{ '%-4s|' % 'ab' }}"
         "{% for i in range(3) %}{{ i }}{% endfor %} {{ 'x' * 3 }} {{ messages|tojson }}"
+        " {{ 'a\nb'|indent(2) }} {{ 'aa bb'|wordwrap(2) }} {{ 'a\tb'.expandtabs(2) }}"
     )
     rendered = ChatTemplate(template).render(HI)
-    assert rendered.prompt == 'a: 3 1-2 ab  |012 xxx [{"role": "user", "content": "hi"}]'
+    expected = 'a: 3 1-2 ab  |012 xxx [{"role": "user", "content": "hi"}] a\n  b aa\nbb a b'
+    assert rendered.prompt == expected
 
 
 NESTED_LOOPS = (
