@@ -7,8 +7,9 @@ limit cannot interrupt once it runs inside C (`'x' * 10**10`, `10**10**8`, a
 `center(10**9)`). Every operator, call, filter and `~` concatenation that can
 multiply sizes checks the size of what it would make first:
 
-- strings and lists made by `*`, `+`, `%`, `~`, `join`, `replace` and `format`
-  are at most `max_chars` long (the caller's output cap);
+- strings and lists made by `*`, `+`, `%`, `~`, `join`, `replace`, `format`,
+  `indent`, `wordwrap` and `expandtabs` are at most `max_chars` long (the
+  caller's output cap), as estimated before they are built;
 - integers stay below 2**4096 (`**` and `*` on huge numbers are refused);
 - `range()` is at most 10,000 items, and integer arguments to filters and
   methods (widths, counts) at most 4,096.
