@@ -146,8 +146,7 @@ def _is_zero(keep_alive: Any) -> bool:
 def _renamed(error: RbeeError) -> RbeeError:
     """A validation error with the option's Ollama name (`options.num_predict`, not `max_tokens`)."""
     field = error.details.get("field")
-    name = FIELD_NAMES.get(field) if isinstance(field, str) else None
-    if name is None:
+    if not isinstance(field, str) or (name := FIELD_NAMES.get(field)) is None:
         return error
     message = error.message
     if message.startswith(f"{field}:"):
