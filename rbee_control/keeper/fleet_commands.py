@@ -110,7 +110,7 @@ def _detect_table(outcomes: dict[str, NodeOutcome[Any]]) -> Any:
             ", ".join(o.value.get("llama_cpp_backends") or []) or "not installed",
         ]
         for name, o in outcomes.items()
-        if o.ok
+        if o.ok and o.value is not None
         for d in o.value.get("devices", [])
     ]
     return table("devices", ["node", "device", "name", "total", "free", "llama-cpp-python built for"], rows)

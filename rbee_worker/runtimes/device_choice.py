@@ -9,7 +9,7 @@ and the command that installs a CUDA build, instead of silently running on the C
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
 from ..model_shape import ModelShape
@@ -41,9 +41,9 @@ def pin_visible_device(backend: str, device: int | None, env: dict[str, str] | N
 
     Must run before llama_cpp is imported: CUDA reads the variable once, at initialisation.
     """
-    env = os.environ if env is None else env
-    if backend == "cuda" and device is not None and VISIBLE_ENV not in env:
-        env[VISIBLE_ENV] = str(device)
+    target: MutableMapping[str, str] = os.environ if env is None else env
+    if backend == "cuda" and device is not None and VISIBLE_ENV not in target:
+        target[VISIBLE_ENV] = str(device)
 
 
 def visible_index(device: int | None, env: Mapping[str, str] | None = None) -> int:
