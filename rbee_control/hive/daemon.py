@@ -127,6 +127,7 @@ def detach(paths: HivePaths, config: HiveConfig) -> dict[str, Any]:
         "daemon",
         "--home",
         str(paths.home),
+        *(["--models-dir", str(paths.models_override)] if paths.models_override else []),
         *config.to_args(),
     ]
     with paths.hive_log.open("ab") as logf:
