@@ -3,7 +3,8 @@
 Everything that can be refused (model unknown, backend missing, not enough RAM,
 no free port) is checked before a process exists, so a refusal leaves nothing to
 clean up. The API key reaches the worker through its environment, never argv,
-which any user on the node can read with `ps`.
+which any user on the node can read with `ps`; the rest of that environment is an
+allow-list (`worker_env.py`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .config import HiveConfig
 from .paths import HivePaths
 from .pidfiles import WorkerFile
 from .process import create_time
+from .worker_env import worker_env
 
 MB = 1 << 20
 
@@ -153,7 +155,7 @@ async def launch(
         cmd += ["--ctx", str(req.ctx)]
     if req.threads:
         cmd += ["--threads", str(req.threads)]
-    env = {**os.environ, "RBEE_WORKER_API_KEY": api_key}
+    env = worker_env(os.environ, api_key)
     with paths.worker_log(worker_id).open("ab") as log:
         log.write(
             f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} hive starts {worker_id} on port {port}\n".encode()

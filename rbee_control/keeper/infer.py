@@ -155,7 +155,12 @@ async def _provision_worker(
             progress.update(label, 1, 1, in_bytes=False)
         phases.mark("spawn")
         if spawned.get("state") not in ("idle", "ready"):
-            raise RbeeError(ErrorCode.MODEL_LOAD_FAILED, f"worker did not become ready: {spawned}")
+            public = {k: v for k, v in spawned.items() if k != "api_key"}
+            raise RbeeError(
+                ErrorCode.MODEL_LOAD_FAILED,
+                f"worker {public.get('id')} did not become ready (state {public.get('state')})",
+                details=public,
+            )
         return _known(node, model, spawned, template)
 
 

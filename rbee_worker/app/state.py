@@ -24,7 +24,7 @@ class Phase(StrEnum):
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
     model_path: str
-    api_key: str
+    api_key: str = field(repr=False)
     host: str = "127.0.0.1"
     port: int = 8081
     backend: str = "auto"
