@@ -179,5 +179,5 @@ async def cancel_inference(request: Request) -> Response:
     upstream: Upstream | None = state.running.get(request_id)
     if upstream is None:
         raise RbeeError(ErrorCode.NOT_FOUND, f"no running request {request_id}", status=404)
-    cancelled = await state.relay.delete(upstream.worker, request_id)
+    cancelled = await state.relay.delete(upstream.worker, upstream.request_id)
     return JSONResponse({"request_id": request_id, "cancelled": cancelled})

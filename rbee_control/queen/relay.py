@@ -219,6 +219,8 @@ class Relay:
                 if response.status_code in CLIENT_ERROR_STATUSES:
                     raise error
                 raise _Retry(error)
+            # the worker names the generation (ours is its correlation id); DELETE needs its name
+            request_id = response.headers.get("x-request-id", request_id)
             stream = aiter(iter_event_batches(response.aiter_bytes()))
             prefetched: Batch = []
             while True:
