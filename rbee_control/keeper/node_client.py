@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from rbee_control.hive import __version__ as HIVE_VERSION
+from rbee_control.hive.paths import check_worker_id
 from rbee_control.inventory.model import Node
 from rbee_control.node_events import NodeEvent, parse_line
 from rbee_control.ssh.node_command import hive_command, node_env
@@ -109,12 +110,15 @@ class NodeClient:
         name: str | None = None,
         sha256: str | None = None,
         progress: ProgressCallback | None = None,
+        max_bytes: int | None = None,
     ) -> dict[str, Any]:
         args = ["models", "add", ref]
         if name:
             args += ["--name", name]
         if sha256:
             args += ["--sha256", sha256]
+        if max_bytes:
+            args += ["--max-bytes", str(max_bytes)]
         return await self.call(*args, progress=progress)
 
     async def models_rm(self, name: str) -> dict[str, Any]:
@@ -150,4 +154,4 @@ class NodeClient:
             raise
 
     async def worker_stop(self, worker_id: str) -> dict[str, Any]:
-        return await self.call("worker", "stop", worker_id, timeout=60)
+        return await self.call("worker", "stop", check_worker_id(worker_id), timeout=60)
