@@ -36,6 +36,9 @@ class WorkerConfig:
     callback_url: str | None = None
     callback_uds: str | None = None
     failed_linger_s: float = 5.0
+    #: HTTPS when both are given (the hive's certificate, for an address beyond loopback)
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
     request_timeout_s: float = 300.0
 
 
@@ -62,7 +65,8 @@ class WorkerState:
 
     @property
     def url(self) -> str:
-        return f"http://{self.config.host}:{self.config.port}"
+        scheme = "https" if self.config.ssl_certfile else "http"
+        return f"{scheme}://{self.config.host}:{self.config.port}"
 
     def set_phase(self, phase: Phase, error: RbeeError | None = None) -> None:
         self.phase, self.error = phase, error
