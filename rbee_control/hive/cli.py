@@ -72,6 +72,14 @@ def cmd_status(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None
     out.result(info, "\n".join(lines))
 
 
+def cmd_tls(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
+    from . import tls
+
+    paths.ensure()
+    cert = tls.ensure_certificate(paths.tls_dir)  # the daemon's, as it is: its names are the daemon's choice
+    out.result(cert.to_json(), f"{cert.fingerprint}\n{cert.cert}")
+
+
 def cmd_stop(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
     from . import daemon
 
@@ -225,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"default {f.default!r} (env RBEE_HIVE_{f.name.upper()})",
         )
     leaf(sub, "status", cmd_status, "is the daemon up; node facts; workers")
+    leaf(sub, "tls", cmd_tls, "the certificate workers beyond loopback serve HTTPS with (made if missing)")
     p = leaf(sub, "stop", cmd_stop, "stop the daemon and every worker (cascading)")
     p.add_argument(
         "--timeout", type=float, default=30.0, help="seconds for the daemon to stop before SIGTERM"

@@ -89,6 +89,11 @@ class HivePaths:
         return self.home / "incoming"
 
     @property
+    def tls_dir(self) -> Path:
+        """The hive's self-signed certificate and its key (0600), for workers beyond loopback."""
+        return self.home / "tls"
+
+    @property
     def logs_dir(self) -> Path:
         return self.home / "logs"
 

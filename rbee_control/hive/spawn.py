@@ -23,6 +23,7 @@ from rbee_worker.gguf_info import GGUFInfo
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from rbee_worker.runtimes import choose_backend as worker_choose_backend
 
+from . import tls
 from .catalog import ModelRow
 from .config import HiveConfig
 from .paths import HivePaths
@@ -124,9 +125,15 @@ def advertised_host(config: HiveConfig) -> str:
     return socket.gethostname() if config.address in ("0.0.0.0", "::") else config.address
 
 
-def worker_url(address: str, port: int) -> str:
+def worker_url(address: str, port: int, scheme: str = "http") -> str:
     host = f"[{address}]" if ":" in address else address
-    return f"http://{host}:{port}"
+    return f"{scheme}://{host}:{port}"
+
+
+def certificate_hosts(config: HiveConfig) -> list[str]:
+    """The names a worker's certificate carries (informational: clients pin the certificate itself)."""
+    hosts = [advertised_host(config), config.address, socket.gethostname()]
+    return [h for h in dict.fromkeys(hosts) if h not in ("", "0.0.0.0", "::")]
 
 
 async def launch(
@@ -155,6 +162,11 @@ async def launch(
         cmd += ["--ctx", str(req.ctx)]
     if req.threads:
         cmd += ["--threads", str(req.threads)]
+    scheme = "http"
+    if tls.needs_tls(config.address, config.tls):  # the keys, prompts and answers would cross the LAN
+        cert = tls.ensure_certificate(paths.tls_dir, certificate_hosts(config))
+        cmd += ["--ssl-certfile", str(cert.cert), "--ssl-keyfile", str(cert.key)]
+        scheme = "https"
     env = worker_env(os.environ, api_key)
     with paths.worker_log(worker_id).open("ab") as log:
         log.write(
@@ -175,7 +187,7 @@ async def launch(
         pid=proc.pid,
         create_time=create_time(proc.pid),
         port=port,
-        url=worker_url(advertised_host(config), port),
+        url=worker_url(advertised_host(config), port, scheme),
         model=model.name,
         model_path=model.path,
         backend=backend,

@@ -31,6 +31,25 @@ class HiveCertificate:
         return {"certificate": self.pem, "fingerprint": self.fingerprint, "path": str(self.cert)}
 
 
+def needs_tls(address: str, mode: str = "auto") -> bool:
+    """Workers bound to `address` serve HTTPS unless it is loopback (traffic that never leaves the host);
+    `mode="on"` asks for HTTPS everywhere."""
+    if mode == "on":
+        return True
+    if address == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return True  # a name: it may resolve to a LAN address
+
+
+def client_verify(directory: Path) -> ssl.SSLContext | bool:
+    """What the hive's own HTTP clients verify workers with: its certificate, once there is one."""
+    cert = directory / CERT_NAME
+    return pinned_context(cert.read_text()) if cert.is_file() else True
+
+
 def fingerprint(pem: str) -> str:
     """`SHA256:<hex>` of the certificate's DER bytes (what `openssl x509 -fingerprint -sha256` hashes)."""
     return "SHA256:" + hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest()
@@ -39,7 +58,7 @@ def fingerprint(pem: str) -> str:
 def ensure_certificate(directory: Path, hosts: list[str] | None = None) -> HiveCertificate:
     """The certificate in `directory`, made (with `hosts` as its names) if there is none yet."""
     cert, key = directory / CERT_NAME, directory / KEY_NAME
-    if not (cert.is_file() and key.is_file()):
+    if not (cert.is_file() and key.is_file()) or (hosts and not _names_all(cert, hosts)):
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         cert_pem, key_pem = make_self_signed(hosts or [socket.gethostname()])
         _write(key, key_pem, 0o600)
@@ -82,13 +101,34 @@ def make_self_signed(hosts: list[str]) -> tuple[bytes, bytes]:
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
-def pinned_context(pem: str) -> ssl.SSLContext:
-    """A client context that accepts this one certificate and nothing else (names are not checked:
-    the pin is the certificate itself, read over SSH)."""
-    context = ssl.create_default_context(cadata=pem)
+def _names_all(cert: Path, hosts: list[str]) -> bool:
+    """Does the certificate name every host (a node moved to another address needs a new one)?"""
+    from cryptography import x509
+
+    try:
+        parsed = x509.load_pem_x509_certificate(cert.read_bytes())
+        names = parsed.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        return False
+    have = {str(n) for n in names.get_values_for_type(x509.IPAddress)}
+    have |= set(names.get_values_for_type(x509.DNSName))
+    return all(host in have for host in hosts)
+
+
+def pinned_context(*pems: str) -> ssl.SSLContext:
+    """A client context that accepts these certificates and nothing else (names are not checked: the
+    pin is the certificate itself, read over SSH). More can be pinned later with `pin(context, pem)`."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.check_hostname = False
     context.verify_mode = ssl.CERT_REQUIRED
+    for pem in pems:
+        pin(context, pem)
     return context
+
+
+def pin(context: ssl.SSLContext, pem: str) -> None:
+    context.load_verify_locations(cadata=pem)
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
