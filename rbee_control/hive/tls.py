@@ -93,6 +93,10 @@ def make_self_signed(hosts: list[str]) -> tuple[bytes, bytes]:
         .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        # key identifiers: a client holding several pins (an old and a new certificate of one hive, with
+        # the same name) must find the issuer by key, not by name, or it checks against the wrong one
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
     key_pem = key.private_bytes(

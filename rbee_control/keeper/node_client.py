@@ -98,6 +98,10 @@ class NodeClient:
     async def hive_stop(self) -> dict[str, Any]:
         return await self.call("stop", timeout=90)
 
+    async def hive_tls(self) -> dict[str, Any]:
+        """The hive's worker certificate (`certificate` PEM, `fingerprint`), read over this channel."""
+        return await self.call("tls", timeout=30)
+
     # --- models -----------------------------------------------------------------
 
     async def models_list(self, templates: bool = False) -> list[dict[str, Any]]:
