@@ -16,7 +16,7 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-CERT_NAME, KEY_NAME = "cert.pem", "key.pem"
+CERT_NAME, KEY_NAME, NAMES_NAME = "cert.pem", "key.pem", "names"
 VALID_DAYS = 3650
 
 
@@ -57,12 +57,14 @@ def fingerprint(pem: str) -> str:
 
 def ensure_certificate(directory: Path, hosts: list[str] | None = None) -> HiveCertificate:
     """The certificate in `directory`, made (with `hosts` as its names) if there is none yet."""
-    cert, key = directory / CERT_NAME, directory / KEY_NAME
-    if not (cert.is_file() and key.is_file()) or (hosts and not _names_all(cert, hosts)):
+    cert, key, names = directory / CERT_NAME, directory / KEY_NAME, directory / NAMES_NAME
+    if not (cert.is_file() and key.is_file()) or (hosts and not _names_all(names, hosts)):
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        cert_pem, key_pem = make_self_signed(hosts or [socket.gethostname()])
+        hosts = hosts or [socket.gethostname()]
+        cert_pem, key_pem = make_self_signed(hosts)
         _write(key, key_pem, 0o600)
         _write(cert, cert_pem, 0o644)
+        _write(names, "\n".join(hosts).encode(), 0o644)
     pem = cert.read_text()
     return HiveCertificate(cert=cert, key=key, pem=pem, fingerprint=fingerprint(pem))
 
@@ -105,17 +107,15 @@ def make_self_signed(hosts: list[str]) -> tuple[bytes, bytes]:
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
-def _names_all(cert: Path, hosts: list[str]) -> bool:
-    """Does the certificate name every host (a node moved to another address needs a new one)?"""
-    from cryptography import x509
+def _names_all(names: Path, hosts: list[str]) -> bool:
+    """Does the certificate name every host (a node moved to another address needs a new one)?
 
+    The names are kept beside it in plain text, so a restart need not import an X.509 parser.
+    """
     try:
-        parsed = x509.load_pem_x509_certificate(cert.read_bytes())
-        names = parsed.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (ValueError, x509.ExtensionNotFound):
+        have = set(names.read_text().split())
+    except OSError:
         return False
-    have = {str(n) for n in names.get_values_for_type(x509.IPAddress)}
-    have |= set(names.get_values_for_type(x509.DNSName))
     return all(host in have for host in hosts)
 
 
