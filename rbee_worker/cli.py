@@ -35,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--failed-linger", type=float, default=5.0, help="seconds to report a failed load")
     serve.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
     serve.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
+    serve.add_argument(
+        "--head-timeout", type=float, default=10.0, help="seconds a client has to send a request head"
+    )
+    serve.add_argument("--max-connections", type=int, default=1024, help="open client connections at most")
 
     tiny = sub.add_parser("tiny-model", help="write a tiny random-weight llama GGUF for tests")
     tiny.add_argument("path")
@@ -62,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value < (0 if name == "queue" else 1):
             print(f"rbee-worker: --{name} must be positive", file=sys.stderr)
             return 2
+    if args.head_timeout <= 0 or args.max_connections < 1:
+        print("rbee-worker: --head-timeout and --max-connections must be positive", file=sys.stderr)
+        return 2
     config = WorkerConfig(
         model_path=args.model,
         api_key=api_key,
@@ -78,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         failed_linger_s=args.failed_linger,
         ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile,
+        head_timeout_s=args.head_timeout,
+        max_connections=args.max_connections,
     )
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         print("rbee-worker: --ssl-certfile and --ssl-keyfile go together", file=sys.stderr)

@@ -40,6 +40,9 @@ class WorkerConfig:
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     request_timeout_s: float = 300.0
+    #: Seconds a client has to send a request head; then the connection is closed (slow clients).
+    head_timeout_s: float = 10.0
+    max_connections: int = 1024
 
 
 @dataclass(eq=False)
