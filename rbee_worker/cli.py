@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--callback-url", help="POST the load outcome here")
     serve.add_argument("--callback-uds", help="reach --callback-url over this Unix socket")
     serve.add_argument("--failed-linger", type=float, default=5.0, help="seconds to report a failed load")
+    serve.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
+    serve.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
     serve.add_argument(
         "--head-timeout", type=float, default=10.0, help="seconds a client has to send a request head"
     )
@@ -113,9 +115,14 @@ def main(argv: list[str] | None = None) -> int:
         callback_url=args.callback_url,
         callback_uds=args.callback_uds,
         failed_linger_s=args.failed_linger,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
         head_timeout_s=args.head_timeout,
         max_connections=args.max_connections,
     )
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        print("rbee-worker: --ssl-certfile and --ssl-keyfile go together", file=sys.stderr)
+        return 2
     try:
         return serve(config)
     except RbeeError as exc:

@@ -26,6 +26,7 @@ from rbee_worker.planning import parse_gpu_layers
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
 from . import API_VERSION, __version__
+from .paths import check_worker_id
 from .spawn import SpawnRequest, split_legacy_backend
 from .supervisor import Supervisor
 
@@ -127,7 +128,7 @@ def create_app(supervisor: Supervisor, request_exit: Callable[[], None]) -> Star
         return JSONResponse({"workers": [w.to_json() for w in supervisor.registry.list()]})
 
     async def stop_worker(request: Request) -> JSONResponse:
-        worker_id = request.path_params["worker_id"]
+        worker_id = check_worker_id(request.path_params["worker_id"])
         how = await supervisor.stop_worker(worker_id, "asked to stop")
         return JSONResponse({"id": worker_id, "stopped": True, "how": how})
 

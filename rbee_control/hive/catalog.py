@@ -8,8 +8,10 @@ processes; WAL mode plus `BEGIN IMMEDIATE` for writes keeps that safe.
 
 from __future__ import annotations
 
+import os
 import shlex
 import sqlite3
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -68,6 +70,11 @@ class Catalog:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        # 0600 before SQLite opens it (its -wal and -shm files copy the mode): rows name every model file
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            if file.exists() and stat.S_IMODE(file.stat().st_mode) & 0o077:
+                os.chmod(file, 0o600)
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(_SCHEMA)

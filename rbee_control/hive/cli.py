@@ -23,7 +23,7 @@ from rbee_worker.runtimes import BACKENDS
 
 from . import __version__
 from .config import HiveConfig
-from .paths import HivePaths
+from .paths import HivePaths, check_worker_id
 
 # Handlers import what they use: `models list` over SSH should not pay for uvicorn.
 
@@ -80,6 +80,14 @@ def cmd_status(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None
     out.result(info, "\n".join(lines))
 
 
+def cmd_tls(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
+    from . import tls
+
+    paths.ensure()
+    cert = tls.ensure_certificate(paths.tls_dir)  # the daemon's, as it is: its names are the daemon's choice
+    out.result(cert.to_json(), f"{cert.fingerprint}\n{cert.cert}")
+
+
 def cmd_stop(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
     from . import daemon
 
@@ -93,7 +101,9 @@ def cmd_stop(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
 def cmd_models_add(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
     from . import models
 
-    row = asyncio.run(models.add_model(paths, args.ref, out, name=args.name, sha256=args.sha256))
+    row = asyncio.run(
+        models.add_model(paths, args.ref, out, name=args.name, sha256=args.sha256, max_bytes=args.max_bytes)
+    )
     state = "already in the catalog" if row["cached"] else "added"
     out.result(
         row, f"{row['name']}: {state} ({row['architecture']} {row['quantization']}, {_mb(row['size'])})"
@@ -219,6 +229,7 @@ def cmd_install_llama(args: argparse.Namespace, paths: HivePaths, out: Emitter) 
 
 
 def cmd_worker_stop(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
+    check_worker_id(args.id)
     info = asyncio.run(_with_hive(paths, lambda h: h.stop_worker(args.id)))
     out.result(info, f"{info['id']}: stopped ({info['how']})")
 
@@ -238,6 +249,11 @@ def _common(parser: argparse.ArgumentParser, top: bool) -> None:
     default: Any = None if top else argparse.SUPPRESS
     parser.add_argument(
         "--home", default=default, help="node state dir (default $RBEE_HOME or ~/.local/share/rbee)"
+    )
+    parser.add_argument(
+        "--models-dir",
+        default=default,
+        help="where model files go (default $RBEE_MODELS_DIR or <home>/models)",
     )
     parser.add_argument(
         "--json",
@@ -278,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = leaf(sub, "install-llama", cmd_install_llama, "build llama-cpp-python for this node's accelerator")
     p.add_argument("--backend", choices=["auto", *DEVICE_BACKENDS], default="auto", help="force a build")
     p.add_argument("--dry-run", action="store_true", help="say which build and command, install nothing")
+    leaf(sub, "tls", cmd_tls, "the certificate workers beyond loopback serve HTTPS with (made if missing)")
     p = leaf(sub, "stop", cmd_stop, "stop the daemon and every worker (cascading)")
     p.add_argument(
         "--timeout", type=float, default=30.0, help="seconds for the daemon to stop before SIGTERM"
@@ -288,7 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = leaf(msub, "add", cmd_models_add, "download or import a GGUF model into the catalog")
     p.add_argument("ref", help="hf:owner/repo[:file.gguf] | https://…/file.gguf | file:/abs/path.gguf")
     p.add_argument("--name", help="catalog name (default: the file name without .gguf)")
-    p.add_argument("--sha256", help="expected sha256 of the file")
+    p.add_argument("--sha256", help="expected sha256 of the file (required for http:// URLs)")
+    p.add_argument(
+        "--max-bytes",
+        type=int,
+        help="refuse a download larger than this (default $RBEE_HIVE_MAX_MODEL_BYTES or 256 GiB)",
+    )
     p = leaf(msub, "list", cmd_models_list, "list catalogued models")
     p.add_argument("--templates", action="store_true", help="include each model's chat template")
     p = leaf(msub, "rm", cmd_models_rm, "remove a model and its file")
@@ -334,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Emitter(json_mode=args.json)
     try:
-        paths = HivePaths.resolve(args.home)
+        paths = HivePaths.resolve(args.home, args.models_dir)
         args.handler(args, paths, out)
     except RbeeError as err:
         out.error(err)

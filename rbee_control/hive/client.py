@@ -16,7 +16,7 @@ import httpx
 
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
-from .paths import HivePaths
+from .paths import HivePaths, check_worker_id
 
 
 def hive_not_running(paths: HivePaths) -> RbeeError:
@@ -118,7 +118,7 @@ class HiveClient:
         return (await self._call("GET", "/v1/workers/list"))["workers"]
 
     async def stop_worker(self, worker_id: str) -> dict[str, Any]:
-        return await self._call("POST", f"/v1/workers/{worker_id}/stop", timeout=90.0)
+        return await self._call("POST", f"/v1/workers/{check_worker_id(worker_id)}/stop", timeout=90.0)
 
     async def shutdown(self) -> dict[str, Any]:
         return await self._call("POST", "/v1/admin/shutdown")

@@ -31,6 +31,16 @@ class HiveConfig:
     startup_timeout: float = 30.0
     ram_factor: float = 1.2
     failed_probes_limit: int = 3
+    #: workers serve HTTPS with the hive's certificate: "auto" beyond loopback, "on" always
+    tls: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.tls not in ("auto", "on"):
+            from rbee_worker.protocol.errors import ErrorCode, RbeeError
+
+            raise RbeeError(
+                ErrorCode.INVALID_REQUEST, f"--tls must be auto or on, not {self.tls!r}", status=400
+            )
 
     @classmethod
     def from_sources(cls, **options: Any) -> HiveConfig:

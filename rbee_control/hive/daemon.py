@@ -24,13 +24,14 @@ import uvicorn
 
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
-from . import __version__
+from . import __version__, tls
 from .api import create_app
 from .client import HiveClient, wait_for_hive
 from .config import HiveConfig
 from .paths import HivePaths
 from .pidfiles import claim_hive_pid, read_worker_files, release_hive_pid, running_hive
 from .process import is_alive, terminate, wait_gone
+from .spawn import certificate_hosts
 from .status import base_info
 from .supervisor import Supervisor, stop_worker_process
 
@@ -69,6 +70,9 @@ def run_daemon(paths: HivePaths, config: HiveConfig, on_serving: Any = None) -> 
             on_serving({"status": "already_running", **base_info(paths, other)})
         return 0
     _setup_logging(paths)
+    cert = tls.ensure_certificate(paths.tls_dir, certificate_hosts(config))  # made on first start
+    in_use = "in use" if tls.needs_tls(config.address, config.tls) else "unused: workers are on loopback"
+    log.info("worker certificate %s (%s)", cert.fingerprint, in_use)
     log.info(
         "hive %s starting (pid %d, home %s, workers on %s)",
         __version__,
@@ -127,6 +131,7 @@ def detach(paths: HivePaths, config: HiveConfig) -> dict[str, Any]:
         "daemon",
         "--home",
         str(paths.home),
+        *(["--models-dir", str(paths.models_override)] if paths.models_override else []),
         *config.to_args(),
     ]
     with paths.hive_log.open("ab") as logf:
@@ -168,7 +173,7 @@ async def stop_hive(paths: HivePaths, grace: float = 30.0) -> dict[str, Any]:
             how = "terminated"
         if not await wait_gone(pid, None, grace):
             how = await terminate(pid, None, term_grace=10.0)
-    async with httpx.AsyncClient(timeout=5.0) as http:
+    async with httpx.AsyncClient(timeout=5.0, verify=tls.client_verify(paths.tls_dir)) as http:
         leftovers = [f for f in read_worker_files(paths) if is_alive(f.pid, f.create_time)]
         await asyncio.gather(*(stop_worker_process(http, f, 10.0) for f in leftovers))
     for f in read_worker_files(paths):

@@ -31,17 +31,23 @@ CHUNK = 1 << 20
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
+#: The largest download by default (256 GiB: above any single GGUF file published today).
+DEFAULT_MAX_BYTES = 256 << 30
+
+
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """6 attempts with 100, 200, 400, 800, 1600 ms (±50 % jitter) between them.
 
     `RBEE_HIVE_DOWNLOAD_BACKOFF` (seconds) changes the first delay and
     `RBEE_HIVE_DOWNLOAD_STALL` the seconds without a byte before a read counts as failed.
+    `max_bytes` (`RBEE_HIVE_MAX_MODEL_BYTES`, `models add --max-bytes`) caps a download.
     """
 
     attempts: int = 6
     base_delay: float = 0.1
     stall_timeout: float = 60.0
+    max_bytes: int = DEFAULT_MAX_BYTES
 
     @classmethod
     def from_env(cls) -> RetryPolicy:
@@ -50,6 +56,7 @@ class RetryPolicy:
             attempts=int(env.get("RBEE_HIVE_DOWNLOAD_ATTEMPTS", 6)),
             base_delay=float(env.get("RBEE_HIVE_DOWNLOAD_BACKOFF", 0.1)),
             stall_timeout=float(env.get("RBEE_HIVE_DOWNLOAD_STALL", 60.0)),
+            max_bytes=int(env.get("RBEE_HIVE_MAX_MODEL_BYTES", DEFAULT_MAX_BYTES)),
         )
 
     def delay(self, failures: int) -> float:
@@ -141,7 +148,14 @@ async def download(
     source: Source | None = None
     last: Exception | None = None
     timeout = httpx.Timeout(connect=10.0, read=policy.stall_timeout, write=30.0, pool=10.0)
-    async with httpx.AsyncClient(timeout=timeout, follow_redirects=True) as client:
+
+    async def no_downgrade(request: httpx.Request) -> None:
+        """Every request of a redirect chain passes here before it is sent."""
+        if source is not None and source.url.startswith("https:") and request.url.scheme != "https":
+            raise _downgrade(source.url, str(request.url))
+
+    hooks = {"request": [no_downgrade]}
+    async with httpx.AsyncClient(timeout=timeout, follow_redirects=True, event_hooks=hooks) as client:
         for attempt in range(1, policy.attempts + 1):
             if attempt > 1:
                 delay = policy.delay(attempt - 1)
@@ -152,7 +166,7 @@ async def download(
             try:
                 if source is None:
                     source = await resolve()
-                await _fetch_once(client, source, part, emitter, digest)
+                await _fetch_once(client, source, part, emitter, digest, policy.max_bytes)
                 return source
             except TransientError as exc:
                 last = exc
@@ -172,8 +186,44 @@ async def download(
     )
 
 
+def _downgrade(url: str, to: str) -> RbeeError:
+    return RbeeError(
+        ErrorCode.DOWNLOAD_FAILED,
+        f"refusing a redirect from https to {to.split(':', 1)[0]}: {url} -> {to}",
+        status=502,
+        details={"url": url, "redirect": to},
+        hint="ask the server's owner to keep https, or download the file yourself and add it with file:",
+    )
+
+
+def _too_large(url: str, size: int, max_bytes: int) -> RbeeError:
+    return RbeeError(
+        ErrorCode.DOWNLOAD_FAILED,
+        f"{url} is {size} bytes, over the limit of {max_bytes} bytes",
+        status=413,
+        details={"url": url, "size": size, "max_bytes": max_bytes},
+        hint="if the file is really that big: models add --max-bytes N (or RBEE_HIVE_MAX_MODEL_BYTES)",
+    )
+
+
+def _overrun(url: str, part: Path, limit: int, declared: bool) -> RbeeError:
+    part.unlink(missing_ok=True)
+    what = "the size it declared" if declared else "the download limit"
+    return RbeeError(
+        ErrorCode.DOWNLOAD_FAILED,
+        f"{url} sent more than {what} ({limit} bytes); partial file deleted",
+        status=502,
+        details={"url": url, "limit": limit, "declared": declared},
+    )
+
+
 async def _fetch_once(
-    client: httpx.AsyncClient, source: Source, part: Path, emitter: Emitter, digest: PartDigest
+    client: httpx.AsyncClient,
+    source: Source,
+    part: Path,
+    emitter: Emitter,
+    digest: PartDigest,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> None:
     offset = part.stat().st_size if part.exists() else 0
     if source.size is not None:
@@ -228,9 +278,12 @@ async def _fetch_once(
             length = resp.headers.get("content-length")
             total = int(length) if length and length.isdigit() else source.size
         if total is not None:
+            if total > max_bytes:
+                raise _too_large(source.url, total, max_bytes)
             source.size = total
             if shutil.disk_usage(part.parent).free < total - offset:
                 raise _disk_full(part, total - offset)
+        limit = total if total is not None else max_bytes
         if offset:
             emitter.log(f"resuming at byte {offset}")
         meter = _Meter(emitter, "download", offset, total)
@@ -239,6 +292,9 @@ async def _fetch_once(
         try:
             with part.open("ab" if offset else "wb") as f:
                 async for chunk in resp.aiter_raw():  # unbuffered: a drop loses nothing
+                    if meter.done + len(chunk) > limit:
+                        f.close()
+                        raise _overrun(source.url, part, limit, declared=total is not None)
                     f.write(chunk)
                     digest.update(chunk)
                     meter.add(len(chunk))
@@ -251,8 +307,13 @@ async def _fetch_once(
         raise TransientError(f"connection closed at byte {meter.done} of {total}")
 
 
-async def import_file(src: Path, part: Path, emitter: Emitter) -> str:
-    """Bring a node-local file in: a hard link when on the same filesystem, else a copy."""
+async def import_file(src: Path, part: Path, emitter: Emitter, consume: bool = False) -> str:
+    """Bring a node-local file in: a hard link when on the same filesystem, else a copy.
+
+    `consume` (a file the keeper pushed into the hive's own `incoming/`) moves it
+    instead: a pushed copy left linked to a catalogued file would let the next
+    push (resuming into the same name) write into that model.
+    """
     try:
         size = src.stat().st_size
     except OSError as exc:
@@ -264,9 +325,12 @@ async def import_file(src: Path, part: Path, emitter: Emitter) -> str:
         ) from None
     part.unlink(missing_ok=True)
     try:
-        os.link(src, part)
+        if consume:
+            os.replace(src, part)
+        else:
+            os.link(src, part)
         emitter.progress("import", size, size, None, force=True)
-        return "link"
+        return "move" if consume else "link"
     except OSError:
         pass
     if shutil.disk_usage(part.parent).free < size:
@@ -287,6 +351,8 @@ async def import_file(src: Path, part: Path, emitter: Emitter) -> str:
             raise _disk_full(part) from None
         raise
     meter.add(0, force=True)
+    if consume:
+        src.unlink(missing_ok=True)
     return "copy"
 
 

@@ -10,6 +10,7 @@ written last. A per-name lock file serialises two `add`s of the same model.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fcntl
 import os
 import time
@@ -77,8 +78,12 @@ async def add_model(
     name: str | None = None,
     sha256: str | None = None,
     policy: RetryPolicy | None = None,
+    max_bytes: int | None = None,
 ) -> dict[str, Any]:
-    """Fetch, verify, validate and catalogue one model; return its catalog row (+ `cached`)."""
+    """Fetch, verify, validate and catalogue one model; return its catalog row (+ `cached`).
+
+    `max_bytes` (default `RetryPolicy.max_bytes`) caps what a download may write.
+    """
     paths.ensure()
     ref = parse_ref(raw_ref)
     if name is not None:
@@ -87,12 +92,24 @@ async def add_model(
         sha256 = sha256.lower()
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
             raise RbeeError(ErrorCode.INVALID_REQUEST, "--sha256 must be 64 hex digits", status=400)
+    if ref.location.startswith("http://") and sha256 is None:
+        raise RbeeError(
+            ErrorCode.INVALID_REQUEST,
+            f"{ref.raw}: plain http needs --sha256 (anyone on the path could change the bytes)",
+            status=400,
+            details={"ref": ref.raw},
+            hint="use an https:// URL, or give the file's sha256: --sha256 HEX",
+        )
     catalog = Catalog(paths.db)
     row = _lookup_cached(catalog, ref, name or ref.default_name)
     if row is not None:
         return _cached(row)
 
     policy = policy or RetryPolicy.from_env()
+    if max_bytes is not None:
+        if max_bytes < 1:
+            raise RbeeError(ErrorCode.INVALID_REQUEST, "--max-bytes must be positive", status=400)
+        policy = dataclasses.replace(policy, max_bytes=max_bytes)
     source: Source | None = None
     if ref.kind == "hf" and name is None and ref.filename is None:
         source = await _resolve_with_retries(ref, policy)
@@ -137,7 +154,8 @@ async def _fetch_and_install(
 ) -> dict[str, Any]:
     part, final = paths.model_part(name), paths.model_file(name)
     if ref.kind == "file":
-        how = await import_file(Path(ref.location), part, emitter)
+        src = Path(ref.location)
+        how = await import_file(src, part, emitter, consume=src.parent.resolve() == paths.incoming_dir)
         digest = await _check_sha(part, sha256, emitter, refused_by=ref.raw)
     else:
         how = "download"

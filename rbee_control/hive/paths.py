@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
 DEFAULT_HOME = "~/.local/share/rbee"
+MODELS_DIR_ENV = "RBEE_MODELS_DIR"
 MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 WORKER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
@@ -38,12 +40,14 @@ def check_model_name(name: str) -> str:
 
 
 def check_worker_id(worker_id: str) -> str:
-    if not WORKER_ID_RE.fullmatch(worker_id):
+    """The one id check, before an id reaches a URL path or a file name (`../admin/shutdown?`)."""
+    if not isinstance(worker_id, str) or not WORKER_ID_RE.fullmatch(worker_id):
         raise RbeeError(
             ErrorCode.INVALID_REQUEST,
             f"invalid worker id {worker_id!r}",
             status=400,
-            details={"id": worker_id},
+            details={"id": worker_id, "pattern": WORKER_ID_RE.pattern},
+            hint="worker ids look like worker-1a2b3c4d: rbee-keeper worker list",
         )
     return worker_id
 
@@ -51,10 +55,17 @@ def check_worker_id(worker_id: str) -> str:
 @dataclass(frozen=True, slots=True)
 class HivePaths:
     home: Path
+    #: the inventory's `models_dir` for this node; None keeps models in `<home>/models`
+    models_override: Path | None = None
 
     @classmethod
-    def resolve(cls, home: str | os.PathLike[str] | None = None) -> HivePaths:
-        return cls(resolve_home(home))
+    def resolve(
+        cls, home: str | os.PathLike[str] | None = None, models_dir: str | os.PathLike[str] | None = None
+    ) -> HivePaths:
+        """`models_dir`, else `$RBEE_MODELS_DIR`, else `<home>/models`."""
+        raw = models_dir or os.environ.get(MODELS_DIR_ENV)
+        override = Path(os.path.expanduser(str(raw))).resolve() if raw else None
+        return cls(resolve_home(home), override)
 
     @property
     def pid_file(self) -> Path:
@@ -70,7 +81,17 @@ class HivePaths:
 
     @property
     def models_dir(self) -> Path:
-        return self.home / "models"
+        return self.models_override or self.home / "models"
+
+    @property
+    def incoming_dir(self) -> Path:
+        """Where the keeper pushes `file:` models over SFTP; `models add` moves them out."""
+        return self.home / "incoming"
+
+    @property
+    def tls_dir(self) -> Path:
+        """The hive's self-signed certificate and its key (0600), for workers beyond loopback."""
+        return self.home / "tls"
 
     @property
     def logs_dir(self) -> Path:
@@ -101,8 +122,21 @@ class HivePaths:
         return self.logs_dir / f"{check_worker_id(worker_id)}.log"
 
     def ensure(self) -> HivePaths:
-        """Create the home (0700: it holds worker keys) and its subdirectories."""
+        """Create the home (0700: it holds worker keys) and its subdirectories.
+
+        An existing home made with a looser mode (an old version, a hand-made
+        directory) is tightened too: `mkdir` leaves existing modes alone.
+        """
         self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for sub in (self.models_dir, self.logs_dir, self.workers_dir):
+        self.models_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for sub in (self.logs_dir, self.workers_dir):
             sub.mkdir(exist_ok=True, mode=0o700)
+        for path in (self.home, self.models_dir, self.logs_dir, self.workers_dir):
+            _private(path, 0o700)
         return self
+
+
+def _private(path: Path, mode: int) -> None:
+    """chmod `path` to `mode` when group or others have any access to it."""
+    if stat.S_IMODE(path.stat().st_mode) & 0o077:
+        os.chmod(path, mode)

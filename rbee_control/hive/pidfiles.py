@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +93,7 @@ class WorkerFile:
     model_path: str
     #: where it runs: cpu | cuda | metal
     backend: str
-    api_key: str
+    api_key: str = field(repr=False)  # a record may be logged; its key must not be
     slots: int
     started_at: float
     #: the GGUF runtime (llama-cpp | ctransformers)

@@ -16,7 +16,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
@@ -82,12 +82,13 @@ def parse_ref(raw: str) -> ModelRef:
         if parts.hostname and filename:
             return ModelRef(ref, "http", ref, filename)
     elif ref.startswith("file:"):
-        path = unquote(ref[len("file:") :])
+        path = ref[len("file:") :]
         if path.startswith("//"):  # file:///abs/path
             path = path[2:]
+        path = unquote(path)  # exactly once: `%2541` names a file called `%41`
         if path.startswith("/"):
             path = os.path.normpath(path)  # one spelling per file, so a re-add finds the cached row
-            return ModelRef(f"file:{path}", "file", path, Path(path).name)
+            return ModelRef(file_ref(path), "file", path, Path(path).name)
     raise RbeeError(
         ErrorCode.INVALID_REQUEST,
         f"invalid model reference {raw!r}",
@@ -96,6 +97,11 @@ def parse_ref(raw: str) -> ModelRef:
         hint="e.g. "
         "rbee-hive models add hf:TheBloke/TinyLlama-1.1B-Chat-v1.0-GGUF:tinyllama-1.1b-chat-v1.0.Q4_K_M.gguf",
     )
+
+
+def file_ref(path: str | os.PathLike[str]) -> str:
+    """The `file:` ref naming `path`, percent-encoded so that `parse_ref` gives `path` back."""
+    return "file:" + quote(os.fspath(path))
 
 
 def http_source(ref: ModelRef) -> Source:
@@ -177,6 +183,13 @@ def _resolve_hf(ref: ModelRef) -> Source:
     except _network_errors() as exc:
         raise TransientError(f"cannot reach the hub: {type(exc).__name__}: {exc}") from exc
     location = meta.location or url
+    if url.startswith("https:") and not location.startswith("https:"):
+        raise RbeeError(
+            ErrorCode.DOWNLOAD_FAILED,
+            f"refusing a redirect from https to {location.split(':', 1)[0]}: {url} -> {location}",
+            status=502,
+            details={"url": url, "redirect": location},
+        )
     if urlsplit(location).hostname != urlsplit(url).hostname:
         headers.pop("authorization", None)  # a signed CDN URL must not receive the token
     etag = (meta.etag or "").lower()

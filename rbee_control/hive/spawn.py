@@ -3,7 +3,8 @@
 Everything that can be refused (model unknown, runtime or device missing, not enough
 memory, no free port) is checked before a process exists, so a refusal leaves nothing to
 clean up. The API key reaches the worker through its environment, never argv,
-which any user on the node can read with `ps`.
+which any user on the node can read with `ps`; the rest of that environment is an
+allow-list (`worker_env.py`).
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from rbee_worker.runtimes import BACKENDS as RUNTIMES
 from rbee_worker.runtimes import choose_backend as worker_choose_runtime
 
+from . import tls
 from .catalog import ModelRow
 from .config import HiveConfig
 from .paths import HivePaths
 from .pidfiles import WorkerFile
 from .placement import Placement
 from .process import create_time
+from .worker_env import worker_env
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,9 +116,15 @@ def advertised_host(config: HiveConfig) -> str:
     return socket.gethostname() if config.address in ("0.0.0.0", "::") else config.address
 
 
-def worker_url(address: str, port: int) -> str:
+def worker_url(address: str, port: int, scheme: str = "http") -> str:
     host = f"[{address}]" if ":" in address else address
-    return f"http://{host}:{port}"
+    return f"{scheme}://{host}:{port}"
+
+
+def certificate_hosts(config: HiveConfig) -> list[str]:
+    """The names a worker's certificate carries (informational: clients pin the certificate itself)."""
+    hosts = [advertised_host(config), config.address, socket.gethostname()]
+    return [h for h in dict.fromkeys(hosts) if h not in ("", "0.0.0.0", "::")]
 
 
 async def launch(
@@ -152,7 +161,12 @@ async def launch(
         cmd += ["--device", str(placement.device)]
     if req.threads:
         cmd += ["--threads", str(req.threads)]
-    env = {**os.environ, "RBEE_WORKER_API_KEY": api_key}
+    scheme = "http"
+    if tls.needs_tls(config.address, config.tls):  # the keys, prompts and answers would cross the LAN
+        cert = tls.ensure_certificate(paths.tls_dir, certificate_hosts(config))
+        cmd += ["--ssl-certfile", str(cert.cert), "--ssl-keyfile", str(cert.key)]
+        scheme = "https"
+    env = worker_env(os.environ, api_key)
     if placement.backend == "cuda":
         env["CUDA_VISIBLE_DEVICES"] = str(placement.device)
     with paths.worker_log(worker_id).open("ab") as log:
@@ -174,7 +188,7 @@ async def launch(
         pid=proc.pid,
         create_time=create_time(proc.pid),
         port=port,
-        url=worker_url(advertised_host(config), port),
+        url=worker_url(advertised_host(config), port, scheme),
         model=model.name,
         model_path=model.path,
         backend=placement.backend,

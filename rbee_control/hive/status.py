@@ -53,7 +53,7 @@ def node_facts(paths: HivePaths) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "ram_total": mem.total,
         "ram_available": mem.available,
-        "disk_free": shutil.disk_usage(paths.home).free,
+        "disk_free": shutil.disk_usage(paths.models_dir).free,
         "backends": available_backends(),
         "models": len(Catalog(paths.db).list()),
     }

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rbee_worker.model_shape import read_model_shape
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
-from . import spawn
+from . import spawn, tls
 from .catalog import Catalog
 from .config import HiveConfig
 from .devices import detect
@@ -44,7 +44,9 @@ class Supervisor:
         self.config = config
         self.registry = Registry()
         self.catalog = Catalog(paths.db)
-        self.http = httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=2.0))
+        self.http = httpx.AsyncClient(
+            timeout=httpx.Timeout(5.0, connect=2.0), verify=tls.client_verify(paths.tls_dir)
+        )
         self._spawn_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping: dict[str, asyncio.Task[str]] = {}

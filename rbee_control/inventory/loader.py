@@ -49,17 +49,19 @@ def parse_inventory(text: str, source: str, path: Path | None = None) -> Invento
 
 
 def find_inventory(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """`--inventory`, then `$RBEE_INVENTORY`, then `./inventory.yaml`, then the per-user one.
+    """`--inventory`, then `$RBEE_INVENTORY`, then the per-user one.
 
     An explicit path (flag or variable) must exist: silently falling through to
-    another inventory would drive the wrong machines.
+    another inventory would drive the wrong machines. The current directory is
+    never searched: an `inventory.yaml` in a cloned repository or a download
+    folder would otherwise choose which machines the keeper logs into.
     """
     if explicit:
         return _must_exist(Path(explicit), "--inventory")
     env = os.environ.get(INVENTORY_ENV)
     if env:
         return _must_exist(Path(env), f"${INVENTORY_ENV}")
-    candidates = [Path("inventory.yaml"), default_inventory_path()]
+    candidates = [default_inventory_path()]
     for candidate in candidates:
         if candidate.is_file():
             return candidate

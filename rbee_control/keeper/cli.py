@@ -97,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import fleet_commands, setup_commands
 
     parser = argparse.ArgumentParser(prog="rbee-keeper", description="drive your rbee fleet")
-    parser.add_argument("--inventory", help="inventory file (default: $RBEE_INVENTORY, ./inventory.yaml, …)")
+    parser.add_argument(
+        "--inventory", help="inventory file (default: $RBEE_INVENTORY, else ~/.config/rbee/inventory.yaml)"
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_infer(sub)

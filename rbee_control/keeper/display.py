@@ -89,6 +89,7 @@ class NodeProgress:
     """Rich progress bars fed by node `progress` events, one bar per (node, phase)."""
 
     def __init__(self, display: Display) -> None:
+        self._display = display
         self._enabled = not display.json_mode
         self._progress = Progress(
             SpinnerColumn(),
@@ -117,6 +118,10 @@ class NodeProgress:
         if task is None:
             task = self._tasks[label] = self._progress.add_task(label, total=total, bytes=in_bytes)
         self._progress.update(task, completed=done, total=total)
+
+    def note(self, message: str) -> None:
+        """A line of narration between the bars (rich keeps the bars below it)."""
+        self._display.narrate(message)
 
     def on_event(self, node: str) -> Any:
         """A callback for `NodeClient` methods: draws each progress event of `node`."""

@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from rbee_control.hive.paths import check_worker_id
 from rbee_control.inventory.model import Inventory, Node
 from rbee_control.ssh.transport import NodeTransport
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
@@ -171,7 +172,9 @@ async def cmd_models(args: argparse.Namespace, display: Display) -> int:
         client = NodeClient(node, await pool.get(node))
         if args.action == "add":
             with NodeProgress(display) as progress:
-                entry = await ensure_model(client, args.ref, progress, name=args.name, sha256=args.sha256)
+                entry = await ensure_model(
+                    client, args.ref, progress, name=args.name, sha256=args.sha256, max_bytes=args.max_bytes
+                )
             display.result(
                 entry, f"{node.name}: {entry.get('name')} ready ({human_bytes(entry.get('size'))})"
             )
@@ -193,6 +196,8 @@ def _one_node(inventory: Inventory, args: argparse.Namespace) -> Node:
 async def cmd_worker(args: argparse.Namespace, display: Display) -> int:
     from .cli import load
 
+    if args.action == "stop":
+        check_worker_id(args.id)  # before any connection: an id ends up in a URL path on the node
     inventory = load(args)
     if args.action == "list":
         outcomes = await fan_out(inventory, _targets(inventory, args), lambda c: c.worker_list())
@@ -268,7 +273,8 @@ def register(sub: Any) -> None:
     p.add_argument("ref")
     p.add_argument("--node", required=True)
     p.add_argument("--name")
-    p.add_argument("--sha256")
+    p.add_argument("--sha256", help="expected sha256 (required for http:// URLs)")
+    p.add_argument("--max-bytes", type=int, help="refuse a download larger than this (node default 256 GiB)")
     p = msub.add_parser("list")
     nodes(p)
     p = msub.add_parser("rm")

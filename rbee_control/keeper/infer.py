@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import ssl
 import sys
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from rbee_control.hive import tls
 from rbee_control.inventory.model import Inventory, Node
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from rbee_worker.protocol.request import InferenceRequest
@@ -74,12 +76,15 @@ async def infer(inventory: Inventory, options: InferOptions, display: Display) -
     known = KnownWorkers()
     phases = Phases()
     timeout = httpx.Timeout(10.0, read=300.0)
-    async with httpx.AsyncClient(timeout=timeout) as http:
-        worker = await _known_ready_worker(http, known, node, model_name)
+    pins = tls.pinned_context()  # https workers: only the certificates read from their hive over SSH
+    async with httpx.AsyncClient(timeout=timeout, verify=pins) as http:
+        worker = await _known_ready_worker(http, known, node, model_name, pins)
         phases.mark("reuse")
         if worker is None:
             worker = await _provision_worker(inventory, node, options, model_name, display, phases)
             known.remember(worker)
+            if worker.tls_certificate:
+                tls.pin(pins, worker.tls_certificate)
         else:
             display.narrate(f"[dim]using worker {worker.id} at {worker.url}[/dim]")
         if worker.chat_template and not options.raw:
@@ -111,19 +116,29 @@ async def infer(inventory: Inventory, options: InferOptions, display: Display) -
 
 
 async def _known_ready_worker(
-    http: httpx.AsyncClient, known: KnownWorkers, node: Node, model: str
+    http: httpx.AsyncClient, known: KnownWorkers, node: Node, model: str, pins: ssl.SSLContext
 ) -> KnownWorker | None:
     for worker in known.find(node.name, model):
         try:
-            response = await http.get(
-                f"{worker.url}/v1/ready", headers={"Authorization": f"Bearer {worker.api_key}"}, timeout=2
-            )
-            if response.status_code == 200 and response.json().get("state") == "ready":
+            if worker.tls_certificate:  # checked alone: a pin that fails must not stay trusted in `pins`
+                async with httpx.AsyncClient(verify=tls.pinned_context(worker.tls_certificate)) as alone:
+                    ready = await _is_ready(alone, worker)
+                if ready:
+                    tls.pin(pins, worker.tls_certificate)
+            else:
+                ready = await _is_ready(http, worker)
+            if ready:
                 return worker
         except (httpx.HTTPError, ValueError):
             pass
         known.forget(node.name, worker.id)
     return None
+
+
+async def _is_ready(http: httpx.AsyncClient, worker: KnownWorker) -> bool:
+    headers = {"Authorization": f"Bearer {worker.api_key}"}
+    response = await http.get(f"{worker.url}/v1/ready", headers=headers, timeout=2)
+    return response.status_code == 200 and response.json().get("state") == "ready"
 
 
 async def _provision_worker(
@@ -149,7 +164,7 @@ async def _provision_worker(
                     and entry.get("api_key")
                 ):
                     display.narrate(f"[dim]reusing worker {entry['id']} on {node.name}[/dim]")
-                    return _known(node, model, entry, template)
+                    return _known(node, model, entry, template, await _certificate(client, entry, display))
             display.narrate(f"[dim]starting a worker for {model} on {node.name}[/dim]")
             label = f"{node.name}: load {model}"
             progress.update(label, 0, None, in_bytes=False)
@@ -159,11 +174,32 @@ async def _provision_worker(
             progress.update(label, 1, 1, in_bytes=False)
         phases.mark("spawn")
         if spawned.get("state") not in ("idle", "ready"):
-            raise RbeeError(ErrorCode.MODEL_LOAD_FAILED, f"worker did not become ready: {spawned}")
-        return _known(node, model, spawned, template)
+            public = {k: v for k, v in spawned.items() if k != "api_key"}
+            raise RbeeError(
+                ErrorCode.MODEL_LOAD_FAILED,
+                f"worker {public.get('id')} did not become ready (state {public.get('state')})",
+                details=public,
+            )
+        return _known(node, model, spawned, template, await _certificate(client, spawned, display))
 
 
-def _known(node: Node, model: str, entry: dict[str, Any], chat_template: str | None) -> KnownWorker:
+async def _certificate(client: NodeClient, entry: dict[str, Any], display: Display) -> str | None:
+    """For an https worker, its hive's certificate, read over the (host-key pinned) SSH channel."""
+    if not str(entry.get("url", "")).startswith("https:"):
+        return None
+    info = await client.hive_tls()
+    pem = str(info.get("certificate", ""))
+    if not pem or tls.fingerprint(pem) != info.get("fingerprint"):
+        raise RbeeError(
+            ErrorCode.INTERNAL_ERROR, f"node {client.node.name}: certificate and fingerprint differ"
+        )
+    display.narrate(f"[dim]pinned the worker certificate of {client.node.name}: {info['fingerprint']}[/dim]")
+    return pem
+
+
+def _known(
+    node: Node, model: str, entry: dict[str, Any], chat_template: str | None, certificate: str | None
+) -> KnownWorker:
     return KnownWorker(
         node=node.name,
         model=model,
@@ -172,6 +208,7 @@ def _known(node: Node, model: str, entry: dict[str, Any], chat_template: str | N
         api_key=str(entry["api_key"]),
         backend=entry.get("backend"),
         chat_template=chat_template,
+        tls_certificate=certificate,
     )
 
 

@@ -27,6 +27,8 @@ class KnownWorker:
     api_key: str
     backend: str | None = None
     chat_template: str | None = None
+    #: the node's worker certificate (PEM) for an https URL, read over the pinned SSH channel
+    tls_certificate: str | None = None
 
 
 class KnownWorkers:

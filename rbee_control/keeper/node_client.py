@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from rbee_control.hive import NODE_PLACEHOLDER
 from rbee_control.hive import __version__ as HIVE_VERSION
+from rbee_control.hive.paths import check_worker_id
 from rbee_control.inventory.model import Node
 from rbee_control.node_events import NodeEvent, parse_line
 from rbee_control.ssh.node_command import hive_command, node_env
@@ -102,6 +103,10 @@ class NodeClient:
     async def hive_stop(self) -> dict[str, Any]:
         return await self.call("stop", timeout=90)
 
+    async def hive_tls(self) -> dict[str, Any]:
+        """The hive's worker certificate (`certificate` PEM, `fingerprint`), read over this channel."""
+        return await self.call("tls", timeout=30)
+
     # --- models -----------------------------------------------------------------
 
     async def models_list(self, templates: bool = False) -> list[dict[str, Any]]:
@@ -114,12 +119,15 @@ class NodeClient:
         name: str | None = None,
         sha256: str | None = None,
         progress: ProgressCallback | None = None,
+        max_bytes: int | None = None,
     ) -> dict[str, Any]:
         args = ["models", "add", ref]
         if name:
             args += ["--name", name]
         if sha256:
             args += ["--sha256", sha256]
+        if max_bytes:
+            args += ["--max-bytes", str(max_bytes)]
         return await self.call(*args, progress=progress)
 
     async def models_rm(self, name: str) -> dict[str, Any]:
@@ -155,4 +163,4 @@ class NodeClient:
             raise
 
     async def worker_stop(self, worker_id: str) -> dict[str, Any]:
-        return await self.call("worker", "stop", worker_id, timeout=60)
+        return await self.call("worker", "stop", check_worker_id(worker_id), timeout=60)

@@ -4,17 +4,23 @@
 imports it in place; for an SSH node the keeper pushes it over SFTP (resuming a
 partial upload) and the hive imports the pushed copy. `hf:` and `https:` refs are
 downloaded by the node itself, its progress streamed back as events.
+
+A pushed file is hashed on both ends: the keeper hashes what it reads and the
+hive refuses a copy whose sha256 differs. A resume trusts the remote prefix by
+its size only, so a refused resumed copy is pushed once more from the start.
 """
 
 from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
 from rbee_control.hive.paths import check_model_name
+from rbee_control.hive.refs import file_ref
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
 from .display import NodeProgress
@@ -36,6 +42,7 @@ def default_name(ref: str) -> str:
 
 
 def local_file(ref: str) -> Path:
+    """The keeper-side file a `file:` ref names (percent-decoded once, as the hive decodes)."""
     path = Path(unquote(ref[len("file:") :].removeprefix("//"))).expanduser()
     if not path.is_file():
         raise RbeeError(
@@ -45,7 +52,12 @@ def local_file(ref: str) -> Path:
 
 
 async def ensure_model(
-    client: NodeClient, model: str, progress: NodeProgress, name: str | None = None, sha256: str | None = None
+    client: NodeClient,
+    model: str,
+    progress: NodeProgress,
+    name: str | None = None,
+    sha256: str | None = None,
+    max_bytes: int | None = None,
 ) -> dict[str, Any]:
     """The node's catalog entry for `model` (a name or a ref), provisioning it if needed."""
     wanted = name or (default_name(model) if is_ref(model) else model)
@@ -63,16 +75,47 @@ async def ensure_model(
             hint="rbee-keeper models add hf:OWNER/REPO:FILE.gguf "
             f"--name {shlex.quote(model)} --node {shlex.quote(client.node.name)}",
         )
-    ref = model
-    if model.startswith("file:"):
-        source = local_file(model)
-        if client.node.is_local:
-            ref = f"file:{source}"
-        else:
-            ref = f"file:{await push_file(client, source, progress)}"
-    return await client.models_add(
-        ref, name=wanted, sha256=sha256, progress=progress.on_event(client.node.name)
-    )
+    on_event = progress.on_event(client.node.name)
+    if not model.startswith("file:"):
+        return await client.models_add(
+            model, name=wanted, sha256=sha256, progress=on_event, max_bytes=max_bytes
+        )
+    source = local_file(model)
+    if client.node.is_local:
+        return await client.models_add(file_ref(source), name=wanted, sha256=sha256, progress=on_event)
+    return await push_model(client, source, wanted, sha256, progress)
+
+
+async def push_model(
+    client: NodeClient, source: Path, name: str, sha256: str | None, progress: NodeProgress
+) -> dict[str, Any]:
+    """Push `source` and have the hive import it, checking the sha256 the keeper read."""
+    transport = await client.transport()
+    target = await incoming_path(client, name)
+    for resume in (True, False):
+        if not resume:
+            await transport.run(["rm", "-f", target], timeout=30)
+        put = await transport.put(source, target, _bar(client, source, progress), resume=resume)
+        if sha256 and put.sha256 != sha256.lower():
+            raise RbeeError(
+                ErrorCode.CHECKSUM_MISMATCH,
+                f"{source} has sha256 {put.sha256}, not the expected {sha256}",
+                status=422,
+                details={"path": str(source), "expected": sha256.lower(), "actual": put.sha256},
+                hint="check the --sha256 value, or the file",
+            )
+        try:
+            return await client.models_add(
+                file_ref(target), name=name, sha256=put.sha256, progress=progress.on_event(client.node.name)
+            )
+        except RbeeError as exc:
+            if exc.code != ErrorCode.CHECKSUM_MISMATCH or not put.resumed_from:
+                raise
+            progress.note(
+                f"[yellow]![/yellow] {client.node.name}: the resumed copy of {source.name} differs; "
+                "pushing it again from the start"
+            )
+    raise AssertionError("unreachable")
 
 
 def _check_same_model(entry: dict[str, Any], ref: str, sha256: str | None) -> None:
@@ -98,8 +141,17 @@ def _check_same_model(entry: dict[str, Any], ref: str, sha256: str | None) -> No
         )
 
 
-async def push_file(client: NodeClient, source: Path, progress: NodeProgress) -> str:
-    """Upload `source` to the node's incoming directory; returns its absolute path there."""
+def _bar(client: NodeClient, source: Path, progress: NodeProgress) -> Callable[[int, int], None]:
+    label = f"{client.node.name}: push {source.name}"
+    return lambda done, total: progress.update(label, done, total)
+
+
+async def incoming_path(client: NodeClient, name: str) -> str:
+    """`<home>/incoming/<name>.gguf` on the node (absolute), its directory created.
+
+    Named after the catalog name, not the source file, so a resume only ever
+    continues a push of the same model; the hive moves the file out on import.
+    """
     transport, node = await client.transport(), client.node
     base = node.home
     if base.startswith("~"):
@@ -108,10 +160,7 @@ async def push_file(client: NodeClient, source: Path, progress: NodeProgress) ->
     mkdir = await transport.run(["mkdir", "-p", incoming], timeout=30)
     if not mkdir.ok:
         raise RbeeError(ErrorCode.INTERNAL_ERROR, f"cannot create {incoming} on {node.name}: {mkdir.stderr}")
-    target = f"{incoming}/{source.name}"
-    label = f"{node.name}: push {source.name}"
-    await transport.put(source, target, lambda done, total: progress.update(label, done, total), resume=True)
-    return target
+    return f"{incoming}/{check_model_name(name)}.gguf"
 
 
 async def remote_home(client: NodeClient) -> str:

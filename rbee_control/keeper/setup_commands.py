@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import shlex
 import sys
 import tempfile
@@ -54,26 +55,38 @@ async def cmd_add_node(args: argparse.Namespace, display: Display) -> int:
     def check(label: str, detail: str = "OK") -> None:
         display.narrate(f"[green]✓[/green] {label}: {detail}")
 
+    expected = _check_fingerprint(args.fingerprint) if args.fingerprint else None
     key = await fetch_host_key(args.ssh_host, args.ssh_port, timeout=10)
     check("connection reachable", f"{args.ssh_host}:{args.ssh_port}")
     print_fp = fingerprint(key)
+    target = f"{args.ssh_host}:{args.ssh_port}"
+    if expected is not None and print_fp != expected:
+        raise RbeeError(
+            ErrorCode.HOST_KEY_UNKNOWN,
+            f"{target} offered host key {print_fp}, not the expected {expected}; refusing to connect",
+            details={"fingerprint": print_fp, "expected": expected},
+            hint="read the fingerprint on the node itself: ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub",
+        )
     pinned = known.lookup(args.ssh_host, args.ssh_port)
     if pinned and not known.is_trusted(args.ssh_host, args.ssh_port, key):
         raise RbeeError(
             ErrorCode.HOST_KEY_CHANGED,
-            f"the host key of {args.ssh_host}:{args.ssh_port} changed (now {print_fp}); refusing to connect",
+            f"the host key of {target} changed (now {print_fp}); refusing to connect",
             hint=f"if the machine was reinstalled: remove its key from {known.path}, then add the node again",
         )
     if not pinned:
-        if not args.trust and not _confirm(display, f"trust host key {print_fp} of {args.ssh_host}?"):
+        verified = expected is not None
+        if not (verified or args.trust) and not _confirm(display, f"trust host key {print_fp} of {target}?"):
             raise RbeeError(
                 ErrorCode.HOST_KEY_UNKNOWN,
-                f"host key {print_fp} of {args.ssh_host}:{args.ssh_port} is not trusted",
+                f"host key {print_fp} of {target} is not trusted (check it on the node, then pass "
+                f"--fingerprint {print_fp}, or --trust to pin it as offered)",
                 details={"fingerprint": print_fp},
                 hint=_add_node_command(args) + " --trust",
             )
         known.trust(args.ssh_host, args.ssh_port, key)
-        check("host key pinned", print_fp)
+        how = "matches --fingerprint" if verified else "trusted as offered: compare it with the node's own"
+        check("host key pinned", f"{print_fp} ({how})")
     async with SshTransport(node, known_hosts=known) as transport:
         check("key authentication", f"{ssh.user or 'default user'}")
         started = time.perf_counter()
@@ -110,6 +123,21 @@ async def cmd_add_node(args: argparse.Namespace, display: Display) -> int:
         f"added node {args.name} to {path}",
     )
     return 0
+
+
+_FINGERPRINT_RE = re.compile(r"SHA256:[A-Za-z0-9+/]{43}=?")
+
+
+def _check_fingerprint(value: str) -> str:
+    """`SHA256:<43 base64 chars>` as `ssh-keygen -lf` prints it (a trailing `=` is dropped)."""
+    if not _FINGERPRINT_RE.fullmatch(value):
+        raise RbeeError(
+            ErrorCode.INVALID_REQUEST,
+            f"--fingerprint {value!r} is not a SHA256 host key fingerprint",
+            status=400,
+            hint="on the node: ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub (the SHA256:… part)",
+        )
+    return value.rstrip("=")
 
 
 def _check_new_node(path: Path, name: str) -> None:
@@ -221,10 +249,10 @@ async def install_on(
     target = f"{incoming}/{wheel.name}"
     label = f"{node.name}: push {wheel.name}"
     await transport.put(wheel, target, lambda done, total: progress.update(label, done, total), resume=False)
-    python = str(venv_bin(node, "python"))
+    python = venv_bin(node, "python")  # a NodePath: a leading `~` is expanded by the node's shell
     check = await transport.run([python, "-c", "import sys"], timeout=30)
     if not check.ok:
-        made = await transport.run([node.python, "-m", "venv", str(venv_dir(node))], timeout=300)
+        made = await transport.run([node.python, "-m", "venv", venv_dir(node)], timeout=300)
         if not made.ok:
             raise RbeeError(
                 ErrorCode.INTERNAL_ERROR, f"creating the venv on {node.name} failed: {made.stderr[-400:]}"
@@ -300,7 +328,14 @@ def register(sub: Any) -> None:
     p.add_argument("--address", help="where its workers are reachable over HTTP (default: --ssh-host)")
     p.add_argument("--home", help="$RBEE_HOME on the node (default ~/.local/share/rbee)")
     p.add_argument("--python", help="python on the node for its venv (default python3)")
-    p.add_argument("--trust", action="store_true", help="pin the host key without asking")
+    p.add_argument(
+        "--fingerprint",
+        metavar="SHA256:…",
+        help="the host key fingerprint to expect (read on the node): pinned without asking, else refused",
+    )
+    p.add_argument(
+        "--trust", action="store_true", help="pin whatever host key is offered, without asking (prints it)"
+    )
     p.set_defaults(handler=cmd_add_node)
     p = ssub.add_parser("list-nodes")
     p.set_defaults(handler=cmd_list_nodes)

@@ -99,6 +99,8 @@ async def _stream_once(
         ) as response:
             if response.status_code != 200:
                 raise _worker_error(await response.aread(), response.status_code)
+            # the worker names the request (ours is only a correlation id); cancel uses its name
+            result.request_id = response.headers.get("x-request-id", result.request_id)
             try:
                 async for event in events.iter_events(response.aiter_bytes()):
                     if event.name == events.TOKEN:
@@ -112,7 +114,7 @@ async def _stream_once(
                         raise RbeeError.from_body({"error": event.data}, 500)
             except asyncio.CancelledError:
                 # Cancel while the stream is still open: the worker records a cancel, not a dropped client.
-                await _cancel_remote(client, url, headers)
+                await _cancel_remote(client, url, headers, result.request_id)
                 raise
     except httpx.HTTPError as exc:
         raise RbeeError(
@@ -130,9 +132,10 @@ async def _stream_once(
         )
 
 
-async def _cancel_remote(client: httpx.AsyncClient, url: str, headers: dict[str, str]) -> None:
+async def _cancel_remote(
+    client: httpx.AsyncClient, url: str, headers: dict[str, str], request_id: str
+) -> None:
     """Best effort, bounded: the worker also stops when it sees the disconnect."""
-    request_id = headers["X-Request-ID"]
     with contextlib.suppress(httpx.HTTPError, asyncio.CancelledError, TimeoutError):
         async with asyncio.timeout(2):
             await client.delete(f"{url}/v1/inference/{request_id}", headers=headers)

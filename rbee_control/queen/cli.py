@@ -7,8 +7,8 @@
     queen-rbee [--inventory PATH | --no-inventory] --show-key client|admin
 
 Both keys default to the secrets file beside the inventory (minted on first start;
-stderr says where). With an inventory (`--inventory`, `$RBEE_INVENTORY`,
-`./inventory.yaml` or the per-user one) the queen offers every model of every node
+stderr says where). With an inventory (`--inventory`, `$RBEE_INVENTORY` or the
+per-user one; never the current directory's) the queen offers every model of every node
 and starts workers on demand; without one it routes only to workers registered with
 `POST /v2/workers/register`. SIGTERM/SIGINT: running streams get a grace period,
 then everything the queen started is stopped (bounded) and it exits 0.
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
-        "--inventory", help="inventory.yaml (default: $RBEE_INVENTORY, ./inventory.yaml, per-user)"
+        "--inventory", help="inventory.yaml (default: $RBEE_INVENTORY, else the per-user one)"
     )
     source.add_argument("--no-inventory", action="store_true", help="route to registered workers only")
     parser.add_argument("--host", default="127.0.0.1")

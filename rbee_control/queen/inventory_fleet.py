@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from rbee_control.hive import tls
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
 from .fleet import ModelEntry, WorkerEntry
@@ -45,6 +47,8 @@ class NodeControl(Protocol):
     ) -> dict[str, Any]: ...
 
     async def worker_stop(self, worker_id: str) -> Any: ...
+
+    async def hive_tls(self) -> dict[str, Any]: ...
 
 
 def model_entry(node: str, row: Mapping[str, Any]) -> ModelEntry:
@@ -90,6 +94,9 @@ class InventoryFleet:
         self._hives_started: set[str] = set()
         self._hive_locks = {name: asyncio.Lock() for name in self._clients}
         self._hive_checked: set[str] = set()
+        #: what the queen verifies https workers with: the usual CAs plus each hive certificate read
+        #: over SSH (a hive's certificate names the host in its workers' URLs)
+        self.tls_context = ssl.create_default_context()
 
     @classmethod
     def from_inventory(cls, path: str | Path) -> InventoryFleet:
@@ -145,11 +152,20 @@ class InventoryFleet:
             self._hive_checked.discard(node)
             await self._ensure_hive(node, client)
             info = await client.worker_spawn(model, wait=True)
+        if str(info["url"]).startswith("https:"):
+            await self._pin_certificate(node, client)
         entry = WorkerEntry(
             id=str(info["id"]), node=node, url=str(info["url"]), api_key=str(info["api_key"]), model=model
         )
         self._spawned.append(entry)
         return entry
+
+    async def _pin_certificate(self, node: str, client: NodeControl) -> None:
+        info = await client.hive_tls()
+        pem = str(info.get("certificate", ""))
+        if not pem or tls.fingerprint(pem) != info.get("fingerprint"):
+            raise RbeeError(ErrorCode.INTERNAL_ERROR, f"node {node}: certificate and fingerprint differ")
+        tls.pin(self.tls_context, pem)
 
     async def stop_worker(self, entry: WorkerEntry) -> None:
         await self._client(entry.node).worker_stop(entry.id)

@@ -237,5 +237,5 @@ async def cancel_inference(request: Request) -> Response:
     principal = request.scope.get("state", {}).get("principal", ANONYMOUS)
     if state.owners.get(request_id) != principal:
         raise RbeeError(ErrorCode.FORBIDDEN, f"request {request_id} was started with another key", status=403)
-    cancelled = await state.relay.delete(upstream.worker, request_id)
+    cancelled = await state.relay.delete(upstream.worker, upstream.request_id)
     return JSONResponse({"request_id": request_id, "cancelled": cancelled})

@@ -204,6 +204,7 @@ class Relay:
 
     async def _start(self, lease: Lease, request: InferenceRequest, request_id: str) -> Upstream:
         worker = lease.worker
+        queen_id = request_id
         headers = {**worker.auth_headers(), "X-Request-ID": request_id}
         outgoing = self.client.build_request(
             "POST", f"{worker.url}/v1/inference", json=request.to_json(), headers=headers
@@ -219,6 +220,8 @@ class Relay:
                 if response.status_code in CLIENT_ERROR_STATUSES:
                     raise error
                 raise _Retry(error)
+            # the worker names the generation (ours is its correlation id); DELETE needs its name
+            request_id = response.headers.get("x-request-id", request_id)
             stream = aiter(iter_event_batches(response.aiter_bytes()))
             prefetched: Batch = []
             while True:
@@ -230,6 +233,7 @@ class Relay:
                             ErrorCode.WORKER_CRASHED, f"worker {worker.id} ended the stream early", status=502
                         )
                     ) from None
+                batch = _named_by_queen(batch, queen_id)
                 for _raw, event in batch:
                     if event.name in (events.TOKEN, events.END):
                         return Upstream(self, lease, response, request_id, stream, prefetched + batch)
@@ -266,6 +270,17 @@ class Relay:
         except httpx.HTTPError:
             return False
         return response.status_code == 200
+
+
+def _named_by_queen(batch: Batch, queen_id: str) -> Batch:
+    """The worker's `started` carries the worker's id; the client gets the queen's, which it cancels with."""
+    out: Batch = []
+    for raw, event in batch:
+        if event.name == events.STARTED:
+            event = events.Event(events.STARTED, {**event.data, "request_id": queen_id})
+            raw = events.encode_event(event.name, event.data)
+        out.append((raw, event))
+    return out
 
 
 def _json(response: httpx.Response) -> Any:

@@ -72,6 +72,7 @@ class QueenState:
                 keepalive_expiry=30.0,
             ),
             trust_env=False,
+            verify=getattr(fleet, "tls_context", True),  # https workers: their hives' certificates
         )
         metrics = QueenMetrics()
         table = WorkerTable(client, metrics)

@@ -18,7 +18,14 @@ from pathlib import Path
 from rbee_control.inventory.model import Node
 from rbee_control.ssh.command import NodePath, check_argv, local_argv, local_env, signal_exit_status
 from rbee_control.ssh.stream import CommandStream, StderrCallback
-from rbee_control.ssh.transport import NodeTransport, ProgressCallback, PutResult, put_failed, source_size
+from rbee_control.ssh.transport import (
+    NodeTransport,
+    ProgressCallback,
+    PutResult,
+    hash_prefix,
+    put_failed,
+    source_size,
+)
 
 LINE_LIMIT = 16 * 1024 * 1024
 COPY_BLOCK = 1024 * 1024
@@ -152,6 +159,7 @@ class LocalTransport(NodeTransport):
         self, source: Path, target: Path, total: int, progress_cb: ProgressCallback | None, resume: bool
     ) -> PutResult:
         offset = _resume_offset(target, total) if resume else 0
+        digest = await hash_prefix(source, offset)
         if progress_cb is not None:
             progress_cb(offset, total)
         done = offset
@@ -160,6 +168,7 @@ class LocalTransport(NodeTransport):
             dst.seek(offset)
             dst.truncate()
             while block := src.read(COPY_BLOCK):
+                digest.update(block)
                 dst.write(block)
                 done += len(block)
                 if progress_cb is not None:
@@ -167,7 +176,7 @@ class LocalTransport(NodeTransport):
                 await asyncio.sleep(0)
             dst.flush()
             os.fsync(dst.fileno())
-        return PutResult(size=total, resumed_from=offset)
+        return PutResult(size=total, resumed_from=offset, sha256=digest.hexdigest())
 
     async def close(self) -> None:
         streams, self._streams = self._streams, set()

@@ -18,6 +18,8 @@ from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
 PROGRAMS: dict[str, str] = {"hive": "rbee-hive", "worker": "rbee-worker"}
 HOME_ENV = "RBEE_HOME"
+#: the inventory's `models_dir`, read by `rbee-hive` (same name as `rbee_control.hive.paths`)
+MODELS_DIR_ENV = "RBEE_MODELS_DIR"
 
 
 def node_home(node: Node) -> NodePath:
@@ -62,4 +64,7 @@ def hive_command(node: Node, *args: str) -> list[str]:
 
 def node_env(node: Node, extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for rbee programs on `node` (pass as `env=` to run/stream)."""
-    return {HOME_ENV: node_home(node), **(extra or {})}
+    env: dict[str, str] = {HOME_ENV: node_home(node)}
+    if node.models_dir:
+        env[MODELS_DIR_ENV] = NodePath(node.models_dir)
+    return {**env, **(extra or {})}

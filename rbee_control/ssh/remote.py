@@ -26,7 +26,14 @@ from rbee_control.ssh.connect import ATTEMPTS, BACKOFF, CONNECT_TIMEOUT, open_co
 from rbee_control.ssh.failures import connection_lost
 from rbee_control.ssh.known_hosts import KnownHosts
 from rbee_control.ssh.stream import CommandStream, StderrCallback
-from rbee_control.ssh.transport import NodeTransport, ProgressCallback, PutResult, put_failed, source_size
+from rbee_control.ssh.transport import (
+    NodeTransport,
+    ProgressCallback,
+    PutResult,
+    hash_prefix,
+    put_failed,
+    source_size,
+)
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
 MAX_CHANNELS = 8
@@ -322,6 +329,7 @@ async def _upload(
 ) -> PutResult:
     """Pipelined writes at explicit offsets: up to SFTP_REQUESTS blocks in flight."""
     block = min(SFTP_BLOCK, sftp.limits.max_write_len or SFTP_BLOCK)
+    digest = await hash_prefix(source, offset)
     done = offset
     if progress_cb is not None:
         progress_cb(done, total)
@@ -337,6 +345,7 @@ async def _upload(
                         if not data:
                             total = pos
                             break
+                        digest.update(data)
                         pending.add(asyncio.create_task(remote.write(data, pos)))
                         pos += len(data)
                     if not pending:
@@ -351,4 +360,4 @@ async def _upload(
                     task.cancel()
                 if pending:
                     await asyncio.gather(*pending, return_exceptions=True)
-    return PutResult(size=total, resumed_from=offset)
+    return PutResult(size=total, resumed_from=offset, sha256=digest.hexdigest())

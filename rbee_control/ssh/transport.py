@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import os
 import shlex
 from abc import ABC, abstractmethod
@@ -27,10 +28,12 @@ ProgressCallback = Callable[[int, int], None]
 
 @dataclass(frozen=True, slots=True)
 class PutResult:
-    """An upload: the file's full size and the offset it resumed from (0 for a fresh copy)."""
+    """An upload: the file's full size, the offset it resumed from (0 for a fresh copy), and the
+    sha256 of the bytes the keeper read (its prefix too), for the node to check what it wrote."""
 
     size: int
     resumed_from: int
+    sha256: str
 
     @property
     def sent(self) -> int:
@@ -81,8 +84,9 @@ class NodeTransport(ABC):
     ) -> PutResult:
         """Copy a file to the node, continuing a partial copy at `remote_path` when `resume`.
 
-        A leading `~/` in `remote_path` means the node user's home. The caller
-        verifies the content (size, sha256) and renames a `.part` file into place.
+        A leading `~/` in `remote_path` means the node user's home. A resume trusts
+        the remote prefix only by its size: the caller has the node hash what it
+        wrote against `PutResult.sha256` (and starts over on a mismatch).
         """
 
     async def run(
@@ -104,6 +108,23 @@ class NodeTransport(ABC):
                 status=504,
                 details={"node": self.node.name, "timeout": timeout},
             ) from None
+
+
+HASH_BLOCK = 1 << 20
+
+
+async def hash_prefix(path: Path, length: int) -> hashlib._Hash:
+    """sha256 of the first `length` bytes of a local file (a resumed upload's part already sent)."""
+
+    def run() -> hashlib._Hash:
+        digest, left = hashlib.sha256(), length
+        with open(path, "rb") as f:
+            while left > 0 and (chunk := f.read(min(HASH_BLOCK, left))):
+                digest.update(chunk)
+                left -= len(chunk)
+        return digest
+
+    return await asyncio.to_thread(run)
 
 
 def source_size(path: Path) -> int:

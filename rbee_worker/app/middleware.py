@@ -18,6 +18,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..protocol.errors import ErrorCode, RbeeError
 
 REQUEST_ID_HEADER = b"x-request-id"
+CORRELATION_ID_HEADER = b"x-correlation-id"
+
+
+def _printable(text: str) -> str:
+    return "".join(c for c in text if " " <= c <= "~")
 
 
 async def send_error(send: Send, error: RbeeError, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
@@ -44,7 +49,12 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 
 
 class RequestIdMiddleware:
-    """Adopt the caller's `X-Request-ID` (the queen passes its own) or mint one."""
+    """Mint the request's id; a caller's `X-Request-ID` is kept only to correlate logs.
+
+    The id names the generation `DELETE /v1/inference/{id}` cancels, so a caller
+    must not choose it (it could pick another caller's). The response carries the
+    worker's id in `X-Request-ID` and echoes the caller's in `X-Correlation-ID`.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -54,12 +64,16 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         given = _header(scope, REQUEST_ID_HEADER)
-        request_id = given.decode("latin-1")[:128] if given else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        correlation = _printable(given.decode("latin-1")[:128]) if given else ""
+        request_id = uuid.uuid4().hex
+        scope.setdefault("state", {}).update(request_id=request_id, correlation_id=correlation or None)
+        extra = [(REQUEST_ID_HEADER, request_id.encode())]
+        if correlation:
+            extra.append((CORRELATION_ID_HEADER, correlation.encode("latin-1")))
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER, request_id.encode())]
+                message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
         await self.app(scope, receive, send_with_id)

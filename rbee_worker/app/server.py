@@ -223,6 +223,27 @@ class WorkerServer(uvicorn.Server):
         self._app = app
         self._signalled = False
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if not self.config.is_ssl:
+            await super().shutdown(sockets)
+            return
+        reaper = asyncio.ensure_future(self._abort_finished_tls())
+        try:
+            await super().shutdown(sockets)
+        finally:
+            reaper.cancel()
+
+    async def _abort_finished_tls(self) -> None:
+        """A TLS close waits (30 s) for the peer's close_notify, which an idle keep-alive client never
+        sends: a connection with no response running and nothing left to send is aborted instead."""
+        while True:
+            for conn in list(self.server_state.connections):
+                cycle, transport = getattr(conn, "cycle", None), getattr(conn, "transport", None)
+                idle = cycle is None or cycle.response_complete
+                if transport is not None and idle and not transport.get_write_buffer_size():
+                    transport.abort()
+            await asyncio.sleep(0.05)
+
     def handle_exit(self, sig: int, frame: object) -> None:
         if self._signalled or getattr(self._app.state, "worker", None) is None:
             self.should_exit = True
@@ -251,6 +272,8 @@ def serve(config: WorkerConfig) -> int:
             # idle connection first, so a request never races the worker's close and fails.
             timeout_keep_alive=KEEP_ALIVE_S,
             lifespan="on",
+            ssl_certfile=config.ssl_certfile,
+            ssl_keyfile=config.ssl_keyfile,
         ),
         app,
     )

@@ -26,7 +26,7 @@ class Phase(StrEnum):
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
     model_path: str
-    api_key: str
+    api_key: str = field(repr=False)
     host: str = "127.0.0.1"
     port: int = 8081
     #: the GGUF runtime: auto | ctransformers | llama-cpp
@@ -43,6 +43,9 @@ class WorkerConfig:
     callback_url: str | None = None
     callback_uds: str | None = None
     failed_linger_s: float = 5.0
+    #: HTTPS when both are given (the hive's certificate, for an address beyond loopback)
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
     request_timeout_s: float = 300.0
     #: Seconds a client has to send a request head; then the connection is closed (slow clients).
     head_timeout_s: float = 10.0
@@ -77,7 +80,8 @@ class WorkerState:
 
     @property
     def url(self) -> str:
-        return f"http://{self.config.host}:{self.config.port}"
+        scheme = "https" if self.config.ssl_certfile else "http"
+        return f"{scheme}://{self.config.host}:{self.config.port}"
 
     def set_phase(self, phase: Phase, error: RbeeError | None = None) -> None:
         self.phase, self.error = phase, error

@@ -259,15 +259,14 @@ def test_find_inventory_search_order(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.delenv("RBEE_INVENTORY", raising=False)
     monkeypatch.chdir(work)
 
+    (work / "inventory.yaml").write_text("nodes: {}\n")  # never picked up from the current directory
     with pytest.raises(RbeeError) as info:
         find_inventory(None)
-    assert "looked at --inventory, $RBEE_INVENTORY, inventory.yaml, " in info.value.message
+    assert "looked at --inventory, $RBEE_INVENTORY, " in info.value.message
     assert str(config / "inventory.yaml") in info.value.message
 
     (config / "inventory.yaml").write_text("nodes: {}\n")
     assert find_inventory(None) == config / "inventory.yaml"
-    (work / "inventory.yaml").write_text("nodes: {}\n")
-    assert find_inventory(None) == Path("inventory.yaml")
     env_file = tmp_path / "env.yaml"
     env_file.write_text("nodes: {}\n")
     monkeypatch.setenv("RBEE_INVENTORY", str(env_file))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hashlib
 import os
 import select
 import signal
@@ -292,7 +293,8 @@ def test_download_that_drops_connections_resumes(
 ) -> None:
     model = write_tiny_model(tmp_path / "x.gguf", seed=7)
     url = file_server.add("x.gguf", model, drop_first=2)
-    run = e2e.keeper.run("models", "add", url, "--node", "n2", json_mode=True)
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()  # plain http needs one
+    run = e2e.keeper.run("models", "add", url, "--node", "n2", "--sha256", digest, json_mode=True)
     assert run.rc == 0, run
     row = run.json()
     assert row["name"] == "x" and row["size"] == model.stat().st_size, row

@@ -77,6 +77,8 @@ class FileServer:
     repos: dict[str, list[str]] = field(default_factory=dict)
     seen: list[Seen] = field(default_factory=list)
     url: str = ""
+    #: `/redirect/{name}` answers 302 to this URL
+    redirects: dict[str, str] = field(default_factory=dict)
 
     def add(self, name: str, path: Path, **modes: object) -> str:
         self.files[name] = Served(path, **modes)  # type: ignore[arg-type]
@@ -118,6 +120,13 @@ class FileServer:
             headers=headers,
             media_type="application/octet-stream",
         )
+
+    async def redirect(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        self.seen.append(Seen(request.method, request.url.path, request.headers.get("range")))
+        if name not in self.redirects:
+            return Response("no such redirect", status_code=404)
+        return Response(status_code=302, headers={"location": self.redirects[name]})
 
     async def file(self, request: Request) -> Response:
         served = self.files.get(request.path_params["name"])
@@ -163,6 +172,7 @@ class FileServer:
         return Starlette(
             routes=[
                 Route("/files/{name}", self.file, methods=["GET", "HEAD"]),
+                Route("/redirect/{name}", self.redirect, methods=["GET", "HEAD"]),
                 Route("/api/models/{owner}/{repo}", self.model_info),
                 Route("/api/models/{owner}/{repo}/revision/{rev}", self.model_info),
                 Route("/{owner}/{repo}/resolve/{rev}/{filename:path}", self.resolve, methods=["GET", "HEAD"]),
@@ -178,13 +188,16 @@ async def _read(path: Path, start: int) -> AsyncIterator[bytes]:
 
 
 @contextmanager
-def serve_in_thread(app: Starlette) -> Iterator[str]:
-    """Serve `app` on a free loopback port; yield its base URL."""
+def serve_in_thread(app: Starlette, tls: tuple[Path, Path] | None = None) -> Iterator[str]:
+    """Serve `app` on a free loopback port; yield its base URL (https with `tls`: cert, key)."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", access_log=False, lifespan="off"))
+    ssl_files = {"ssl_certfile": str(tls[0]), "ssl_keyfile": str(tls[1])} if tls else {}
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="critical", access_log=False, lifespan="off", **ssl_files)
+    )
     thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -192,7 +205,7 @@ def serve_in_thread(app: Starlette) -> Iterator[str]:
         assert time.monotonic() < deadline, "test server did not start"
         time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(10)

@@ -80,7 +80,7 @@ def test_corrupt_and_truncated_files_are_refused(
     assert hive.run("models", "add", f"file:{garbage}").error["code"] == "INVALID_MODEL_FILE"
     half = tmp_path / "half.gguf"
     half.write_bytes(tiny_model.read_bytes()[: tiny_model.stat().st_size // 2])
-    err = hive.run("models", "add", file_server.add("half.gguf", half)).error
+    err = hive.run("models", "add", file_server.add("half.gguf", half), "--sha256", sha256(half)).error
     assert err["code"] == "INVALID_MODEL_FILE" and "truncated" in err["message"]
     assert hive.model_files() == [] and catalog_names(hive) == []
     assert garbage.exists(), "a refused import deletes our copy, not the operator's file"
@@ -107,14 +107,15 @@ def test_fake_hf_hub(hive: Hive, file_server: FileServer, tiny_model: Path) -> N
 def test_retries_then_gives_up_with_download_failed(
     hive: Hive, file_server: FileServer, tiny_model: Path
 ) -> None:
+    digest = ("--sha256", sha256(tiny_model))  # plain http needs one
     flaky = file_server.add("flaky.gguf", tiny_model, fail_first=3)
-    assert hive.run("models", "add", flaky).result["name"] == "flaky"
+    assert hive.run("models", "add", flaky, *digest).result["name"] == "flaky"
     broken = file_server.add("broken.gguf", tiny_model, fail_first=10**6)
-    err = hive.run("models", "add", broken).error
+    err = hive.run("models", "add", broken, *digest).error
     assert err["code"] == "DOWNLOAD_FAILED" and err["details"]["attempts"] == 6
     assert "HTTP 500" in err["details"]["last_error"]
     assert len(file_server.requests_for("broken.gguf")) == 6
-    nowhere = hive.run("models", "add", f"{file_server.url}/files/absent.gguf").error
+    nowhere = hive.run("models", "add", f"{file_server.url}/files/absent.gguf", *digest).error
     assert nowhere["code"] == "MODEL_NOT_FOUND"
     assert catalog_names(hive) == ["flaky"]
 
@@ -161,12 +162,13 @@ def test_disk_full_keeps_the_part_file_and_resumes(
 ) -> None:
     hive = Hive(small_disk / "home", {**os.environ, "RBEE_HIVE_DOWNLOAD_BACKOFF": "0.01"})
     url = file_server.add("big.gguf", tiny_model, chunked=True)  # no length: only ENOSPC can tell
-    err = hive.run("models", "add", url).error
+    digest = ("--sha256", sha256(tiny_model))
+    err = hive.run("models", "add", url, *digest).error
     assert err["code"] == "DISK_FULL" and "hint" in err
     part = small_disk / "home" / "models" / "big.gguf.part"
     kept = part.stat().st_size
     assert 0 < kept < tiny_model.stat().st_size
     subprocess.run(["mount", "-o", "remount,size=2m", str(small_disk)], check=True)
-    assert hive.run("models", "add", url).result["sha256"] == sha256(tiny_model)
+    assert hive.run("models", "add", url, *digest).result["sha256"] == sha256(tiny_model)
     assert file_server.requests_for("big.gguf")[-1].range == f"bytes={kept}-"
     assert hive.model_files() == ["big.gguf"]

@@ -95,8 +95,9 @@ def test_models_add_pushes_over_sftp_then_is_cached(fleet: Fleet, tiny_model: Pa
     assert first.rc == 0, first
     assert f"n2: push {tiny_model.name}" in first.err
     assert "n2: tiny ready" in first.out
-    pushed = fleet.homes / "n2" / "incoming" / tiny_model.name
+    pushed = fleet.homes / "n2" / "models" / "tiny.gguf"  # pushed to incoming/, then moved into the catalog
     assert pushed.exists() and pushed.stat().st_size == tiny_model.stat().st_size
+    assert list((fleet.homes / "n2" / "incoming").iterdir()) == []
 
     everywhere = keeper.run("models", "list", json_mode=True)
     assert everywhere.rc == 0, everywhere

@@ -11,7 +11,7 @@ import pytest
 
 from tests import sshd
 
-from .conftest import Keeper, make_keeper, stop_fleet
+from .conftest import HIVE_ENV, Keeper, make_keeper, stop_fleet
 
 
 @pytest.mark.slow
@@ -87,3 +87,27 @@ def test_install_with_llama_builds_for_what_the_node_has(
     )
     assert again.rc == 0 and "already installed" in again.err, again
     stop_fleet(keeper, tmp_path / "homes")
+
+
+@pytest.mark.slow
+def test_install_into_a_home_given_with_tilde(sshd_factory: sshd.SshdFactory, tmp_path: Path) -> None:
+    """`home: ~/rbee` means the node user's home: the venv must not land in `$HOME/~/rbee`."""
+    user_home = tmp_path / "user-home"
+    user_home.mkdir()
+    node = sshd_factory.start("127.0.0.5").set_env({"HOME": str(user_home), **HIVE_ENV})
+    inventory = tmp_path / "inventory.yaml"
+    ssh = f"host: {node.host}, port: {node.port}, user: {node.user}, key: '{node.client_key}'"
+    inventory.write_text(f"nodes:\n  tilde:\n    ssh: {{{ssh}}}\n    home: ~/rbee\n")
+    keeper = make_keeper(tmp_path, inventory)
+    sshd.trust_nodes(keeper.config_dir, [node])
+    try:
+        run = keeper.run("setup", "install", "--node", "tilde", timeout=900)
+        assert run.rc == 0, run
+        assert (user_home / "rbee" / "venv" / "bin" / "rbee-hive").exists()
+        assert not (user_home / "~").exists(), "the ~ was quoted and created literally"
+        started = keeper.run("hive", "start", "--node", "tilde")
+        assert started.rc == 0, started
+        assert (user_home / "rbee" / "hive.pid").exists()
+        stop_fleet(keeper, user_home)
+    finally:
+        node.stop()

@@ -7,6 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
+import asyncssh
 import pytest
 
 from rbee_control.ssh.known_hosts import fingerprint
@@ -209,3 +210,41 @@ def test_auth_failure_hint_is_a_runnable_ssh_command(
     ssh = shlex.split(hint[hint.index("ssh -i") :])
     assert "-p" in ssh and ssh[ssh.index("-p") + 1] == str(node.port), hint
     assert ssh[-1] == f"nobody@{node.host}", hint
+
+
+def test_add_node_with_the_expected_fingerprint_pins_without_asking(
+    keeper: Keeper, node: sshd.SshdNode, tmp_path: Path
+) -> None:
+    expected = fingerprint(node.host_key)
+    run = keeper.run(*add_node_args("n2", node, tmp_path / "homes" / "n2", "--fingerprint", expected))
+    assert run.rc == 0, run
+    assert f"host key pinned: {expected} (matches --fingerprint)" in run.err
+    assert node.host_public_key.split()[1] in (keeper.config_dir / "known_hosts").read_text()
+
+
+def test_add_node_refuses_a_key_that_is_not_the_expected_fingerprint(
+    keeper: Keeper, node: sshd.SshdNode, tmp_path: Path
+) -> None:
+    """An impostor (or a typo) at the address: nothing pinned, nothing recorded, even with --trust."""
+    before = keeper.inventory.read_bytes()
+    other = fingerprint(asyncssh.generate_private_key("ssh-ed25519"))
+    for extra in ((), ("--trust",)):
+        run = keeper.run(
+            *add_node_args("n2", node, tmp_path / "homes" / "n2", "--fingerprint", other, *extra)
+        )
+        assert run.rc == 1, run
+        assert "HOST_KEY_UNKNOWN" in run.err and f"not the expected {other}" in run.err
+        assert fingerprint(node.host_key) in run.err
+        assert not (keeper.config_dir / "known_hosts").exists()
+        assert keeper.inventory.read_bytes() == before
+    malformed = keeper.run(*add_node_args("n2", node, tmp_path / "homes" / "n2", "--fingerprint", "md5:ab"))
+    assert malformed.rc == 1 and "INVALID_REQUEST" in malformed.err and "✓" not in malformed.err
+
+
+def test_trust_says_it_pinned_the_key_as_offered(keeper: Keeper, node: sshd.SshdNode, tmp_path: Path) -> None:
+    run = keeper.run(*add_node_args("n2", node, tmp_path / "homes" / "n2", "--trust"))
+    assert run.rc == 0, run
+    pinned = (
+        f"host key pinned: {fingerprint(node.host_key)} (trusted as offered: compare it with the node's own)"
+    )
+    assert pinned in run.err

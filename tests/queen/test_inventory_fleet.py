@@ -42,6 +42,9 @@ class RecordingNode:
         n = sum(c.startswith("spawn") for c in self.calls)
         return {"id": f"{self.name}-w{n}", "url": f"http://{self.name}:8081", "api_key": "k", "model": model}
 
+    async def hive_tls(self) -> dict[str, Any]:
+        raise AssertionError("only https workers need the hive's certificate")
+
     async def worker_stop(self, worker_id: str) -> dict[str, Any]:
         self.calls.append(f"stop {worker_id}")
         return {"id": worker_id}

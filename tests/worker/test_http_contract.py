@@ -91,12 +91,16 @@ async def test_unknown_route_and_method(shared_tiny_worker: WorkerProcess) -> No
     assert cancel_missing.status_code == 404
 
 
-async def test_request_id_is_echoed(shared_tiny_worker: WorkerProcess) -> None:
+async def test_request_id_is_the_workers_and_the_callers_is_only_echoed(
+    shared_tiny_worker: WorkerProcess,
+) -> None:
+    """A caller's X-Request-ID names nothing it could cancel: the worker mints every id."""
     async with shared_tiny_worker.async_client() as client:
         response = await client.get("/v1/ready", headers={"X-Request-ID": "trace-42"})
         minted = await client.get("/v1/ready")
-    assert response.headers["x-request-id"] == "trace-42"
-    assert len(minted.headers["x-request-id"]) == 32
+    assert response.headers["x-correlation-id"] == "trace-42"
+    assert len(response.headers["x-request-id"]) == 32 and response.headers["x-request-id"] != "trace-42"
+    assert len(minted.headers["x-request-id"]) == 32 and "x-correlation-id" not in minted.headers
 
 
 async def test_cors_preflight_needs_no_key(shared_tiny_worker: WorkerProcess) -> None:

@@ -74,7 +74,10 @@ async def test_busy_worker_queues_then_refuses(worker_factory: type[WorkerProces
                 assert int(refused.headers["retry-after"]) >= 1
                 assert await metric(client, "rbee_worker_queue_depth") == 1
                 assert await metric(client, "rbee_worker_slots_busy") == 1
-                assert (await client.delete("/v1/inference/a")).status_code == 200
+                running_id = running.headers["x-request-id"]
+                caller_id = await client.delete("/v1/inference/a")
+                assert caller_id.status_code == 404, "a caller's X-Request-ID cancels nothing"
+                assert (await client.delete(f"/v1/inference/{running_id}")).status_code == 200
                 events = await Reader(queued).rest()
             cancelled = await held.rest()
         assert events[-1].name == "end" and events[-1].data["tokens_out"] == 3
@@ -102,7 +105,7 @@ async def test_delete_cancels_within_a_token(tiny_worker: WorkerProcess) -> None
         ) as response:
             reader = Reader(response)
             await reader.tokens(3)
-            cancel = await client.delete("/v1/inference/job")
+            cancel = await client.delete(f"/v1/inference/{response.headers['x-request-id']}")
             assert cancel.status_code == 200 and cancel.json()["cancelled"] is True
             events = await reader.rest()
         end = events[-1]

@@ -48,7 +48,9 @@ async def test_stream_event_sequence_and_determinism(
     names = [e.name for e in events]
     assert names[0] == "started" and names[-1] == "end"
     assert set(names[1:-1]) == {"token"}
-    assert events[0].data == {"request_id": "req-1", "model": "rbee-tiny"}
+    started = events[0].data
+    assert started["model"] == "rbee-tiny" and set(started) == {"request_id", "model"}
+    assert len(started["request_id"]) == 32, "the worker's own id, not the caller's X-Request-ID"
     end = events[-1].data
     assert end["tokens_out"] == 40 and end["stop_reason"] == "max_tokens"
     assert end["ttft_ms"] > 0 and end["decode_ms"] >= 0
