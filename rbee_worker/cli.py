@@ -25,9 +25,20 @@ def _parser() -> argparse.ArgumentParser:
         "--api-key", help=f"bearer token clients must send (prefer ${API_KEY_ENV}: argv is visible in ps)"
     )
     serve.add_argument("--backend", default="auto", choices=["auto", *BACKENDS])
-    serve.add_argument("--slots", type=int, default=1, help="concurrent generations (one model copy each)")
+    serve.add_argument(
+        "--slots",
+        type=int,
+        default=1,
+        help="concurrent generations (llama-cpp: batched on one model copy; ctransformers: one copy each)",
+    )
     serve.add_argument("--queue", type=int, default=8, help="requests allowed to wait for a slot")
-    serve.add_argument("--ctx", type=int, help="context length (default: the model's own)")
+    serve.add_argument(
+        "--ctx-size",
+        "--ctx",
+        dest="ctx",
+        type=int,
+        help="context tokens per slot (default: the model's own, at most 4096)",
+    )
     serve.add_argument("--threads", type=int, help="runtime threads (default: half the cores)")
     serve.add_argument("--worker-id", default="worker")
     serve.add_argument("--callback-url", help="POST the load outcome here")
@@ -58,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("slots", "queue", "ctx", "threads"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "queue" else 1):
-            print(f"rbee-worker: --{name} must be positive", file=sys.stderr)
+            flag = "ctx-size" if name == "ctx" else name
+            print(f"rbee-worker: --{flag} must be positive", file=sys.stderr)
             return 2
     config = WorkerConfig(
         model_path=args.model,

@@ -10,6 +10,7 @@ import os
 import socket
 import sys
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, cast
 
 import httpx
 import uvicorn
@@ -22,12 +23,18 @@ from starlette.responses import JSONResponse
 
 from ..gguf_info import read_gguf_info
 from ..protocol.errors import ErrorCode, RbeeError
-from ..runtimes import choose_backend, runtime_factory
+from ..runtimes import LLAMA_CPP, choose_backend, runtime_factory
 from .middleware import BearerAuthMiddleware, HeadersTimeoutMiddleware, RequestIdMiddleware
 from .routes import PUBLIC_PATHS, ROUTES
 from .state import Phase, WorkerConfig, WorkerState
 
+if TYPE_CHECKING:
+    from ..runtimes.llama_cpp_runtime import LlamaCppRuntime
+
 log = logging.getLogger("rbee.worker")
+
+#: Upper bound of the default context per sequence (--ctx-size overrides it).
+DEFAULT_CONTEXT = 4096
 
 #: Seconds an idle keep-alive connection stays open (uvicorn's default is 5).
 KEEP_ALIVE_S = 75
@@ -87,27 +94,16 @@ async def load_model(app: Starlette) -> None:
         state.info = info
         backend = choose_backend(info, config.backend)
         state.backend = backend
-        factory = runtime_factory(backend)
-        ctx = config.ctx or info.context_length or 2048
+        ctx = config.ctx or default_context(info.context_length)
         threads = config.threads or default_threads()
-        for index in range(config.slots):
-
-            def progress(fraction: float, index: int = index) -> None:
-                loop.call_soon_threadsafe(state.set_progress, (index + fraction) / config.slots)
-
-            try:
-                runtime = await asyncio.to_thread(
-                    factory, config.model_path, context_length=ctx, threads=threads, progress=progress
-                )
-            except (RuntimeError, ValueError, OSError) as exc:
-                raise RbeeError(
-                    ErrorCode.MODEL_LOAD_FAILED, f"{backend} could not load {config.model_path}: {exc}"
-                ) from None
-            state.pool.add(runtime)
+        await _load_slots(state, backend, ctx, threads, loop)
         state.metrics.slots_total.set(config.slots)
         state.set_progress(1.0)
         state.set_phase(Phase.READY)
-        log.info("ready: %s on %s with %s, %d slot(s)", info.name, state.url, backend, config.slots)
+        log.info(
+            "ready: %s on %s with %s, %d slot(s), %d-token context each",
+            info.name, state.url, backend, config.slots, ctx,
+        )  # fmt: skip
     except RbeeError as exc:
         state.set_phase(Phase.FAILED, exc)
         app.state.exit_code = 1
@@ -116,6 +112,36 @@ async def load_model(app: Starlette) -> None:
     if state.phase is Phase.FAILED:
         await asyncio.sleep(config.failed_linger_s)
         app.state.server.should_exit = True
+
+
+async def _load_slots(
+    state: WorkerState, backend: str, ctx: int, threads: int, loop: asyncio.AbstractEventLoop
+) -> None:
+    """llama-cpp: one model, one KV sequence per slot. ctransformers cannot batch: one copy per slot."""
+    config = state.config
+    factory = runtime_factory(backend)
+    copies = 1 if backend == LLAMA_CPP else config.slots
+    options = {"sequences": config.slots} if backend == LLAMA_CPP else {}
+    for index in range(copies):
+
+        def progress(fraction: float, index: int = index) -> None:
+            loop.call_soon_threadsafe(state.set_progress, (index + fraction) / copies)
+
+        try:
+            runtime = await asyncio.to_thread(
+                factory, config.model_path, context_length=ctx, threads=threads, progress=progress, **options
+            )
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise RbeeError(
+                ErrorCode.MODEL_LOAD_FAILED, f"{backend} could not load {config.model_path}: {exc}"
+            ) from None
+        if backend == LLAMA_CPP:
+            shared = cast("LlamaCppRuntime", runtime)
+            state.pool.own(shared)
+            for seat in range(config.slots):
+                state.pool.add(shared.seat(seat))
+        else:
+            state.pool.add(runtime)
 
 
 async def _report(state: WorkerState) -> None:
@@ -153,6 +179,15 @@ def _drain(app: Starlette) -> None:
         app.state.server.should_exit = True
 
     app.state.drain_task = asyncio.create_task(wait_then_exit())
+
+
+def default_context(training_context: int | None) -> int:
+    """Tokens per sequence unless --ctx-size says otherwise: the model's own, at most 4096.
+
+    A training context of 32k or 128k would reserve gigabytes of KV cache per slot
+    for prompts that are almost always far shorter.
+    """
+    return min(training_context or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
 
 
 def default_threads() -> int:
