@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 from collections.abc import Callable
 
 import llama_cpp
-from llama_cpp import _logger
+
+log = logging.getLogger("rbee.engine")
 
 _PIECE_BYTES = 64
+_GGML_LOG_LEVEL_ERROR = 4
+
+
+@llama_cpp.llama_log_callback
+def _log_errors_only(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    # llama.cpp logs every tensor at load, and with a unified KV cache it warns that the
+    # whole pool exceeds the training context, which no one sequence can reach here.
+    if level == _GGML_LOG_LEVEL_ERROR:
+        log.error("llama.cpp: %s", text.decode(errors="replace").rstrip())
 
 
 class Model:
@@ -22,8 +33,7 @@ class Model:
         main_gpu: int = 0,
         progress: Callable[[float], None] | None = None,
     ) -> None:
-        # llama.cpp logs every tensor at load to stderr unless told otherwise.
-        _logger.set_verbose(False)
+        llama_cpp.llama_log_set(_log_errors_only, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = gpu_layers
