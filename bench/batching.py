@@ -25,7 +25,7 @@ memory after load and after the runs. The last line is
 127.0.0.1; every loop is bounded; every server started here is stopped on exit.
 
     python bench/batching.py [--rounds 3] [--tokens 64] [--threads 2] [--ctx 1024]
-                             [--clients 1,4,8] [--llama-server PATH]
+                             [--clients 1,4,8] [--llama-server PATH | --no-llama-server]
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -234,24 +235,25 @@ def summary(sides: list[Side], clients: tuple[int, ...]) -> dict[tuple[str, int]
 async def bench(args: argparse.Namespace, tmp: Path) -> int:
     model = smollm2_path()
     version = llama_cpp_version()
-    binary = args.llama_server or llama_server_binary(version)
+    binary = None if args.no_llama_server else args.llama_server or llama_server_binary(version)
     deadline = Deadline(args.budget)
     print(
         f"== {model.name}: {args.tokens} tokens per request, greedy, {args.threads} threads, "
         f"ctx {args.ctx} per sequence, rounds {args.rounds}, llama.cpp of llama-cpp-python {version}",
         flush=True,
     )
-    servers = {
+    servers: dict[str, Callable[[], Server]] = {
         "worker --slots 4": lambda: start_worker(
             model, backend="llama-cpp", threads=args.threads, ctx=args.ctx, log_dir=tmp, slots=4
         ),
         "worker --slots 1": lambda: start_worker(
             model, backend="llama-cpp", threads=args.threads, ctx=args.ctx, log_dir=tmp, slots=1
         ),
-        "llama-server -np 4": lambda: start_llama_server(
-            binary, model, threads=args.threads, ctx=args.ctx, slots=4, log_dir=tmp
-        ),
     }
+    if binary is not None:
+        servers["llama-server -np 4"] = lambda: start_llama_server(
+            binary, model, threads=args.threads, ctx=args.ctx, slots=4, log_dir=tmp
+        )
     sides: list[Side] = []
     try:
         for name, start in servers.items():
@@ -268,13 +270,14 @@ async def bench(args: argparse.Namespace, tmp: Path) -> int:
             print(f"  {side.name:<18} {side.rss_loaded / 2**20:7.0f} / {side.rss() / 2**20:7.0f}")
         one = sides[1].rss_loaded
         print(f"  worker --slots 4 / --slots 1 after load: {sides[0].rss_loaded / one:.2f}x")
+        llama = "llama-server -np 4"
         for n in args.clients:
-            print(
-                f"worker --slots 4 / llama-server -np 4 at {n} client(s): "
-                f"{agg[('worker --slots 4', n)] / agg[('llama-server -np 4', n)]:.2f}"
-            )
-        at_4 = 4 in args.clients
-        ratio = agg[("worker --slots 4", 4)] / agg[("llama-server -np 4", 4)] if at_4 else math.nan
+            batched, single = agg[("worker --slots 4", n)], agg[("worker --slots 1", n)]
+            print(f"worker --slots 4 / --slots 1 at {n} client(s): {batched / single:.2f}")
+            if binary is not None:
+                print(f"worker --slots 4 / {llama} at {n} client(s): {batched / agg[(llama, n)]:.2f}")
+        at_4 = 4 in args.clients and binary is not None
+        ratio = agg[("worker --slots 4", 4)] / agg[(llama, 4)] if at_4 else math.nan
         print(f"aggregate ratio worker/llama-server at 4 clients: {ratio:.2f}")
     finally:
         for side in sides:
@@ -302,6 +305,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clients", type=_clients, default=(1, 4, 8))
     parser.add_argument("--budget", type=float, default=1800.0, help="seconds before rounds stop")
     parser.add_argument("--llama-server", type=Path, help="a llama-server binary instead of building one")
+    parser.add_argument("--no-llama-server", action="store_true", help="compare the two workers only")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.tokens < 1 or args.threads < 1 or args.ctx < 64:
         parser.error("--rounds, --tokens and --threads must be positive, --ctx at least 64")
