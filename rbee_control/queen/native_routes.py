@@ -23,13 +23,15 @@ from rbee_worker.protocol import events
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from rbee_worker.protocol.request import InferenceRequest
 
+from .access import ANONYMOUS
 from .fleet import ModelEntry, WorkerEntry
+from .registration import check_model_name, check_name
 from .relay import Upstream
 from .responses import RelayResponse
 from .state import QueenState
 from .workers import RoutedWorker
 
-REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+CORRELATION_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 REGISTER_FIELDS = frozenset(
     {"id", "url", "api_key", "model", "node", "chat_template", "bos_token", "eos_token", "context_length"}
 )
@@ -67,15 +69,23 @@ async def register_worker(request: Request) -> Response:
     api_key = _optional_str(body, "api_key")
     if api_key is None:
         raise _invalid("api_key", "required: the queen calls the worker with it")
-    node = _optional_str(body, "node") or parts.hostname
+    node = check_name("node", _optional_str(body, "node") or parts.hostname)
     context_length = body.get("context_length")
     if context_length is not None and (
         isinstance(context_length, bool) or not isinstance(context_length, int)
     ):
         raise _invalid("context_length", "expected an integer")
-    existing = state.table.find_url(url)
-    worker_id = _optional_str(body, "id") or (existing.id if existing else f"w-{secrets.token_hex(4)}")
-    probe = WorkerEntry(worker_id, node, url, api_key, _optional_str(body, "model") or "")
+    given_id = _optional_str(body, "id")
+    if given_id is not None:
+        check_name("id", given_id)
+    given_model = _optional_str(body, "model")
+    if given_model is not None:
+        check_model_name(given_model)
+    # Checked before the probe: a refused address is never contacted.
+    await state.settings.registration.admit(parts.hostname)
+    existing = _check_conflicts(state, given_id, url)
+    worker_id = given_id or (existing.id if existing else f"w-{secrets.token_hex(4)}")
+    probe = WorkerEntry(worker_id, node, url, api_key, given_model or "")
     try:
         ready = await state.table.check(probe)
     except RbeeError as exc:
@@ -85,7 +95,8 @@ async def register_worker(request: Request) -> Response:
             status=exc.status if exc.status == 400 else 502,
             details={"url": url, "field": "url" if exc.status != 400 else "api_key"},
         ) from None
-    model = probe.model or str(ready.get("model") or "")
+    _check_conflicts(state, worker_id, url)  # the table may have changed during the probe
+    model = probe.model or check_model_name(str(ready.get("model") or ""))
     if not model:
         raise _invalid("model", "required (the worker did not name its model)")
     entry = WorkerEntry(worker_id, node, url, api_key, model)
@@ -101,6 +112,39 @@ async def register_worker(request: Request) -> Response:
     worker = RoutedWorker(entry, slots=slots if isinstance(slots, int) else 1, meta=meta)
     state.table.add(worker)
     return JSONResponse(worker.public(), status_code=201)
+
+
+def _conflict(message: str, worker_id: str) -> RbeeError:
+    details = {"field": "id", "worker": worker_id}
+    return RbeeError(ErrorCode.WORKER_EXISTS, message, status=409, details=details)
+
+
+def _check_conflicts(state: QueenState, worker_id: str | None, url: str) -> RoutedWorker | None:
+    """The entry this registration updates (same worker again), or None for a new one.
+
+    An id names one worker: taking it over for another URL would send that worker's
+    traffic to whoever asked. A worker the queen started itself is never replaced.
+    """
+    by_url = state.table.find_url(url)
+    if by_url is not None and by_url.owned:
+        raise _conflict(f"the worker at {url} was started by this queen, not re-registered", by_url.id)
+    if worker_id is not None:
+        by_id = state.table.get(worker_id)
+        if by_id is not None and by_id.owned:
+            raise _conflict(f"worker {worker_id} was started by this queen and cannot be replaced", worker_id)
+        if by_id is not None and by_id.url != url:
+            raise _conflict(f"worker {worker_id} is already registered at another URL", worker_id)
+        if by_id is not None:
+            return by_id
+    existing = by_url if worker_id is None or by_url is None or by_url.id == worker_id else None
+    if existing is None and len(state.table) >= state.settings.registration.max_workers:
+        raise RbeeError(
+            ErrorCode.TOO_MANY_WORKERS,
+            f"the routing table is full ({state.settings.registration.max_workers} workers)",
+            status=503,
+            details={"retry_after": 60},
+        )
+    return existing
 
 
 async def list_workers(request: Request) -> Response:
@@ -135,8 +179,12 @@ async def inference(request: Request) -> Response:
         raise _invalid("model", "expected a non-empty string")
     infer = InferenceRequest.from_json(body)
     target = await state.catalog.resolve(model)
+    # The queen names the request; a client's X-Request-ID is only a correlation field, so one
+    # client cannot pick (and then cancel) an id another client's request has.
     given = request.headers.get("x-request-id", "")
-    request_id = given if REQUEST_ID_RE.fullmatch(given) and given not in state.running else uuid.uuid4().hex
+    correlation = given if CORRELATION_ID_RE.fullmatch(given) else None
+    request_id = uuid.uuid4().hex
+    principal = request.scope.get("state", {}).get("principal", ANONYMOUS)
     try:
         upstream = await state.relay.open(target, infer, request_id)
     except RbeeError as exc:
@@ -144,6 +192,7 @@ async def inference(request: Request) -> Response:
         state.metrics.requests.labels("inference", target.model, "-", "error").inc()
         raise
     state.running[request_id] = upstream
+    state.owners[request_id] = principal
     outcome = {"value": "disconnected"}
 
     async def relay() -> AsyncIterator[bytes]:
@@ -168,9 +217,13 @@ async def inference(request: Request) -> Response:
 
     def done() -> None:
         state.running.pop(request_id, None)
+        state.owners.pop(request_id, None)
         state.metrics.requests.labels("inference", target.model, upstream.worker.node, outcome["value"]).inc()
 
-    return RelayResponse(relay(), upstream, done, {"X-Request-ID": request_id})
+    headers = {"X-Request-ID": request_id}
+    if correlation is not None:
+        headers["X-Correlation-ID"] = correlation
+    return RelayResponse(relay(), upstream, done, headers)
 
 
 async def cancel_inference(request: Request) -> Response:
@@ -179,5 +232,8 @@ async def cancel_inference(request: Request) -> Response:
     upstream: Upstream | None = state.running.get(request_id)
     if upstream is None:
         raise RbeeError(ErrorCode.NOT_FOUND, f"no running request {request_id}", status=404)
+    principal = request.scope.get("state", {}).get("principal", ANONYMOUS)
+    if state.owners.get(request_id) != principal:
+        raise RbeeError(ErrorCode.FORBIDDEN, f"request {request_id} was started with another key", status=403)
     cancelled = await state.relay.delete(upstream.worker, request_id)
     return JSONResponse({"request_id": request_id, "cancelled": cancelled})
