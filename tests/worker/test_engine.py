@@ -89,12 +89,14 @@ def test_concurrent_sequences_each_get_their_own_count_and_free_their_cells(
     assert scheduler.running == 0
 
 
-def test_same_request_on_every_seat_gives_the_same_tokens(model: Model, scheduler: Scheduler) -> None:
-    # Each seat has its own sampler state and sees only its own cells: identical inputs
-    # decoded side by side must give identical outputs (a mixed-up seq_id would not).
+def test_the_same_request_on_another_seat_gives_the_same_tokens(model: Model, scheduler: Scheduler) -> None:
+    # One at a time, so the arithmetic is the same: the seat number and what ran before
+    # must not matter. (Side by side, sequences sit in other KV cells and the float
+    # summation order differs, so near-ties may break differently: not compared.)
     prompt = model.tokenize("the hive hums")
     sinks = [Recorder(60) for _ in range(3)]
-    assert run_all(scheduler, [(i, prompt, sinks[i], 11) for i in range(3)]) == [None] * 3
+    for seat in (2, 0, 1):
+        scheduler.run(seat, prompt, SamplerChain(0.9, 0.95, 40, 11), sinks[seat])
     assert sinks[0].tokens == sinks[1].tokens == sinks[2].tokens
 
 
