@@ -165,10 +165,11 @@ class Scheduler:
         batch.clear()
         for seq in [s for s in self._running if s.sink.cancelled]:
             self._end(seq)
-        members: list[Sequence] = []
-        full = SequenceError(f"the sequence filled its {self.context_per_sequence}-token context")
         for seq in [s for s in self._running if s.pos >= self.context_per_sequence]:
-            self._end(seq, full)
+            self._end(
+                seq, SequenceError(f"the sequence filled its {self.context_per_sequence}-token context")
+            )
+        members: list[Sequence] = []
         for seq in self._running:
             if seq.next_token is not None:
                 seq.sample_at = batch.add(seq.next_token, seq.pos, seq.seq_id, logits=True)
