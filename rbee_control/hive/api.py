@@ -48,12 +48,13 @@ async def _json(request: Request) -> dict[str, Any]:
 def _field(
     body: dict[str, Any], key: str, kind: type, default: Any = None, minimum: float | None = None
 ) -> Any:
-    value = body.get(key)
+    value: Any = body.get(key)
     if value is None:
         return default
     if kind is float and type(value) is int:
         value = float(value)
-    if type(value) is not kind or (minimum is not None and value < minimum):
+    wrong_type = type(value) is not kind  # a separate name: narrowing to `kind` would hide `<`
+    if wrong_type or (minimum is not None and value < minimum):
         raise RbeeError(
             ErrorCode.INVALID_REQUEST,
             f"invalid {key!r}: {value!r}",

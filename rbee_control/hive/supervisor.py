@@ -28,6 +28,7 @@ from .paths import HivePaths
 from .pidfiles import WorkerFile, read_worker_files
 from .process import is_alive, terminate, wait_gone
 from .registry import Registry, Worker, WorkerState
+from .spawn import SpawnRequest
 
 log = logging.getLogger("rbee.hive")
 
@@ -81,7 +82,7 @@ class Supervisor:
 
     # --- spawn -----------------------------------------------------------------
 
-    async def spawn(self, req: spawn.SpawnRequest, wait: bool, timeout: float | None) -> Worker:
+    async def spawn(self, req: SpawnRequest, wait: bool, timeout: float | None) -> Worker:
         model = self.catalog.require(req.model)
         backend = spawn.choose_backend(req.backend, model)
         spawn.check_ram(model, self.config.ram_factor)
@@ -90,7 +91,7 @@ class Supervisor:
             await self.wait_ready(worker, timeout or self.config.loading_timeout)
         return worker
 
-    async def _launch_bound(self, req: spawn.SpawnRequest, model: Any, backend: str) -> Worker:
+    async def _launch_bound(self, req: SpawnRequest, model: Any, backend: str) -> Worker:
         """Launch and wait until the worker's port answers; retry another port if it lost a bind race."""
         skip: set[int] = set()
         for _ in range(_PORT_RETRIES):

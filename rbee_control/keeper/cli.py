@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from .display import Display
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-Handler = Callable[[argparse.Namespace, Display], Awaitable[int]]
+Handler = Callable[[argparse.Namespace, Display], Coroutine[Any, Any, int]]
 
 
 def load(args: argparse.Namespace) -> Inventory:

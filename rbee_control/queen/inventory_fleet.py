@@ -40,7 +40,9 @@ class NodeControl(Protocol):
 
     async def models_list(self, templates: bool = False) -> list[dict[str, Any]]: ...
 
-    async def worker_spawn(self, model: str, backend: str = "auto", wait: bool = True) -> dict[str, Any]: ...
+    async def worker_spawn(
+        self, model: str, backend: str = "auto", *, wait: bool = True
+    ) -> dict[str, Any]: ...
 
     async def worker_stop(self, worker_id: str) -> Any: ...
 
@@ -52,7 +54,12 @@ def model_entry(node: str, row: Mapping[str, Any]) -> ModelEntry:
         value = row.get(key)
         return value if isinstance(value, str) and value else None
 
+    def number(key: str) -> int | float | None:
+        value = row.get(key)
+        return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
     context = row.get("context_length")
+    size = number("size")
     return ModelEntry(
         name=str(row["name"]),
         node=node,
@@ -61,6 +68,10 @@ def model_entry(node: str, row: Mapping[str, Any]) -> ModelEntry:
         bos_token=text("bos_token"),
         eos_token=text("eos_token"),
         digest=text("sha256"),
+        size=int(size) if size is not None else None,
+        architecture=text("architecture"),
+        quantization=text("quantization"),
+        modified_at=number("added_at"),
     )
 
 

@@ -1,4 +1,4 @@
-"""llama-cpp-python: one model copy serving every slot through the batching engine.
+"""llama-cpp-python, the default runtime: one model copy serves every slot (the batching engine).
 
 The runtime loads the weights once and starts a scheduler with one KV sequence
 per slot; each slot drives its sequence through a `LlamaCppSeat`. Only
