@@ -20,7 +20,8 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from ..gguf_info import read_gguf_info
+from ..chat import chat_renderer
+from ..gguf_info import GGUFInfo, read_gguf_info
 from ..protocol.errors import ErrorCode, RbeeError
 from ..runtimes import LLAMA_CPP, choose_backend, runtime_factory
 from . import event_loop
@@ -97,7 +98,7 @@ async def load_model(app: Starlette) -> None:
         state.backend = backend
         ctx = config.ctx or default_context(info.context_length)
         threads = config.threads or default_threads()
-        await _load_slots(state, backend, ctx, threads, loop)
+        await _load_slots(state, info, backend, ctx, threads, loop)
         state.metrics.slots_total.set(config.slots)
         state.set_progress(1.0)
         state.set_phase(Phase.READY)
@@ -116,7 +117,12 @@ async def load_model(app: Starlette) -> None:
 
 
 async def _load_slots(
-    state: WorkerState, backend: str, ctx: int, threads: int, loop: asyncio.AbstractEventLoop
+    state: WorkerState,
+    info: GGUFInfo,
+    backend: str,
+    ctx: int,
+    threads: int,
+    loop: asyncio.AbstractEventLoop,
 ) -> None:
     """llama-cpp: one model, one KV sequence per slot. ctransformers cannot batch: one copy per slot."""
     config = state.config
@@ -136,6 +142,8 @@ async def _load_slots(
             raise RbeeError(
                 ErrorCode.MODEL_LOAD_FAILED, f"{backend} could not load {config.model_path}: {exc}"
             ) from None
+        if index == 0:
+            state.chat = await chat_renderer(info, runtime)
         if backend == LLAMA_CPP:
             shared = cast("LlamaCppRuntime", runtime)
             state.pool.own(shared)
