@@ -48,9 +48,20 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="layers to offload: auto (as many as fit the device's free memory), all, or a number",
     )
-    serve.add_argument("--slots", type=int, default=1, help="concurrent generations (one model copy each)")
+    serve.add_argument(
+        "--slots",
+        type=int,
+        default=1,
+        help="concurrent generations (llama-cpp: batched on one model copy; ctransformers: one copy each)",
+    )
     serve.add_argument("--queue", type=int, default=8, help="requests allowed to wait for a slot")
-    serve.add_argument("--ctx", type=int, help="context length (default: the model's own)")
+    serve.add_argument(
+        "--ctx-size",
+        "--ctx",
+        dest="ctx",
+        type=int,
+        help="context tokens per slot (default: the model's own, at most 4096)",
+    )
     serve.add_argument("--threads", type=int, help="runtime threads (default: half the cores)")
     serve.add_argument("--worker-id", default="worker")
     serve.add_argument("--callback-url", help="POST the load outcome here")
@@ -87,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("slots", "queue", "ctx", "threads", "device"):
         value = getattr(args, name)
         if value is not None and value < (0 if name in ("queue", "device") else 1):
-            print(f"rbee-worker: --{name} must be positive", file=sys.stderr)
+            flag = "ctx-size" if name == "ctx" else name
+            print(f"rbee-worker: --{flag} must be positive", file=sys.stderr)
             return 2
     if args.head_timeout <= 0 or args.max_connections < 1:
         print("rbee-worker: --head-timeout and --max-connections must be positive", file=sys.stderr)

@@ -1,9 +1,12 @@
-"""One request's generation: a runtime loop on its slot's thread, read from asyncio.
+"""One request's generation: runtime tokens in, text pieces out to asyncio.
 
-The blocking runtime runs on a dedicated thread and never waits for the client:
-each finished piece is handed to the event loop with `call_soon_threadsafe`, so
-tokens/s through HTTP is the runtime's own rate. Cancellation is a flag checked
-between tokens, so a DELETE or a disconnect stops the runtime within one token.
+The blocking runtime runs on the slot's thread (or, for the batching engine, on
+the scheduler's thread) and never waits for the client: each finished piece is
+handed to the event loop with `call_soon_threadsafe`, so tokens/s through HTTP
+is the runtime's own rate. `on_token` is the one place that applies EOS, the
+token budget, UTF-8 hold-back and stop strings, whichever path produced the
+token. Cancellation is a flag checked between tokens, so a DELETE or a
+disconnect stops the runtime within one token.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass, field
 from ..protocol import events
 from ..protocol.errors import ErrorCode, RbeeError
 from ..protocol.request import InferenceRequest
-from ..runtimes import Runtime, SamplingParams
+from ..runtimes import Runtime, SamplingParams, SequenceRunner
 
 
 @dataclass(slots=True)
@@ -94,6 +97,13 @@ class Generation:
     _ready: asyncio.Event = field(default_factory=asyncio.Event)
     _wake_scheduled: bool = False
     _error: RbeeError | None = None
+    # Per-token state, set up by _begin and used by on_token from the runtime's (or engine's) thread.
+    _started: float = 0.0
+    _first_at: float = 0.0
+    _budget: int = 0
+    _stopped: bool = False
+    _decoder: codecs.IncrementalDecoder = field(init=False)
+    _stops: StopMatcher = field(init=False)
 
     def start(self, run_on_thread: Callable[[Callable[[], None]], object]) -> None:
         self._loop = asyncio.get_running_loop()
@@ -146,8 +156,23 @@ class Generation:
             self._put(_FINISHED)
 
     def _generate(self) -> None:
+        runtime = self.runtime
+        prompt_tokens = self._begin()
+        req = self.request
+        params = SamplingParams(req.temperature, req.top_p, req.top_k, req.seed)
+        if isinstance(runtime, SequenceRunner):
+            # The batching engine calls on_token from its own thread and returns at the end.
+            runtime.run_sequence(prompt_tokens, params, self)
+        else:
+            for token in runtime.generate(prompt_tokens, params):
+                if not self.on_token(token):
+                    break
+        self._end()
+
+    def _begin(self) -> list[int]:
+        """Tokenize the prompt and set the token budget: what is left of the context, at most max_tokens."""
         req, runtime, stats = self.request, self.runtime, self.stats
-        started = time.perf_counter()
+        self._started = time.perf_counter()
         prompt_tokens = runtime.tokenize(req.prompt)
         stats.prompt_tokens = len(prompt_tokens)
         room = runtime.context_length - len(prompt_tokens)
@@ -158,36 +183,46 @@ class Generation:
                 status=400,
                 details={"field": "prompt"},
             )
-        budget = min(req.max_tokens, room)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stops = StopMatcher(req.stop)
-        params = SamplingParams(req.temperature, req.top_p, req.top_k, req.seed)
-        first_at = 0.0
-        for token in runtime.generate(prompt_tokens, params):
-            if self._cancel.is_set():
-                stats.stop_reason = events.STOP_CANCELLED
-                break
-            if runtime.is_eos(token):
-                stats.stop_reason = events.STOP_EOS
-                break
-            now = time.perf_counter()
-            if stats.tokens_out == 0:
-                first_at = now
-                stats.ttft_ms = (now - started) * 1000
-            stats.tokens_out += 1
-            stats.last_token_at = time.time()
-            text, hit_stop = stops.feed(decoder.decode(runtime.token_bytes(token)))
-            if text:
-                self._put((text, stats.tokens_out - 1))
-            if hit_stop:
-                stats.stop_reason = events.STOP_STOP
-                break
-            if stats.tokens_out >= budget:
-                stats.stop_reason = events.STOP_MAX_TOKENS
-                break
+        self._budget = min(req.max_tokens, room)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stops = StopMatcher(req.stop)
+        return prompt_tokens
+
+    def on_token(self, token: int) -> bool:
+        """Take one sampled token; False when the generation is over (the reason is in stats)."""
+        stats = self.stats
+        if self._cancel.is_set():
+            return self._stop(events.STOP_CANCELLED)
+        if self.runtime.is_eos(token):
+            return self._stop(events.STOP_EOS)
+        now = time.perf_counter()
+        if stats.tokens_out == 0:
+            self._first_at = now
+            stats.ttft_ms = (now - self._started) * 1000
+        stats.tokens_out += 1
+        stats.last_token_at = time.time()
+        text, hit_stop = self._stops.feed(self._decoder.decode(self.runtime.token_bytes(token)))
+        if text:
+            self._put((text, stats.tokens_out - 1))
+        if hit_stop:
+            return self._stop(events.STOP_STOP)
+        if stats.tokens_out >= self._budget:
+            return self._stop(events.STOP_MAX_TOKENS)
+        return True
+
+    def _stop(self, reason: str) -> bool:
+        self.stats.stop_reason = reason
+        self._stopped = True
+        return False
+
+    def _end(self) -> None:
+        """Flush held-back text; an engine may end a cancelled sequence without another token."""
+        stats = self.stats
+        if not self._stopped and self._cancel.is_set():
+            stats.stop_reason = events.STOP_CANCELLED
         if stats.stop_reason != events.STOP_STOP:
-            tail = stops.flush() + decoder.decode(b"", final=True)
+            tail = self._stops.flush() + self._decoder.decode(b"", final=True)
             if tail:
                 self._put((tail, max(stats.tokens_out - 1, 0)))
-        if first_at:
-            stats.decode_ms = (time.perf_counter() - first_at) * 1000
+        if self._first_at:
+            stats.decode_ms = (time.perf_counter() - self._first_at) * 1000

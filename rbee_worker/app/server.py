@@ -10,6 +10,7 @@ import os
 import socket
 import sys
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, cast
 
 import httpx
 import uvicorn
@@ -20,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from ..chat import chat_renderer
-from ..gguf_info import read_gguf_info
+from ..gguf_info import GGUFInfo, read_gguf_info
 from ..protocol.errors import ErrorCode, RbeeError
 from ..runtimes import LLAMA_CPP, choose_backend, device_choice, runtime_factory
 from . import event_loop
@@ -29,7 +30,13 @@ from .middleware import BearerAuthMiddleware, HeadersTimeoutMiddleware, RequestI
 from .routes import PUBLIC_PATHS, ROUTES
 from .state import Phase, WorkerConfig, WorkerState
 
+if TYPE_CHECKING:
+    from ..runtimes.llama_cpp_runtime import LlamaCppRuntime
+
 log = logging.getLogger("rbee.worker")
+
+#: Upper bound of the default context per sequence (--ctx-size overrides it).
+DEFAULT_CONTEXT = 4096
 
 #: Seconds an idle keep-alive connection stays open (uvicorn's default is 5).
 KEEP_ALIVE_S = 75
@@ -89,8 +96,7 @@ async def load_model(app: Starlette) -> None:
         state.info = info
         backend = choose_backend(info, device_choice.runtime_for(config.runtime, config.backend))
         state.runtime = backend
-        factory = runtime_factory(backend)
-        ctx = config.ctx or info.context_length or 2048
+        ctx = config.ctx or default_context(info.context_length)
         threads = config.threads or default_threads()
         where = await asyncio.to_thread(
             device_choice.for_worker,
@@ -103,44 +109,17 @@ async def load_model(app: Starlette) -> None:
             ctx=ctx,
         )
         state.backend, state.device, state.gpu_layers = where.backend, where.device, where.n_gpu_layers
-        offload = (
-            {"n_gpu_layers": where.n_gpu_layers, "main_gpu": where.main_gpu} if backend == LLAMA_CPP else {}
-        )
-        for index in range(config.slots):
-
-            def progress(fraction: float, index: int = index) -> None:
-                loop.call_soon_threadsafe(state.set_progress, (index + fraction) / config.slots)
-
-            try:
-                runtime = await asyncio.to_thread(
-                    factory,
-                    config.model_path,
-                    context_length=ctx,
-                    threads=threads,
-                    progress=progress,
-                    **offload,
-                )
-            except (RuntimeError, ValueError, OSError) as exc:
-                raise RbeeError(
-                    ErrorCode.MODEL_LOAD_FAILED, f"{backend} could not load {config.model_path}: {exc}"
-                ) from None
-            if index == 0:
-                state.chat = await chat_renderer(info, runtime)
-            state.pool.add(runtime)
+        offload = {"gpu_layers": where.n_gpu_layers, "main_gpu": where.main_gpu}  # llama-cpp only
+        await _load_slots(state, info, backend, ctx, threads, loop, offload)
         state.vram_bytes = await asyncio.to_thread(device_choice.vram_used, where)
         state.metrics.slots_total.set(config.slots)
         state.set_progress(1.0)
         state.set_phase(Phase.READY)
         log.info(
-            "ready: %s on %s with %s on %s, %d layers offloaded, %d MB VRAM, %d slot(s)",
-            info.name,
-            state.url,
-            backend,
-            where.backend,
-            where.n_gpu_layers,
-            state.vram_bytes >> 20,
-            config.slots,
-        )
+            "ready: %s on %s with %s on %s, %d layers offloaded, %d MB VRAM, %d slot(s) of %d tokens",
+            info.name, state.url, backend, where.backend, where.n_gpu_layers, state.vram_bytes >> 20,
+            config.slots, ctx,
+        )  # fmt: skip
     except RbeeError as exc:
         state.set_phase(Phase.FAILED, exc)
         app.state.exit_code = 1
@@ -149,6 +128,44 @@ async def load_model(app: Starlette) -> None:
     if state.phase is Phase.FAILED:
         await asyncio.sleep(config.failed_linger_s)
         app.state.server.should_exit = True
+
+
+async def _load_slots(
+    state: WorkerState,
+    info: GGUFInfo,
+    backend: str,
+    ctx: int,
+    threads: int,
+    loop: asyncio.AbstractEventLoop,
+    offload: dict[str, int],
+) -> None:
+    """llama-cpp: one model, one KV sequence per slot. ctransformers cannot batch: one copy per slot."""
+    config = state.config
+    factory = runtime_factory(backend)
+    copies = 1 if backend == LLAMA_CPP else config.slots
+    options = {"sequences": config.slots, **offload} if backend == LLAMA_CPP else {}
+    for index in range(copies):
+
+        def progress(fraction: float, index: int = index) -> None:
+            loop.call_soon_threadsafe(state.set_progress, (index + fraction) / copies)
+
+        try:
+            runtime = await asyncio.to_thread(
+                factory, config.model_path, context_length=ctx, threads=threads, progress=progress, **options
+            )
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise RbeeError(
+                ErrorCode.MODEL_LOAD_FAILED, f"{backend} could not load {config.model_path}: {exc}"
+            ) from None
+        if index == 0:
+            state.chat = await chat_renderer(info, runtime)
+        if backend == LLAMA_CPP:
+            shared = cast("LlamaCppRuntime", runtime)
+            state.pool.own(shared)
+            for seat in range(config.slots):
+                state.pool.add(shared.seat(seat))
+        else:
+            state.pool.add(runtime)
 
 
 async def _report(state: WorkerState) -> None:
@@ -189,6 +206,15 @@ def _drain(app: Starlette) -> None:
         app.state.server.should_exit = True
 
     app.state.drain_task = asyncio.create_task(wait_then_exit())
+
+
+def default_context(training_context: int | None) -> int:
+    """Tokens per sequence unless --ctx-size says otherwise: the model's own, at most 4096.
+
+    A training context of 32k or 128k would reserve gigabytes of KV cache per slot
+    for prompts that are almost always far shorter.
+    """
+    return min(training_context or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
 
 
 def default_threads() -> int:

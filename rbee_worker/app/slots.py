@@ -1,8 +1,10 @@
-"""Generation slots: one runtime instance and one thread each, plus a bounded queue.
+"""Generation slots: one runtime handle and one thread each, plus a bounded queue.
 
-Runtimes are not thread-safe, so concurrency comes from owning several loaded
-instances. Requests beyond `slots + queue` are refused at once with
-ALL_SLOTS_BUSY instead of piling up.
+With llama-cpp a slot's runtime is a seat (one KV sequence) of a single shared
+model that the batching engine decodes for all slots at once; ctransformers
+cannot batch, so each of its slots owns a loaded copy. Either way a slot's
+thread drives one generation at a time. Requests beyond `slots + queue` are
+refused at once with ALL_SLOTS_BUSY instead of piling up.
 """
 
 from __future__ import annotations
@@ -37,9 +39,14 @@ class Slot:
 class SlotPool:
     queue_limit: int
     _slots: list[Slot] = field(default_factory=list)
+    _owned: list[Runtime] = field(default_factory=list)
     _free: asyncio.Queue[Slot] = field(default_factory=asyncio.Queue)
     _waiting: int = 0
     _reserved: int = 0
+
+    def own(self, runtime: Runtime) -> None:
+        """A runtime the slots share (the batching engine's model): closed once, with the pool."""
+        self._owned.append(runtime)
 
     def add(self, runtime: Runtime) -> None:
         slot = Slot(len(self._slots), runtime)
@@ -95,4 +102,7 @@ class SlotPool:
         for slot in self._slots:
             slot._thread.shutdown(wait=False, cancel_futures=True)
             slot.runtime.close()
+        for runtime in self._owned:
+            runtime.close()
         self._slots.clear()
+        self._owned.clear()

@@ -13,7 +13,7 @@ import importlib.util
 from typing import TYPE_CHECKING
 
 from ..protocol.errors import ErrorCode, RbeeError
-from .base import ProgressCallback, Runtime, RuntimeFactory, SamplingParams
+from .base import ProgressCallback, Runtime, RuntimeFactory, SamplingParams, SequenceRunner
 
 if TYPE_CHECKING:
     from ..gguf_info import GGUFInfo
@@ -22,7 +22,15 @@ CTRANSFORMERS = "ctransformers"
 LLAMA_CPP = "llama-cpp"
 BACKENDS = (CTRANSFORMERS, LLAMA_CPP)
 
-__all__ = ["BACKENDS", "ProgressCallback", "Runtime", "SamplingParams", "choose_backend", "runtime_factory"]
+__all__ = [
+    "BACKENDS",
+    "ProgressCallback",
+    "Runtime",
+    "SamplingParams",
+    "SequenceRunner",
+    "choose_backend",
+    "runtime_factory",
+]
 
 _MODULES = {CTRANSFORMERS: "ctransformers", LLAMA_CPP: "llama_cpp"}
 _INSTALL_HINT = {CTRANSFORMERS: "pip install 'rbee[ctransformers]'", LLAMA_CPP: "pip install 'rbee[llama]'"}

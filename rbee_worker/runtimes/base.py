@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from ..engine.sequence import TokenSink
 
 ProgressCallback = Callable[[float], None]
 
@@ -23,7 +26,11 @@ class SamplingParams:
 
 
 class Runtime(Protocol):
-    """One loaded model instance; not thread-safe, so each slot owns one."""
+    """One loaded model instance, driven from one thread at a time.
+
+    ctransformers cannot batch, so each of its slots owns one; llama-cpp slots are
+    seats of one shared model (`SequenceRunner`).
+    """
 
     name: str
 
@@ -43,6 +50,17 @@ class Runtime(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class SequenceRunner(Protocol):
+    """A runtime whose sequences share one model with others (the batching engine's seats).
+
+    Instead of a token iterator it pushes each token to `sink` from the engine's
+    thread and returns when the sequence has ended and its memory is free.
+    """
+
+    def run_sequence(self, prompt_tokens: list[int], params: SamplingParams, sink: TokenSink) -> None: ...
 
 
 class RuntimeFactory(Protocol):

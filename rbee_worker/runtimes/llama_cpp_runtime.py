@@ -1,13 +1,25 @@
-"""llama-cpp-python: the default runtime, for every architecture llama.cpp loads."""
+"""llama-cpp-python, the default runtime: one model copy serves every slot (the batching engine).
+
+The runtime loads the weights once and starts a scheduler with one KV sequence
+per slot; each slot drives its sequence through a `LlamaCppSeat`. Only
+llama-cpp-python's low-level C bindings are used (the high-level `Llama` class
+only ever decodes sequence 0).
+"""
 
 from __future__ import annotations
 
-import random
+import os
+import queue
 from collections.abc import Iterator
 
+from ..engine import Model, Scheduler, TokenSink
+from ..engine.sampling import SamplerChain
 from .base import ProgressCallback, SamplingParams
 
 NAME = "llama-cpp"
+
+#: Seconds between checks that an in-process `generate` has not failed.
+_POLL_S = 0.1
 
 
 class LlamaCppRuntime:
@@ -20,56 +32,121 @@ class LlamaCppRuntime:
         context_length: int,
         threads: int | None,
         progress: ProgressCallback,
-        n_gpu_layers: int = 0,
+        sequences: int = 1,
+        gpu_layers: int = 0,
         main_gpu: int = 0,
     ) -> None:
-        from llama_cpp import Llama
-
         progress(0.0)
-        self._llm = Llama(
-            model_path=path,
-            n_ctx=context_length,
-            n_threads=threads,
-            n_gpu_layers=n_gpu_layers,
-            main_gpu=main_gpu,
-            verbose=False,
-        )
-        self._eos = self._llm.token_eos()
-        self._eot = {self._eos, *self._end_of_turn_tokens()}
+        self._model = Model(path, gpu_layers=gpu_layers, main_gpu=main_gpu, progress=progress)
+        try:
+            self._scheduler = Scheduler(
+                self._model,
+                sequences=sequences,
+                context_per_sequence=context_length,
+                threads=threads or max(1, (os.cpu_count() or 2) // 2),
+            )
+        except BaseException:
+            self._model.close()
+            raise
         progress(1.0)
-
-    def _end_of_turn_tokens(self) -> set[int]:
-        import llama_cpp
-
-        vocab = self._llm._model.vocab
-        eot = llama_cpp.llama_vocab_eot(vocab)
-        return {eot} if eot >= 0 else set()
 
     @property
     def context_length(self) -> int:
-        return int(self._llm.n_ctx())
+        """Tokens one sequence may hold (prompt and output)."""
+        return self._scheduler.context_per_sequence
+
+    @property
+    def sequences(self) -> int:
+        return self._scheduler.sequences
+
+    @property
+    def training_context(self) -> int:
+        return self._model.training_context
 
     def tokenize(self, text: str) -> list[int]:
-        return self._llm.tokenize(text.encode(), add_bos=True, special=True)
+        return self._model.tokenize(text)
 
     def token_bytes(self, token: int) -> bytes:
-        return self._llm._model.detokenize([token])
+        return self._model.token_bytes(token)
 
     def is_eos(self, token: int) -> bool:
-        return token in self._eot
+        return self._model.is_eos(token)
 
-    def generate(self, prompt_tokens: list[int], params: SamplingParams) -> Iterator[int]:
-        seed = params.seed if params.seed is not None else random.randrange(2**31)
-        self._llm.set_seed(seed)
-        yield from self._llm.generate(
-            prompt_tokens,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            temp=params.temperature,
-            min_p=0.0,
-            repeat_penalty=1.0,
-            reset=True,
-        )
+    def seat(self, index: int) -> LlamaCppSeat:
+        """Slot `index`'s handle: this model, KV sequence `index`."""
+        if not 0 <= index < self.sequences:
+            raise ValueError(f"seat {index} outside 0..{self.sequences - 1}")
+        return LlamaCppSeat(self, index)
+
+    def run_sequence(
+        self, prompt_tokens: list[int], params: SamplingParams, sink: TokenSink, *, seat: int = 0
+    ) -> None:
+        sampler = SamplerChain(params.temperature, params.top_p, params.top_k, params.seed)
+        self._scheduler.run(seat, prompt_tokens, sampler, sink)
+
+    def generate(self, prompt_tokens: list[int], params: SamplingParams, *, seat: int = 0) -> Iterator[int]:
+        """Sample on `seat` until the caller stops iterating (for in-process use and tests)."""
+        sink = _QueueSink()
+        sampler = SamplerChain(params.temperature, params.top_p, params.top_k, params.seed)
+        handle = self._scheduler.start(seat, prompt_tokens, sampler, sink)
+        try:
+            while True:
+                try:
+                    yield sink.tokens.get(timeout=_POLL_S)
+                except queue.Empty:
+                    if handle.done.is_set():
+                        self._scheduler.wait(handle)
+                        return
+        finally:
+            sink.stopped = True
+            handle.done.wait()
 
     def close(self) -> None:
-        self._llm.close()
+        self._scheduler.close()
+        self._model.close()
+
+
+class LlamaCppSeat:
+    """One slot's view of a shared `LlamaCppRuntime`: the same weights, its own KV sequence."""
+
+    name = NAME
+
+    def __init__(self, runtime: LlamaCppRuntime, index: int) -> None:
+        self.runtime = runtime
+        self.index = index
+
+    @property
+    def context_length(self) -> int:
+        return self.runtime.context_length
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.runtime.tokenize(text)
+
+    def token_bytes(self, token: int) -> bytes:
+        return self.runtime.token_bytes(token)
+
+    def is_eos(self, token: int) -> bool:
+        return self.runtime.is_eos(token)
+
+    def run_sequence(self, prompt_tokens: list[int], params: SamplingParams, sink: TokenSink) -> None:
+        self.runtime.run_sequence(prompt_tokens, params, sink, seat=self.index)
+
+    def generate(self, prompt_tokens: list[int], params: SamplingParams) -> Iterator[int]:
+        return self.runtime.generate(prompt_tokens, params, seat=self.index)
+
+    def close(self) -> None:
+        """Nothing of its own: the shared runtime is closed by whoever loaded it."""
+
+
+class _QueueSink:
+    def __init__(self) -> None:
+        self.tokens: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self.stopped = False
+
+    @property
+    def cancelled(self) -> bool:
+        return self.stopped
+
+    def on_token(self, token: int) -> bool:
+        self.tokens.put(token)
+        return not self.stopped
