@@ -116,7 +116,8 @@ async def load_model(app: Starlette) -> None:
         state.set_progress(1.0)
         state.set_phase(Phase.READY)
         log.info(
-            "ready: %s on %s with %s on %s, %d layers offloaded, %d MB VRAM, %d slot(s) of %d tokens",
+            "ready: %s on %s with %s on %s, %d layers offloaded, %d MB VRAM, %d slot(s), "
+            "%d-token context each",
             info.name, state.url, backend, where.backend, where.n_gpu_layers, state.vram_bytes >> 20,
             config.slots, ctx,
         )  # fmt: skip

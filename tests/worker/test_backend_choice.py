@@ -57,4 +57,4 @@ def test_worker_on_a_llama_file_runs_llama_cpp_by_default(
     worker_factory: type[WorkerProcess], tiny_model: Path
 ) -> None:
     worker = worker_factory(tiny_model)
-    assert worker.wait_ready()["backend"] == "llama-cpp"
+    assert worker.wait_ready()["runtime"] == "llama-cpp"

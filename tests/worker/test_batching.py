@@ -41,7 +41,7 @@ def assert_complete(events: list[Event], tokens: int, reason: str = "max_tokens"
 def batched_worker(worker_factory: type[WorkerProcess], model: Path, **kwargs: Any) -> WorkerProcess:
     worker = worker_factory(model, backend="llama-cpp", **kwargs)
     ready = worker.wait_ready(timeout=120)
-    assert ready["backend"] == "llama-cpp" and ready["slots"] == kwargs.get("slots", 1)
+    assert ready["runtime"] == "llama-cpp" and ready["slots"] == kwargs.get("slots", 1)
     return worker
 
 
@@ -105,7 +105,7 @@ async def test_cancel_frees_a_seat_for_a_queued_request_while_others_stream_on(
     steady = {"prompt": "meadow", "max_tokens": 600, "seed": 2}
     async with worker.async_client() as client:
         async with (
-            client.stream("POST", "/v1/inference", json=endless, headers={"X-Request-ID": "gone"}) as a,
+            client.stream("POST", "/v1/inference", json=endless) as a,
             client.stream("POST", "/v1/inference", json=steady) as b,
         ):
             first, second = Reader(a), Reader(b)
@@ -113,7 +113,7 @@ async def test_cancel_frees_a_seat_for_a_queued_request_while_others_stream_on(
             await second.tokens(3)
             queued = asyncio.create_task(collect(client, {"prompt": "late", "max_tokens": 40, "seed": 3}))
             await wait_for_metric(client, "rbee_worker_queue_depth", 1)
-            assert (await client.delete("/v1/inference/gone")).status_code == 200
+            assert (await client.delete(f"/v1/inference/{a.headers['x-request-id']}")).status_code == 200
             late = await queued
             # The queued request got the freed seat and finished while the other stream runs on.
             assert worker.proc.poll() is None
