@@ -67,7 +67,7 @@ import relay  # noqa: E402  (bench/relay.py)
 import worker_overhead as wo  # noqa: E402  (bench/worker_overhead.py)
 
 from rbee_control.inventory.loader import load_inventory  # noqa: E402
-from rbee_control.keeper.node_client import NodeClient  # noqa: E402
+from rbee_control.node.client import NodeClient  # noqa: E402
 from rbee_control.ssh import remote as ssh_remote  # noqa: E402
 from rbee_control.ssh.known_hosts import KnownHosts  # noqa: E402
 from rbee_control.ssh.pool import TransportPool  # noqa: E402

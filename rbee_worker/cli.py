@@ -24,10 +24,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--api-key", help=f"bearer token clients must send (prefer ${API_KEY_ENV}: argv is visible in ps)"
     )
-    serve.add_argument("--backend", default="auto", choices=["auto", *BACKENDS])
+    serve.add_argument("--runtime", default="auto", choices=["auto", *BACKENDS], help="GGUF runtime")
     serve.add_argument("--slots", type=int, default=1, help="concurrent generations (one model copy each)")
     serve.add_argument("--queue", type=int, default=8, help="requests allowed to wait for a slot")
-    serve.add_argument("--ctx", type=int, help="context length (default: the model's own)")
+    serve.add_argument(
+        "--ctx-size", "--ctx", dest="ctx", type=int, help="context length (default: the model's own)"
+    )
     serve.add_argument("--threads", type=int, help="runtime threads (default: half the cores)")
     serve.add_argument("--worker-id", default="worker")
     serve.add_argument("--callback-url", help="POST the load outcome here")
@@ -38,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("path")
     tiny.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def serve_options() -> frozenset[str]:
+    """The flags `serve` takes: a hive passes a spawn option on only when this worker knows it."""
+    serve = _parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    return frozenset(opt for action in serve._actions for opt in action.option_strings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         api_key=api_key,
         host=args.host,
         port=args.port,
-        backend=args.backend,
+        backend=args.runtime,
         slots=args.slots,
         queue=args.queue,
         ctx=args.ctx,

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
-from rbee_control.node_events import Emitter
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
-from rbee_worker.runtimes import BACKENDS
+from rbee_worker.protocol.node_events import Emitter
+from rbee_worker.protocol.spawn import SpawnRequest, add_spawn_arguments
 
 from . import __version__
 from .config import HiveConfig
@@ -109,9 +109,9 @@ def cmd_models_rm(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> N
 
     if not args.force and running_hive(paths) is not None:
         using = [
-            w["id"]
+            w.id
             for w in asyncio.run(_with_hive(paths, lambda h: h.list_workers()))
-            if w["model"] == args.name
+            if w.model == args.name
         ]
         if using:
             raise RbeeError(
@@ -140,40 +140,26 @@ async def _with_hive(paths: HivePaths, call: Callable[[Any], Any]) -> Any:
 
 
 def cmd_worker_spawn(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
-    info = asyncio.run(
-        _with_hive(
-            paths,
-            lambda h: h.spawn(
-                args.model,
-                backend=args.backend,
-                slots=args.slots,
-                ctx=args.ctx,
-                threads=args.threads,
-                idle_timeout=args.idle_timeout,
-                wait=args.wait,
-                timeout=args.timeout,
-            ),
-        )
-    )
+    req = SpawnRequest.from_args(args)
+    info = asyncio.run(_with_hive(paths, lambda h: h.spawn(req)))
     out.result(
-        info,
-        f"{info['id']}: {info['state']} at {info['url']} (pid {info['pid']}, {info['backend']})\n"
-        f"api key: {info['api_key']}",
+        info.to_json(),
+        f"{info.id}: {info.state} at {info.url} (pid {info.pid}, {info.runtime})\napi key: {info.api_key}",
     )
 
 
 def cmd_worker_list(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
     workers = asyncio.run(_with_hive(paths, lambda h: h.list_workers()))
     table = _table(
-        [[w["id"], w["state"], w["model"], w["backend"], w["url"], str(w["pid"])] for w in workers],
-        ["ID", "STATE", "MODEL", "BACKEND", "URL", "PID"],
+        [[w.id, w.state, w.model, w.runtime or "", w.url, str(w.pid)] for w in workers],
+        ["ID", "STATE", "MODEL", "RUNTIME", "URL", "PID"],
     )
-    out.result({"workers": workers}, table or "no workers")
+    out.result({"workers": [w.to_json() for w in workers]}, table or "no workers")
 
 
 def cmd_worker_stop(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
     info = asyncio.run(_with_hive(paths, lambda h: h.stop_worker(args.id)))
-    out.result(info, f"{info['id']}: stopped ({info['how']})")
+    out.result(info.to_json(), f"{info.id}: stopped ({info.how})")
 
 
 # --- parser ------------------------------------------------------------------
@@ -239,16 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker_p = sub.add_parser("worker", help="model workers (needs the daemon)")
     wsub = worker_p.add_subparsers(dest="worker_command", required=True, metavar="ACTION")
     p = leaf(wsub, "spawn", cmd_worker_spawn, "start a worker for a catalogued model")
-    p.add_argument("--model", required=True)
-    p.add_argument("--backend", choices=["auto", *BACKENDS], default="auto")
-    p.add_argument("--slots", type=int, default=1)
-    p.add_argument("--ctx", type=int)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--idle-timeout", type=float, help="seconds idle before it is stopped (default: daemon's)")
-    p.add_argument("--wait", action="store_true", help="return when the model is loaded (or failed)")
-    p.add_argument(
-        "--timeout", type=float, help="seconds to wait for --wait (default: daemon's loading timeout)"
-    )
+    add_spawn_arguments(p)
     leaf(wsub, "list", cmd_worker_list, "list this node's workers")
     p = leaf(wsub, "stop", cmd_worker_stop, "stop one worker gracefully")
     p.add_argument("id")

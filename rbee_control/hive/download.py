@@ -22,8 +22,8 @@ from pathlib import Path
 
 import httpx
 
-from rbee_control.node_events import Emitter
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
+from rbee_worker.protocol.node_events import Emitter
 
 from .refs import Source, TransientError
 

@@ -18,9 +18,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from rbee_control.node_events import Emitter
 from rbee_worker.gguf_info import read_gguf_info
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
+from rbee_worker.protocol.node_events import Emitter
 
 from .catalog import Catalog, ModelRow
 from .download import PartDigest, RetryPolicy, download, import_file, sha256_file

@@ -91,7 +91,7 @@ class WorkerFile:
     url: str
     model: str
     model_path: str
-    backend: str
+    runtime: str
     api_key: str
     slots: int
     started_at: float
@@ -112,6 +112,8 @@ def read_worker_files(paths: HivePaths) -> list[WorkerFile]:
     for path in sorted(paths.workers_dir.glob("*.json")):
         try:
             data = json.loads(path.read_text())
+            if "runtime" not in data and "backend" in data:  # written by rbee 0.1.0
+                data["runtime"] = data["backend"]
             found.append(WorkerFile(**{k: data[k] for k in WorkerFile.__dataclass_fields__}))
         except (OSError, ValueError, KeyError, TypeError):
             path.unlink(missing_ok=True)

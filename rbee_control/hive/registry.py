@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Any
 
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
+from rbee_worker.protocol.hive_api import WorkerInfo
 
 from .pidfiles import WorkerFile
 
@@ -39,6 +40,10 @@ class Worker:
     #: our own child (None for a worker adopted after a hive restart)
     process: asyncio.subprocess.Process | None = None
     idle_timeout: float | None = None
+    #: the device it runs on, as its ready callback reported it
+    backend: str | None = None
+    device: int | None = None
+    vram_bytes: int | None = None
 
     @property
     def id(self) -> str:
@@ -51,26 +56,29 @@ class Worker:
     def idle_for(self, now: float | None = None) -> float:
         return max(0.0, (now or time.time()) - self.last_activity)
 
-    def to_json(self) -> dict[str, Any]:
+    def info(self) -> WorkerInfo:
         """The wire form for the keeper; it carries the API key because only the socket's owner can ask."""
         f = self.file
-        return {
-            "id": f.id,
-            "url": f.url,
-            "model": f.model,
-            "backend": f.backend,
-            "state": str(self.state),
-            "pid": f.pid,
-            "port": f.port,
-            "slots": f.slots,
-            "slots_busy": self.slots_busy,
-            "api_key": f.api_key,
-            "started_at": f.started_at,
-            "ready_at": self.ready_at,
-            "last_activity": round(self.last_activity, 3),
-            "idle_seconds": round(self.idle_for(), 1) if self.state == WorkerState.IDLE else 0.0,
-            "failed_probes": self.failed_probes,
-        }
+        return WorkerInfo(
+            id=f.id,
+            url=f.url,
+            model=f.model,
+            state=str(self.state),
+            runtime=f.runtime,
+            backend=self.backend,
+            device=self.device,
+            vram_bytes=self.vram_bytes,
+            pid=f.pid,
+            port=f.port,
+            slots=f.slots,
+            slots_busy=self.slots_busy,
+            api_key=f.api_key,
+            started_at=f.started_at,
+            ready_at=self.ready_at,
+            last_activity=round(self.last_activity, 3),
+            idle_seconds=round(self.idle_for(), 1) if self.state == WorkerState.IDLE else 0.0,
+            failed_probes=self.failed_probes,
+        )
 
 
 class Registry:

@@ -1,6 +1,6 @@
-"""Starting one worker process: preflight, backend, port, key, launch.
+"""Starting one worker process: preflight, runtime, port, key, launch.
 
-Everything that can be refused (model unknown, backend missing, not enough RAM,
+Everything that can be refused (model unknown, runtime missing, not enough RAM,
 no free port) is checked before a process exists, so a refusal leaves nothing to
 clean up. The API key reaches the worker through its environment, never argv,
 which any user on the node can read with `ps`.
@@ -14,13 +14,14 @@ import secrets
 import socket
 import sys
 import time
-from dataclasses import dataclass
 
 import psutil
 
+from rbee_worker.cli import serve_options
 from rbee_worker.gguf_info import GGUFInfo
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
-from rbee_worker.runtimes import choose_backend as worker_choose_backend
+from rbee_worker.protocol.spawn import AUTO, SpawnRequest
+from rbee_worker.runtimes import choose_backend as worker_choose_runtime
 
 from .catalog import ModelRow
 from .config import HiveConfig
@@ -31,17 +32,7 @@ from .process import create_time
 MB = 1 << 20
 
 
-@dataclass(frozen=True, slots=True)
-class SpawnRequest:
-    model: str
-    backend: str = "auto"
-    slots: int = 1
-    ctx: int | None = None
-    threads: int | None = None
-    idle_timeout: float | None = None
-
-
-def choose_backend(requested: str, model: ModelRow) -> str:
+def choose_runtime(requested: str, model: ModelRow) -> str:
     """Pick as the worker would, from the metadata catalogued at add time (re-parsing costs seconds)."""
     if not os.path.isfile(model.path):
         raise RbeeError(
@@ -63,7 +54,35 @@ def choose_backend(requested: str, model: ModelRow) -> str:
         bos_token=None,
         eos_token=None,
     )
-    return worker_choose_backend(info, requested)
+    return worker_choose_runtime(info, requested)
+
+
+def device_argv(req: SpawnRequest, accepted: frozenset[str] | None = None) -> list[str]:
+    """`--backend/--device/--gpu-layers` for the worker, each only if its `serve` knows the flag.
+
+    A worker that does not know one runs on the CPU only, so a request that needs
+    it is refused here rather than quietly served on the wrong device.
+    """
+    accepted = serve_options() if accepted is None else accepted
+    wanted = {
+        "--backend": None if req.backend == AUTO else req.backend,
+        "--device": None if req.device is None else str(req.device),
+        "--gpu-layers": None if req.gpu_layers == AUTO else str(req.gpu_layers),
+    }
+    argv: list[str] = []
+    for flag, value in wanted.items():
+        if value is None:
+            continue
+        if flag in accepted:
+            argv += [flag, value]
+        elif not (flag == "--backend" and value == "cpu") and not (flag == "--gpu-layers" and value == "0"):
+            raise RbeeError(
+                ErrorCode.BACKEND_NOT_AVAILABLE,
+                f"this node's rbee-worker runs on the CPU only; it cannot take {flag} {value}",
+                details={"field": flag.removeprefix("--").replace("-", "_"), "value": value},
+                hint="leave --backend, --device and --gpu-layers at auto, or update rbee on the node",
+            )
+    return argv
 
 
 def check_ram(model: ModelRow, factor: float) -> None:
@@ -132,7 +151,7 @@ async def launch(
     config: HiveConfig,
     req: SpawnRequest,
     model: ModelRow,
-    backend: str,
+    runtime: str,
     worker_id: str,
     port: int,
 ) -> tuple[WorkerFile, asyncio.subprocess.Process]:
@@ -143,14 +162,15 @@ async def launch(
         "--model", model.path,
         "--host", config.address,
         "--port", str(port),
-        "--backend", backend,
+        "--runtime", runtime,
         "--slots", str(req.slots),
         "--worker-id", worker_id,
         "--callback-url", "http://hive/v1/workers/ready",
         "--callback-uds", str(paths.socket),
     ]  # fmt: skip
-    if req.ctx:
-        cmd += ["--ctx", str(req.ctx)]
+    if req.ctx_size:
+        cmd += ["--ctx-size", str(req.ctx_size)]
+    cmd += device_argv(req)
     if req.threads:
         cmd += ["--threads", str(req.threads)]
     env = {**os.environ, "RBEE_WORKER_API_KEY": api_key}
@@ -176,7 +196,7 @@ async def launch(
         url=worker_url(advertised_host(config), port),
         model=model.name,
         model_path=model.path,
-        backend=backend,
+        runtime=runtime,
         api_key=api_key,
         slots=req.slots,
         started_at=round(time.time(), 3),

@@ -17,9 +17,11 @@ import time
 from typing import Any
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
+from rbee_worker.protocol.client import WorkerClient
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
+from rbee_worker.protocol.hive_api import ReadyReport
+from rbee_worker.protocol.spawn import SpawnRequest
 
 from . import spawn
 from .catalog import Catalog
@@ -81,16 +83,21 @@ class Supervisor:
 
     # --- spawn -----------------------------------------------------------------
 
-    async def spawn(self, req: spawn.SpawnRequest, wait: bool, timeout: float | None) -> Worker:
+    async def spawn(self, req: SpawnRequest) -> Worker:
         model = self.catalog.require(req.model)
-        backend = spawn.choose_backend(req.backend, model)
+        runtime = spawn.choose_runtime(req.runtime, model)
+        spawn.device_argv(req)
         spawn.check_ram(model, self.config.ram_factor)
-        worker = await self._launch_bound(req, model, backend)
-        if wait:
-            await self.wait_ready(worker, timeout or self.config.loading_timeout)
+        worker = await self._launch_bound(req, model, runtime)
+        if req.wait:
+            await self.wait_ready(worker, req.timeout or self.config.loading_timeout)
         return worker
 
-    async def _launch_bound(self, req: spawn.SpawnRequest, model: Any, backend: str) -> Worker:
+    def client(self, worker: Worker | WorkerFile) -> WorkerClient:
+        f = worker.file if isinstance(worker, Worker) else worker
+        return WorkerClient(f.url, f.api_key, http=self.http)
+
+    async def _launch_bound(self, req: SpawnRequest, model: Any, runtime: str) -> Worker:
         """Launch and wait until the worker's port answers; retry another port if it lost a bind race."""
         skip: set[int] = set()
         for _ in range(_PORT_RETRIES):
@@ -99,17 +106,17 @@ class Supervisor:
                 worker_id = spawn.new_worker_id()
                 log_start = spawn.log_size(self.paths, worker_id)
                 record, proc = await spawn.launch(
-                    self.paths, self.config, req, model, backend, worker_id, port
+                    self.paths, self.config, req, model, runtime, worker_id, port
                 )
                 worker = Worker(file=record, process=proc, idle_timeout=req.idle_timeout)
                 self.registry.add(worker)
             log.info(
-                "spawned %s (pid %d) for %s on %s, backend %s",
+                "spawned %s (pid %d) for %s on %s, runtime %s",
                 worker_id,
                 proc.pid,
                 model.name,
                 record.url,
-                backend,
+                runtime,
             )
             self._background(self._watch_exit(worker))
             if await self._wait_http(worker):
@@ -170,26 +177,28 @@ class Supervisor:
                 hint=f"tail {self.paths.worker_log(worker.id)}",
             )
 
-    def on_ready(self, payload: dict[str, Any]) -> Worker:
+    def on_ready(self, report: ReadyReport) -> Worker:
         """The worker's callback: loaded (→ idle) or failed (keeps the reason for whoever waits)."""
-        worker = self.registry.require(str(payload.get("worker_id")))
-        if payload.get("state") == "ready":
+        worker = self.registry.require(report.worker_id)
+        if report.ready:
             now = time.time()
             worker.state, worker.ready_at, worker.last_activity = WorkerState.IDLE, now, now
-            if payload.get("backend"):
-                worker.file.backend = str(payload["backend"])
+            if report.runtime:
+                worker.file.runtime = report.runtime
+            worker.backend, worker.device = report.backend, report.device
+            worker.vram_bytes = report.vram_bytes
             log.info(
                 "%s ready (%s, %s) after %.2f s",
                 worker.id,
                 worker.file.model,
-                worker.file.backend,
+                worker.file.runtime,
                 now - worker.file.started_at,
             )
         else:
-            err = payload.get("error") or {}
+            err = report.error
             worker.error = {
-                "code": err.get("code") or ErrorCode.MODEL_LOAD_FAILED,
-                "message": err.get("message") or "load failed",
+                "code": err.code if err is not None else ErrorCode.MODEL_LOAD_FAILED,
+                "message": (err.message if err is not None else "") or "load failed",
                 "details": {"log_tail": spawn.log_tail(self.paths, worker.id)},
             }
             log.warning("%s failed to load: %s", worker.id, worker.error["message"])
@@ -299,11 +308,7 @@ class Supervisor:
                 self._background(self.stop_worker(worker.id, reason, ask=False))
 
     async def _probe(self, worker: Worker) -> bool:
-        timeout = min(5.0, max(0.2, self.config.health_interval))
-        try:
-            return (await self.http.get(f"{worker.url}/health", timeout=timeout)).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return await self.client(worker).health(timeout=min(5.0, max(0.2, self.config.health_interval)))
 
     async def check_activity(self) -> None:
         """Busy or idle from each worker's metrics; idle past the timeout → graceful shutdown."""
@@ -319,24 +324,16 @@ class Supervisor:
 
     async def _poll_metrics(self, worker: Worker) -> bool:
         try:
-            resp = await self.http.get(
-                f"{worker.url}/metrics", headers={"Authorization": f"Bearer {worker.file.api_key}"}
-            )
-            resp.raise_for_status()
-            samples = [s for fam in text_string_to_metric_families(resp.text) for s in fam.samples]
-        except (httpx.HTTPError, ValueError) as exc:
+            load = await self.client(worker).load()
+        except (httpx.HTTPError, RbeeError, ValueError) as exc:
             log.debug("%s: metrics unavailable: %s", worker.id, exc)
             return False
-        busy = int(sum(s.value for s in samples if s.name == "rbee_worker_slots_busy"))
-        last_token = max(
-            (s.value for s in samples if s.name == "rbee_worker_last_token_timestamp_seconds"), default=0
-        )
-        worker.slots_busy = busy
-        if busy > 0:
+        worker.slots_busy = load.slots_busy
+        if load.slots_busy > 0:
             worker.state, worker.last_activity = WorkerState.BUSY, time.time()
         else:
             worker.state = WorkerState.IDLE
-            worker.last_activity = max(worker.last_activity, last_token)
+            worker.last_activity = max(worker.last_activity, load.last_token_at)
         return True
 
     # --- restart ---------------------------------------------------------------
@@ -367,20 +364,17 @@ class Supervisor:
         log.info("%s adopted (%s, %s)", record.id, record.model, state)
 
     async def _probe_ready(self, worker: Worker) -> WorkerState | None:
-        try:
-            health = await self.http.get(f"{worker.url}/health")
-            if health.status_code != 200:
-                return None
-            resp = await self.http.get(
-                f"{worker.url}/v1/ready", headers={"Authorization": f"Bearer {worker.file.api_key}"}
-            )
-        except httpx.HTTPError:
+        client = self.client(worker)
+        if not await client.health():
             return None
-        if resp.status_code == 200:
+        try:
+            ready = await client.ready()
+        except (httpx.HTTPError, RbeeError):
+            return None
+        if ready.http_status == 200:
             return WorkerState.IDLE
-        with contextlib.suppress(ValueError):
-            if resp.status_code == 503 and resp.json().get("state") == "loading":
-                return WorkerState.LOADING
+        if ready.http_status == 503 and ready.state == "loading":
+            return WorkerState.LOADING
         return None
 
 
@@ -392,9 +386,8 @@ async def stop_worker_process(http: httpx.AsyncClient, f: WorkerFile, grace: flo
     if not is_alive(f.pid, f.create_time):
         return "exited"
     if ask:
-        with contextlib.suppress(httpx.HTTPError):
-            auth = {"Authorization": f"Bearer {f.api_key}"}
-            await http.post(f"{f.url}/v1/admin/shutdown", headers=auth, timeout=2.0)
+        with contextlib.suppress(httpx.HTTPError, RbeeError):
+            await WorkerClient(f.url, f.api_key, http=http).shutdown(timeout=2.0)
         if await wait_gone(f.pid, f.create_time, grace):
             return "graceful"
     return await terminate(f.pid, f.create_time, term_grace=grace)

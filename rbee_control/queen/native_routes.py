@@ -7,20 +7,19 @@ keeper can talk to the queen exactly as it talks to a worker.
 
 from __future__ import annotations
 
-import re
 import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
-from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from rbee_worker.app.body import read_json
 from rbee_worker.protocol import events
+from rbee_worker.protocol.client import REQUEST_ID_RE
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
+from rbee_worker.protocol.queen_api import WorkerRegistration
 from rbee_worker.protocol.request import InferenceRequest
 
 from .fleet import ModelEntry, WorkerEntry
@@ -28,11 +27,6 @@ from .relay import Upstream
 from .responses import RelayResponse
 from .state import QueenState
 from .workers import RoutedWorker
-
-REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-REGISTER_FIELDS = frozenset(
-    {"id", "url", "api_key", "model", "node", "chat_template", "bos_token", "eos_token", "context_length"}
-)
 
 
 def _state(request: Request) -> QueenState:
@@ -43,39 +37,14 @@ def _invalid(field: str, message: str) -> RbeeError:
     return RbeeError(ErrorCode.INVALID_REQUEST, f"{field}: {message}", status=400, details={"field": field})
 
 
-def _optional_str(body: dict[str, Any], name: str) -> str | None:
-    value = body.get(name)
-    if value is not None and (not isinstance(value, str) or not value):
-        raise _invalid(name, "expected a non-empty string")
-    return value
-
-
 async def register_worker(request: Request) -> Response:
     """Verify the worker answers `/v1/ready` to the given key, then route to it."""
     state = _state(request)
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise _invalid("body", "expected a JSON object")
-    unknown = sorted(set(body) - REGISTER_FIELDS)
-    if unknown:
-        raise _invalid(unknown[0], "unknown field")
-    url = _optional_str(body, "url")
-    parts = urlsplit(url or "")
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise _invalid("url", "expected an http(s) URL such as http://10.0.0.5:8081")
-    url = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
-    api_key = _optional_str(body, "api_key")
-    if api_key is None:
-        raise _invalid("api_key", "required: the queen calls the worker with it")
-    node = _optional_str(body, "node") or parts.hostname
-    context_length = body.get("context_length")
-    if context_length is not None and (
-        isinstance(context_length, bool) or not isinstance(context_length, int)
-    ):
-        raise _invalid("context_length", "expected an integer")
-    existing = state.table.find_url(url)
-    worker_id = _optional_str(body, "id") or (existing.id if existing else f"w-{secrets.token_hex(4)}")
-    probe = WorkerEntry(worker_id, node, url, api_key, _optional_str(body, "model") or "")
+    reg = WorkerRegistration.from_json(await read_json(request))
+    node = reg.node or reg.host
+    existing = state.table.find_url(reg.url)
+    worker_id = reg.id or (existing.id if existing else f"w-{secrets.token_hex(4)}")
+    probe = WorkerEntry(worker_id, node, reg.url, reg.api_key, reg.model or "")
     try:
         ready = await state.table.check(probe)
     except RbeeError as exc:
@@ -83,29 +52,35 @@ async def register_worker(request: Request) -> Response:
             exc.code if exc.status == 400 else ErrorCode.CONNECTION_FAILED,
             f"not registered: {exc.message}",
             status=exc.status if exc.status == 400 else 502,
-            details={"url": url, "field": "url" if exc.status != 400 else "api_key"},
+            details={"url": reg.url, "field": "url" if exc.status != 400 else "api_key"},
         ) from None
-    model = probe.model or str(ready.get("model") or "")
+    model = reg.model or ready.model or ""
     if not model:
         raise _invalid("model", "required (the worker did not name its model)")
-    entry = WorkerEntry(worker_id, node, url, api_key, model)
+    entry = WorkerEntry(worker_id, node, reg.url, reg.api_key, model)
     meta = ModelEntry(
         model,
         node,
-        context_length=context_length,
-        chat_template=_optional_str(body, "chat_template"),
-        bos_token=_optional_str(body, "bos_token"),
-        eos_token=_optional_str(body, "eos_token"),
+        context_length=reg.context_length,
+        chat_template=reg.chat_template,
+        bos_token=reg.bos_token,
+        eos_token=reg.eos_token,
     )
-    slots = ready.get("slots")
-    worker = RoutedWorker(entry, slots=slots if isinstance(slots, int) else 1, meta=meta)
+    worker = RoutedWorker(
+        entry,
+        slots=ready.slots or reg.slots or 1,
+        meta=meta,
+        backend=reg.backend or ready.backend,
+        device=reg.device if reg.device is not None else ready.device,
+        vram_bytes=reg.vram_bytes if reg.vram_bytes is not None else ready.vram_bytes,
+    )
     state.table.add(worker)
-    return JSONResponse(worker.public(), status_code=201)
+    return JSONResponse(worker.public().to_json(), status_code=201)
 
 
 async def list_workers(request: Request) -> Response:
     workers = sorted(_state(request).table, key=lambda w: (w.model, w.node, w.id))
-    return JSONResponse({"workers": [w.public() for w in workers]})
+    return JSONResponse({"workers": [w.public().to_json() for w in workers]})
 
 
 async def remove_worker(request: Request) -> Response:

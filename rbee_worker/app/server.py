@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse
 
 from ..gguf_info import read_gguf_info
 from ..protocol.errors import ErrorCode, RbeeError
+from ..protocol.hive_api import ReadyReport
 from ..runtimes import choose_backend, runtime_factory
 from .middleware import BearerAuthMiddleware, HeadersTimeoutMiddleware, RequestIdMiddleware
 from .routes import PUBLIC_PATHS, ROUTES
@@ -123,15 +124,15 @@ async def _report(state: WorkerState) -> None:
     config = state.config
     if not config.callback_url:
         return
-    body = {
-        "worker_id": config.worker_id,
-        "state": state.phase.value,
-        "url": state.url,
-        "model": state.model_name,
-        "backend": state.backend,
-        "pid": os.getpid(),
-        "error": state.error.body()["error"] if state.error else None,
-    }
+    body = ReadyReport(
+        worker_id=config.worker_id,
+        state=state.phase.value,
+        url=state.url,
+        model=state.model_name,
+        runtime=state.backend,
+        pid=os.getpid(),
+        error=state.error,
+    ).to_json()
     transport = httpx.AsyncHTTPTransport(uds=config.callback_uds) if config.callback_uds else None
     try:
         async with httpx.AsyncClient(transport=transport, timeout=10) as client:

@@ -53,7 +53,7 @@ def workers(hive: Hive) -> dict[str, dict[str, Any]]:
 
 async def live_workers(hive: Hive) -> dict[str, dict[str, Any]]:
     async with HiveClient(HivePaths(hive.home)) as client:
-        return {w["id"]: w for w in await client.list_workers()}
+        return {w.id: w.to_json() for w in await client.list_workers()}
 
 
 def spawn(hive: Hive, *options: str) -> dict[str, Any]:
@@ -84,7 +84,7 @@ async def test_two_workers_on_two_ports_stream_at_once(node: Hive) -> None:
         a, b = spawn(node), spawn(node)
     assert first < a["port"] < b["port"]
     assert a["state"] == b["state"] == "loading"
-    assert a["port"] != b["port"] and a["api_key"] != b["api_key"] and a["backend"] == "ctransformers"
+    assert a["port"] != b["port"] and a["api_key"] != b["api_key"] and a["runtime"] == "ctransformers"
     for w in (a, b):
         assert w["api_key"] not in " ".join(psutil.Process(w["pid"]).cmdline()), "keys never go on argv"
         record = node.home / "workers" / f"{w['id']}.json"

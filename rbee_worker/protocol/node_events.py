@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TextIO
 
-from rbee_worker.protocol.errors import ErrorCode, RbeeError
+from .errors import ErrorCode, RbeeError
 
 EventKind = Literal["progress", "log", "result", "error"]
 EVENT_KINDS: frozenset[str] = frozenset({"progress", "log", "result", "error"})
