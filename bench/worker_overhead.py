@@ -227,7 +227,7 @@ def start_worker(
     api_key = secrets.token_urlsafe(16)
     args = [
         sys.executable, "-m", "rbee_worker.cli", "serve", "--model", str(model),
-        "--host", HOST, "--port", str(port), "--backend", backend, "--threads", str(threads),
+        "--host", HOST, "--port", str(port), "--runtime", backend, "--threads", str(threads),
         "--ctx", str(ctx), "--slots", str(slots), "--queue", "8",
     ]  # fmt: skip
     env = {**os.environ, "RBEE_WORKER_API_KEY": api_key}

@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
-from rbee_worker.protocol.hive_api import HiveHealth, ReadyReport, StopResult
+from rbee_worker.protocol.hive_api import HiveHealth, HiveShutdown, ReadyReport, StopResult
 from rbee_worker.protocol.spawn import SpawnRequest
 
 from . import API_VERSION, __version__
@@ -71,7 +71,7 @@ def create_app(supervisor: Supervisor, request_exit: Callable[[], None]) -> Star
 
     async def shutdown(request: Request) -> JSONResponse:
         return JSONResponse(
-            {"status": "shutting down", "workers": len(supervisor.registry)},
+            HiveShutdown(workers=len(supervisor.registry)).to_json(),
             status_code=202,
             background=BackgroundTask(request_exit),
         )

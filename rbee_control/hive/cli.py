@@ -109,9 +109,7 @@ def cmd_models_rm(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> N
 
     if not args.force and running_hive(paths) is not None:
         using = [
-            w.id
-            for w in asyncio.run(_with_hive(paths, lambda h: h.list_workers()))
-            if w.model == args.name
+            w.id for w in asyncio.run(_with_hive(paths, lambda h: h.list_workers())) if w.model == args.name
         ]
         if using:
             raise RbeeError(

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
-from rbee_worker.protocol.hive_api import HiveHealth, StopResult, WorkerInfo
+from rbee_worker.protocol.hive_api import HiveHealth, HiveShutdown, StopResult, WorkerInfo
 from rbee_worker.protocol.spawn import SpawnRequest
 
 from .paths import HivePaths, check_worker_id
@@ -25,7 +25,6 @@ def hive_not_running(paths: HivePaths) -> RbeeError:
     return RbeeError(
         ErrorCode.HIVE_NOT_RUNNING,
         f"the hive daemon is not running (no answer on {paths.socket})",
-        status=503,
         details={"socket": str(paths.socket)},
         hint=f"rbee-hive daemon --detach --home {paths.home}",
     )
@@ -63,7 +62,7 @@ class HiveClient:
             raise hive_not_running(self.paths) from None
         except httpx.TimeoutException as exc:
             raise RbeeError(
-                ErrorCode.CONNECTION_TIMEOUT, f"the hive did not answer {method} {path} in time", status=504
+                ErrorCode.CONNECTION_TIMEOUT, f"the hive did not answer {method} {path} in time"
             ) from exc
         try:
             data = resp.json()
@@ -94,8 +93,8 @@ class HiveClient:
         check_worker_id(worker_id)
         return StopResult.from_json(await self._call("POST", f"/v1/workers/{worker_id}/stop", timeout=90.0))
 
-    async def shutdown(self) -> dict[str, Any]:
-        return await self._call("POST", "/v1/admin/shutdown")
+    async def shutdown(self) -> HiveShutdown:
+        return HiveShutdown.from_json(await self._call("POST", "/v1/admin/shutdown"))
 
 
 async def wait_for_hive(paths: HivePaths, timeout: float, alive: Any = None) -> HiveHealth:

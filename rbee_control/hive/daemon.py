@@ -161,7 +161,7 @@ async def stop_hive(paths: HivePaths, grace: float = 30.0) -> dict[str, Any]:
     if pid is not None:
         try:
             async with HiveClient(paths) as hive:
-                workers = (await hive.shutdown()).get("workers", 0)
+                workers = (await hive.shutdown()).workers
             how = "graceful"
         except RbeeError:
             os.kill(pid, signal.SIGTERM)

@@ -79,7 +79,6 @@ def _disk_full(part: Path, needed: int | None = None) -> RbeeError:
     return RbeeError(
         ErrorCode.DISK_FULL,
         f"not enough disk space in {part.parent}" + (" (partial download kept for resume)" if kept else ""),
-        status=507,
         details=details,
         hint="free some space (rbee-hive models rm NAME) and run the same command again",
     )
@@ -161,7 +160,6 @@ async def download(
     raise RbeeError(
         ErrorCode.DOWNLOAD_FAILED,
         f"download failed after {policy.attempts} attempts: {last}",
-        status=502,
         details={
             "url": source.url if source else None,
             "attempts": policy.attempts,
@@ -196,7 +194,7 @@ async def _fetch_once(
             raise TransientError("server refused to resume; starting over")
         if status == 404:
             raise RbeeError(
-                ErrorCode.MODEL_NOT_FOUND, f"not found: {source.url}", status=404, details={"url": source.url}
+                ErrorCode.MODEL_NOT_FOUND, f"not found: {source.url}", details={"url": source.url}
             )
         if status in (401, 403):
             raise RbeeError(
@@ -212,7 +210,6 @@ async def _fetch_once(
             raise RbeeError(
                 ErrorCode.DOWNLOAD_FAILED,
                 f"unexpected HTTP {status} from {source.url}",
-                status=502,
                 details={"url": source.url, "status": status},
             )
         if status == 206:
@@ -259,7 +256,6 @@ async def import_file(src: Path, part: Path, emitter: Emitter) -> str:
         raise RbeeError(
             ErrorCode.MODEL_NOT_FOUND,
             f"{src}: {exc.strerror}",
-            status=404,
             details={"path": str(src)},
         ) from None
     part.unlink(missing_ok=True)

@@ -30,7 +30,6 @@ def check_model_name(name: str) -> str:
         raise RbeeError(
             ErrorCode.INVALID_REQUEST,
             f"invalid model name {name!r}",
-            status=400,
             details={"name": name, "pattern": MODEL_NAME_RE.pattern},
             hint="use letters, digits, '.', '_' and '-' (at most 128), e.g. --name tinyllama-q4",
         )
@@ -42,7 +41,6 @@ def check_worker_id(worker_id: str) -> str:
         raise RbeeError(
             ErrorCode.INVALID_REQUEST,
             f"invalid worker id {worker_id!r}",
-            status=400,
             details={"id": worker_id},
         )
     return worker_id

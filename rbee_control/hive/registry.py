@@ -97,7 +97,6 @@ class Registry:
             raise RbeeError(
                 ErrorCode.WORKER_NOT_FOUND,
                 f"no worker {worker_id!r} on this node",
-                status=404,
                 details={"id": worker_id},
                 hint="rbee-hive worker list",
             )

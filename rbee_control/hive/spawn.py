@@ -38,7 +38,6 @@ def choose_runtime(requested: str, model: ModelRow) -> str:
         raise RbeeError(
             ErrorCode.MODEL_NOT_FOUND,
             f"the file of model {model.name!r} is gone: {model.path}",
-            status=404,
             details={"name": model.name, "path": model.path},
             hint=f"rbee-hive models rm {model.name} && rbee-hive models add {model.ref}",
         )
@@ -92,7 +91,6 @@ def check_ram(model: ModelRow, factor: float) -> None:
         raise RbeeError(
             ErrorCode.INSUFFICIENT_RAM,
             f"insufficient RAM: need {required // MB} MB (model size × {factor}), have {available // MB} MB",
-            status=507,
             details={
                 "model": model.name,
                 "required_bytes": required,
@@ -125,7 +123,6 @@ def pick_port(config: HiveConfig, taken: set[int]) -> int:
     raise RbeeError(
         ErrorCode.NO_PORT_AVAILABLE,
         f"no free port in {config.port_min}-{config.port_max} on {config.address}",
-        status=503,
         details={"address": config.address, "range": [config.port_min, config.port_max]},
         hint="stop idle workers: rbee-hive worker list",
     )

@@ -137,7 +137,7 @@ class Supervisor:
                 details={"id": worker_id, "log": str(self.paths.worker_log(worker_id)), "log_tail": tail},
                 hint=f"tail {self.paths.worker_log(worker_id)}",
             )
-        raise RbeeError(ErrorCode.NO_PORT_AVAILABLE, "lost the race for a port three times", status=503)
+        raise RbeeError(ErrorCode.NO_PORT_AVAILABLE, "lost the race for a port three times")
 
     async def _wait_http(self, worker: Worker) -> bool:
         """True once `/health` answers (or the worker already called back ready)."""
@@ -163,7 +163,6 @@ class Supervisor:
             raise RbeeError(
                 ErrorCode.LOADING_TIMEOUT,
                 f"worker {worker.id} still loading after {timeout:g} s; stopped",
-                status=504,
                 details={"id": worker.id, "log": str(self.paths.worker_log(worker.id))},
                 hint=f"tail {self.paths.worker_log(worker.id)}",
             ) from None

@@ -28,7 +28,6 @@ async def cmd_infer(args: argparse.Namespace, ctx: KeeperContext) -> int:
     from .infer import InferOptions, infer
     from .provision import catalog_name
 
-
     options = InferOptions(
         node=args.node,
         model=args.model,

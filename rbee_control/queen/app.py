@@ -51,7 +51,7 @@ class BearerAuth:
         if hmac.compare_digest(given, self.expected):
             await self.app(scope, receive, send)
             return
-        error = RbeeError(ErrorCode.INVALID_API_KEY, "missing or wrong bearer token", status=401)
+        error = RbeeError(ErrorCode.INVALID_API_KEY, "missing or wrong bearer token")
         body = json.dumps(queen_error_body(error)).encode()
         headers = [
             (b"content-type", b"application/json"),
@@ -85,7 +85,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
     log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-    error = RbeeError(ErrorCode.INTERNAL_ERROR, f"internal error: {type(exc).__name__}", status=500)
+    error = RbeeError(ErrorCode.INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
     return error_response(error)
 
 

@@ -93,7 +93,7 @@ class InventoryFleet:
             return self._clients[node]
         except KeyError:
             raise RbeeError(
-                ErrorCode.UNKNOWN_NODE, f"unknown node {node!r}", status=404, details={"node": node}
+                ErrorCode.UNKNOWN_NODE, f"unknown node {node!r}", details={"node": node}
             ) from None
 
     async def list_models(self) -> list[ModelEntry]:

@@ -34,7 +34,7 @@ def _state(request: Request) -> QueenState:
 
 
 def _invalid(field: str, message: str) -> RbeeError:
-    return RbeeError(ErrorCode.INVALID_REQUEST, f"{field}: {message}", status=400, details={"field": field})
+    return RbeeError(ErrorCode.INVALID_REQUEST, f"{field}: {message}", details={"field": field})
 
 
 async def register_worker(request: Request) -> Response:
@@ -89,7 +89,7 @@ async def remove_worker(request: Request) -> Response:
     worker_id = request.path_params["worker_id"]
     worker = state.table.get(worker_id)
     if worker is None:
-        raise RbeeError(ErrorCode.WORKER_NOT_FOUND, f"no worker {worker_id}", status=404)
+        raise RbeeError(ErrorCode.WORKER_NOT_FOUND, f"no worker {worker_id}")
     state.table.remove(worker, "deregistered")
     return JSONResponse({"id": worker_id, "removed": True})
 
@@ -153,6 +153,6 @@ async def cancel_inference(request: Request) -> Response:
     request_id = request.path_params["request_id"]
     upstream: Upstream | None = state.running.get(request_id)
     if upstream is None:
-        raise RbeeError(ErrorCode.NOT_FOUND, f"no running request {request_id}", status=404)
+        raise RbeeError(ErrorCode.NOT_FOUND, f"no running request {request_id}")
     cancelled = await state.relay.delete(upstream.worker, request_id)
     return JSONResponse({"request_id": request_id, "cancelled": cancelled})

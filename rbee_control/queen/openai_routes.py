@@ -157,7 +157,7 @@ async def _stream(upstream: Upstream, shapes: Shapes, record: _Record) -> AsyncI
 
 
 def _cancelled() -> RbeeError:
-    return RbeeError(ErrorCode.REQUEST_CANCELED, "the generation was cancelled on the worker", status=503)
+    return RbeeError(ErrorCode.REQUEST_CANCELED, "the generation was cancelled on the worker")
 
 
 async def _collect(

@@ -137,7 +137,6 @@ class Upstream:
         error = RbeeError(
             ErrorCode.WORKER_CRASHED,
             f"worker {worker.id} on {worker.node} failed after the first token ({why})",
-            status=502,
             details={"worker": worker.id, "node": worker.node},
         )
         raw, event = _error_event(error)
@@ -220,9 +219,7 @@ class Relay:
                     batch = await anext(stream)
                 except StopAsyncIteration:
                     raise _Retry(
-                        RbeeError(
-                            ErrorCode.WORKER_CRASHED, f"worker {worker.id} ended the stream early", status=502
-                        )
+                        RbeeError(ErrorCode.WORKER_CRASHED, f"worker {worker.id} ended the stream early")
                     ) from None
                 for _raw, event in batch:
                     if event.name in (events.TOKEN, events.END):

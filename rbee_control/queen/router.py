@@ -74,7 +74,6 @@ def busy_error(target: Target, why: str) -> RbeeError:
     return RbeeError(
         ErrorCode.ALL_SLOTS_BUSY,
         f"every worker for {target.public_id} is busy ({why}); retry later",
-        status=503,
         details={"model": target.public_id, "retry_after": RETRY_AFTER_SECONDS},
     )
 

@@ -94,7 +94,6 @@ def worker_unreachable(entry: WorkerEntry, exc: Exception) -> RbeeError:
     return RbeeError(
         ErrorCode.WORKER_CRASHED,
         f"worker {entry.id} at {entry.url} is unreachable: {type(exc).__name__}",
-        status=502,
         details={"worker": entry.id, "node": entry.node, "dead": isinstance(exc, httpx.ConnectError)},
     )
 

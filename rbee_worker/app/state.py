@@ -83,7 +83,7 @@ class WorkerState:
             "progress": round(self.progress, 3),
             "worker_id": self.config.worker_id,
             "model": self.model_name,
-            "backend": self.backend,
+            "runtime": self.backend,
             "slots": self.config.slots,
             "slots_busy": self.pool.busy,
         }

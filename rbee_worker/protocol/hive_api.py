@@ -5,7 +5,7 @@ POST /v1/workers/spawn       `SpawnRequest` (spawn.py) → `WorkerInfo`
 POST /v1/workers/ready       `ReadyReport`, the worker's callback once loaded or failed
 GET  /v1/workers/list        `{"workers": [WorkerInfo]}`
 POST /v1/workers/{id}/stop   `StopResult`
-POST /v1/admin/shutdown      202 `{status, workers}`
+POST /v1/admin/shutdown      202 `HiveShutdown`
 
 `rbee-hive models list --json` answers `{"models": [ModelInfo]}` and
 `rbee-hive daemon --detach --json` a `DaemonInfo`. Requests are parsed strictly
@@ -172,6 +172,21 @@ class StopResult:
     @classmethod
     def from_json(cls, body: Any) -> StopResult:
         return cls(**_answer(cls, body, "worker stop"))
+
+
+@dataclass(frozen=True, slots=True)
+class HiveShutdown:
+    """The daemon's answer to `POST /v1/admin/shutdown`: it is stopping this many workers, then itself."""
+
+    status: str = "shutting down"
+    workers: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"status": self.status, "workers": self.workers}
+
+    @classmethod
+    def from_json(cls, body: Any) -> HiveShutdown:
+        return cls(**_answer(cls, body, "hive shutdown"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,8 @@ import pytest
 from rbee_control.hive.client import HiveClient
 from rbee_control.hive.paths import HivePaths
 from rbee_control.hive.spawn import port_is_free
-from rbee_worker.protocol.events import iter_events
+from rbee_worker.protocol.client import WorkerClient
+from rbee_worker.protocol.request import InferenceRequest
 
 from ..waiting import wait_for as wait_until
 from .conftest import Hive, cleanup, gone, hive_env
@@ -65,13 +66,12 @@ def wait_idle(hive: Hive, *ids: str) -> None:
 
 
 async def stream(worker: dict[str, Any], body: dict[str, Any]) -> list[Any]:
-    headers = {"Authorization": f"Bearer {worker['api_key']}"}
     async with (
-        httpx.AsyncClient(base_url=worker["url"], headers=headers, timeout=30) as client,
-        client.stream("POST", "/v1/inference", json=body) as response,
+        WorkerClient(worker["url"], worker["api_key"]) as client,
+        await client.stream(InferenceRequest.from_json(body)) as response,
     ):
-        assert response.status_code == 200
-        return [e async for e in iter_events(response.aiter_bytes())]
+        assert response.response.status_code == 200
+        return [e async for e in response.events()]
 
 
 async def test_two_workers_on_two_ports_stream_at_once(node: Hive) -> None:

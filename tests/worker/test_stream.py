@@ -38,7 +38,7 @@ async def test_stream_event_sequence_and_determinism(
 ) -> None:
     worker = worker_factory(tiny_model, backend=backend, ctx=16384)
     ready = worker.wait_ready()
-    assert ready["backend"] == backend and ready["model"] == "rbee-tiny"
+    assert ready["runtime"] == backend and ready["model"] == "rbee-tiny"
     body = {"prompt": "the bee", "max_tokens": 40, "seed": 7, "temperature": 0.9}
     async with worker.async_client() as client:
         events = await collect(client, body, headers={"X-Request-ID": "req-1"})
@@ -100,7 +100,7 @@ async def test_health_and_metrics(tiny_worker: WorkerProcess) -> None:
 @pytest.mark.llama
 async def test_smollm2_answers_in_real_words(worker_factory: type[WorkerProcess], smollm2: Path) -> None:
     worker = worker_factory(smollm2, threads=2)
-    assert worker.wait_ready(timeout=120)["backend"] == "llama-cpp"
+    assert worker.wait_ready(timeout=120)["runtime"] == "llama-cpp"
     prompt = (
         "<|im_start|>user\nWhat is the capital of France? Answer in one sentence.<|im_end|>\n"
         "<|im_start|>assistant\n"
