@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def serve_options() -> frozenset[str]:
     """The flags `serve` takes: a hive passes a spawn option on only when this worker knows it."""
-    serve = _parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    commands = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    serve: argparse.ArgumentParser = commands.choices["serve"]
     return frozenset(opt for action in serve._actions for opt in action.option_strings)
 
 

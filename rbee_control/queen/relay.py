@@ -206,10 +206,10 @@ class Relay:
             opened = await worker.client(self.client).stream(request, request_id)
         except httpx.HTTPError as exc:
             raise _Retry(worker_unreachable(worker.entry, exc)) from None
-        except RbeeError as error:
-            if error.status in CLIENT_ERROR_STATUSES:
+        except RbeeError as refused:
+            if refused.status in CLIENT_ERROR_STATUSES:
                 raise
-            raise _Retry(error) from None
+            raise _Retry(refused) from None
         response = opened.response
         try:
             stream = aiter(opened.batches())

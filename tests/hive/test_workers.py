@@ -229,6 +229,9 @@ def test_refusals_happen_before_any_process(hive: Hive, tiny_model: Path, tmp_pa
     ram = hive.run("worker", "spawn", "--model", "tiny").error
     assert ram["code"] == "INSUFFICIENT_RAM"
     assert ram["details"]["required_mb"] > ram["details"]["available_mb"] > 0
+    device = hive.run("worker", "spawn", "--model", "tiny", "--backend", "cuda").error
+    assert device["code"] == "BACKEND_NOT_AVAILABLE", device
+    asyncio.run(refuse_bad_bodies(hive))
     empty = write_empty_model(tmp_path / "empty.gguf")  # valid metadata, one weight: the runtime refuses
     hive.ok("models", "add", f"file:{empty}")
     failed = hive.run("worker", "spawn", "--model", "empty", "--wait").error
@@ -237,6 +240,27 @@ def test_refusals_happen_before_any_process(hive: Hive, tiny_model: Path, tmp_pa
     wait_until(lambda: not workers(hive), 10, "the failed worker to be stopped")
     assert hive.run("worker", "list").result["workers"] == []
     assert list((hive.home / "workers").iterdir()) == []
+
+
+async def refuse_bad_bodies(hive: Hive) -> None:
+    """The hive API parses each body once, at its edge: a bad field is a 400 naming it."""
+    transport = httpx.AsyncHTTPTransport(uds=str(hive.home / "hive.sock"))
+    async with httpx.AsyncClient(transport=transport, base_url="http://hive") as client:
+        cases: list[tuple[str, Any, str]] = [
+            ("/v1/workers/spawn", {"model": "tiny", "slots": 0}, "slots"),
+            ("/v1/workers/spawn", {"model": "tiny", "backend": "llama-cpp"}, "backend"),
+            ("/v1/workers/spawn", {"model": "tiny", "ctx": "big"}, "ctx_size"),
+            ("/v1/workers/spawn", {"model": "tiny", "gpu": 0}, "gpu"),
+            ("/v1/workers/spawn", [1, 2], "body"),
+            ("/v1/workers/ready", {"worker_id": "w", "state": "gone"}, "state"),
+        ]
+        for path, body, field in cases:
+            response = await client.post(path, json=body)
+            error = response.json()["error"]
+            assert response.status_code == 400 and error["code"] == "INVALID_REQUEST", (body, error)
+            assert error["details"]["field"] == field, (body, error)
+        garbage = await client.post("/v1/workers/spawn", content=b"{not json")
+        assert garbage.status_code == 400
 
 
 def write_empty_model(path: Path) -> Path:
