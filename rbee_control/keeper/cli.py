@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from rbee_worker.protocol.errors import RbeeError
@@ -21,7 +21,7 @@ from .display import Display
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-Handler = Callable[[argparse.Namespace, KeeperContext], Awaitable[int]]
+Handler = Callable[[argparse.Namespace, KeeperContext], Coroutine[Any, Any, int]]
 
 
 async def cmd_infer(args: argparse.Namespace, ctx: KeeperContext) -> int:

@@ -231,7 +231,7 @@ def register(sub: Any) -> None:
     wsub = worker.add_subparsers(dest="action", required=True)
     p = wsub.add_parser("spawn")
     p.add_argument("--node", required=True)
-    add_spawn_arguments(p)
+    add_spawn_arguments(p, wait=False)  # the keeper always waits for the model to load
     p = wsub.add_parser("list")
     nodes(p)
     p = wsub.add_parser("stop")

@@ -60,10 +60,6 @@ class WorkerInfo:
     idle_seconds: float = 0.0
     failed_probes: int = 0
 
-    @property
-    def is_ready(self) -> bool:
-        return self.state in ("idle", "busy", "ready")
-
     def to_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
