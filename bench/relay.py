@@ -178,6 +178,7 @@ def servers(
     The processes are appended to `started` (when given) as they start: worker, then queen.
     """
     worker_key, queen_key = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
+    admin_key = secrets.token_urlsafe(16)
     worker_port, queen_port = free_port(), free_port()
     started = [] if started is None else started
     try:
@@ -193,7 +194,7 @@ def servers(
             "queen",
             [sys.executable, "-m", "rbee_control.queen", "--no-inventory", "--host", HOST, "--port",
              str(queen_port), "--log-level", "warning"],
-            {**os.environ, "RBEE_QUEEN_API_KEY": queen_key},
+            {**os.environ, "RBEE_QUEEN_API_KEY": queen_key, "RBEE_QUEEN_ADMIN_KEY": admin_key},
             log_dir,
         )  # fmt: skip
         started.append(queen)
@@ -204,7 +205,10 @@ def servers(
         queen.wait_http(f"{queen_url}/health", {})
         body = {"url": worker_url, "api_key": worker_key, "model": "bench"}
         registered = httpx.post(
-            f"{queen_url}/v2/workers/register", json=body, headers=queen_headers, timeout=10
+            f"{queen_url}/v2/workers/register",
+            json=body,
+            headers={"Authorization": f"Bearer {admin_key}"},
+            timeout=10,
         )
         registered.raise_for_status()
         yield worker_url, worker_headers, queen_url, queen_headers

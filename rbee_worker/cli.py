@@ -35,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--callback-url", help="POST the load outcome here")
     serve.add_argument("--callback-uds", help="reach --callback-url over this Unix socket")
     serve.add_argument("--failed-linger", type=float, default=5.0, help="seconds to report a failed load")
+    serve.add_argument(
+        "--head-timeout", type=float, default=10.0, help="seconds a client has to send a request head"
+    )
+    serve.add_argument("--max-connections", type=int, default=1024, help="open client connections at most")
 
     tiny = sub.add_parser("tiny-model", help="write a tiny random-weight llama GGUF for tests")
     tiny.add_argument("path")
@@ -69,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value < (0 if name == "queue" else 1):
             print(f"rbee-worker: --{name} must be positive", file=sys.stderr)
             return 2
+    if args.head_timeout <= 0 or args.max_connections < 1:
+        print("rbee-worker: --head-timeout and --max-connections must be positive", file=sys.stderr)
+        return 2
     config = WorkerConfig(
         model_path=args.model,
         api_key=api_key,
@@ -83,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         callback_url=args.callback_url,
         callback_uds=args.callback_uds,
         failed_linger_s=args.failed_linger,
+        head_timeout_s=args.head_timeout,
+        max_connections=args.max_connections,
     )
     try:
         return serve(config)

@@ -1,4 +1,4 @@
-"""Per-node worker API tokens and the queen's key, kept beside the inventory in a 0600 file.
+"""Per-node worker API tokens and the queen's two keys, kept beside the inventory in a 0600 file.
 
 Secrets never go into `inventory.yaml` (people paste and commit that file). The
 secrets file is JSON, written atomically with mode 0600 under an advisory lock so
@@ -58,6 +58,14 @@ class SecretStore:
     def get_or_create_queen_key(self) -> str:
         """The API key clients present to the queen, minted on first use."""
         return self._get_or_create(lambda data: data, "queen_key")
+
+    def queen_admin_key(self) -> str | None:
+        key = self._read().get("queen_admin_key")
+        return str(key) if key else None
+
+    def get_or_create_queen_admin_key(self) -> str:
+        """The queen's admin-plane key (registration, the worker table), minted on first use."""
+        return self._get_or_create(lambda data: data, "queen_admin_key")
 
     def forget_node(self, node: str) -> bool:
         """Drop a removed node's token; True if there was one."""

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from rbee_control.queen.options import add_access_arguments
 from rbee_worker.protocol.errors import RbeeError
 from rbee_worker.protocol.spawn import SpawnRequest, add_spawn_arguments
 
@@ -64,19 +65,22 @@ def _add_infer(sub: Any) -> None:
 
 def cmd_serve(args: argparse.Namespace, ctx: KeeperContext) -> int:
     """The queen in this process; blocking, so it bypasses the asyncio entry."""
-    import os
+    from rbee_control.queen.cli import QueenOptions, run_queen
+    from rbee_control.queen.options import access_options
 
-    from rbee_control.queen.cli import API_KEY_ENV, QueenOptions, run_queen
-
-    key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    return run_queen(QueenOptions(inventory=args.inventory, host=args.host, port=args.port, api_key=key))
+    try:
+        access = access_options(args)
+    except ValueError as exc:
+        print(f"rbee-keeper serve: {exc}", file=sys.stderr)
+        return 2
+    return run_queen(QueenOptions(inventory=args.inventory, host=args.host, port=args.port, **access))
 
 
 def _add_serve(sub: Any) -> None:
     p = sub.add_parser("serve", help="run queen-rbee, the OpenAI-compatible router, over this inventory")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--api-key", help="bearer key clients must send (prefer $RBEE_QUEEN_API_KEY)")
+    add_access_arguments(p)
     p.set_defaults(handler=cmd_serve, blocking=True)
 
 

@@ -1,16 +1,15 @@
-"""Assemble the queen's ASGI app: routes, bearer auth, error rendering, lifespan.
+"""Assemble the queen's ASGI app: routes, access checks, error rendering, lifespan.
 
 Middleware is plain ASGI (no `BaseHTTPMiddleware`), so streaming responses are
 never buffered and a client disconnect reaches the relay. Order, outermost
-first: CORS (a browser preflight needs no key) → auth.
+first: Host allow-list → CORS (only for allowed origins; a preflight needs no
+key) → JSON-only bodies → the two key planes (`access.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -21,45 +20,17 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
 from . import native_routes, openai_routes
-from .errors import error_response, queen_error_body
+from .access import HostGuard, JsonOnly, PlaneAuth
+from .errors import error_response
 from .fleet import Fleet
 from .metrics import CONTENT_TYPE_LATEST
 from .state import QueenSettings, QueenState
 
 log = logging.getLogger("rbee.queen")
-
-PUBLIC_PATHS = frozenset({"/health"})
-
-
-class BearerAuth:
-    """`Authorization: Bearer <key>` on every route but `/health`; 401 INVALID_API_KEY otherwise."""
-
-    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
-        self.app = app
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.expected is None or scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
-            await self.app(scope, receive, send)
-            return
-        given = next((v for k, v in scope.get("headers", []) if k == b"authorization"), b"")
-        if hmac.compare_digest(given, self.expected):
-            await self.app(scope, receive, send)
-            return
-        error = RbeeError(ErrorCode.INVALID_API_KEY, "missing or wrong bearer token")
-        body = json.dumps(queen_error_body(error)).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"www-authenticate", b"Bearer"),
-        ]
-        await send({"type": "http.response.start", "status": 401, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
 
 
 async def health(request: Request) -> Response:
@@ -104,10 +75,31 @@ ROUTES = [
 
 
 def create_app(
-    fleet: Fleet, *, api_key: str | None = None, settings: QueenSettings | None = None
+    fleet: Fleet,
+    *,
+    api_key: str | None = None,
+    admin_key: str | None = None,
+    settings: QueenSettings | None = None,
 ) -> Starlette:
-    """The queen app over `fleet`; its lifespan owns the HTTP client and stops the fleet on exit."""
+    """The queen app over `fleet`; its lifespan owns the HTTP client and stops the fleet on exit.
+
+    `api_key` guards the client plane and `admin_key` the admin plane (`/v2/*`); `None`
+    leaves that plane open, which only embedding and tests do (`queen-rbee` always has an
+    admin key, and a client key unless `--insecure-no-auth` on loopback).
+    """
     settings = settings or QueenSettings()
+    middleware = [Middleware(HostGuard, policy=settings.hosts)]
+    if settings.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["GET", "POST", "DELETE"],
+                allow_headers=["authorization", "content-type", "x-request-id"],
+                expose_headers=["x-request-id"],
+            )
+        )
+    middleware += [Middleware(JsonOnly), Middleware(PlaneAuth, client_key=api_key, admin_key=admin_key)]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -136,10 +128,7 @@ def create_app(
             405: _http_error,
             Exception: _internal_error,
         },
-        middleware=[
-            Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"]),
-            Middleware(BearerAuth, api_key=api_key),
-        ],
+        middleware=middleware,
     )
 
 

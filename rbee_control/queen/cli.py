@@ -1,11 +1,15 @@
 """`queen-rbee`: serve the OpenAI-compatible router; `run_queen` is also what `rbee-keeper serve` calls.
 
     queen-rbee [--inventory PATH | --no-inventory] [--host 127.0.0.1] [--port 8080]
-               [--api-key KEY]   (or $RBEE_QUEEN_API_KEY, preferred: argv is visible in `ps`)
+               [--api-key KEY] [--admin-key KEY]   (or $RBEE_QUEEN_API_KEY / $RBEE_QUEEN_ADMIN_KEY)
+               [--insecure-no-auth] [--cors-origin ORIGIN]… [--allowed-host NAME]…
+               [--register-network CIDR]… [--head-timeout 10] [--max-connections 1024]
+    queen-rbee [--inventory PATH | --no-inventory] --show-key client|admin
 
-With an inventory (`--inventory`, `$RBEE_INVENTORY`, `./inventory.yaml` or the
-per-user one) the queen offers every model of every node and starts workers on
-demand; without one it routes only to workers registered with
+Both keys default to the secrets file beside the inventory (minted on first start;
+stderr says where). With an inventory (`--inventory`, `$RBEE_INVENTORY`,
+`./inventory.yaml` or the per-user one) the queen offers every model of every node
+and starts workers on demand; without one it routes only to workers registered with
 `POST /v2/workers/register`. SIGTERM/SIGINT: running streams get a grace period,
 then everything the queen started is stopped (bounded) and it exits 0.
 """
@@ -13,26 +17,33 @@ then everything the queen started is stopped (bounded) and it exits 0.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import logging
-import os
 import signal
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
 import uvloop
 
+from rbee_worker.app.connections import ConnectionLimits, guarded_protocol
 from rbee_worker.app.server import KEEP_ALIVE_S, bind_socket
 from rbee_worker.protocol.errors import RbeeError
 
+from .access import HostPolicy
 from .app import create_app
 from .fleet import Fleet, StaticFleet
+from .keys import ADMIN_KEY_ENV, API_KEY_ENV, KINDS, read_or_create, resolve_keys
+from .options import access_options, add_access_arguments
+from .registration import RegistrationPolicy
 from .router import RouterSettings
 from .state import QueenSettings
 
-API_KEY_ENV = "RBEE_QUEEN_API_KEY"
+__all__ = ["ADMIN_KEY_ENV", "API_KEY_ENV", "QueenOptions", "add_access_arguments", "main", "run_queen"]
+
 GRACE_SECONDS = 10
 
 log = logging.getLogger("rbee.queen")
@@ -47,8 +58,17 @@ class QueenOptions:
     host: str = "127.0.0.1"
     port: int = 8080
     api_key: str | None = None
+    admin_key: str | None = None
+    insecure_no_auth: bool = False
+    cors_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    register_networks: tuple[str, ...] = ()
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
     settings: QueenSettings = field(default_factory=QueenSettings)
     log_level: str = "info"
+
+    def __repr__(self) -> str:  # keys stay out of logs and tracebacks
+        return f"QueenOptions(inventory={self.inventory!r}, host={self.host!r}, port={self.port})"
 
 
 class QueenServer(uvicorn.Server):
@@ -68,22 +88,36 @@ class QueenServer(uvicorn.Server):
         self.should_exit = True
 
 
-def build_fleet(options: QueenOptions) -> Fleet:
+def locate_inventory(options: QueenOptions) -> Path | None:
+    """The inventory to serve, or None (registered workers only)."""
     if options.static:
-        return StaticFleet()
+        return None
     from rbee_control.inventory.loader import find_inventory
 
-    from .inventory_fleet import InventoryFleet
-
     try:
-        path = find_inventory(options.inventory)
+        return find_inventory(options.inventory)
     except RbeeError:
         if options.inventory:
             raise
         log.info("no inventory found: serving registered workers only")
+        return None
+
+
+def build_fleet(inventory: Path | None) -> Fleet:
+    if inventory is None:
         return StaticFleet()
-    log.info("inventory: %s", path)
-    return InventoryFleet.from_inventory(path)
+    from .inventory_fleet import InventoryFleet
+
+    log.info("inventory: %s", inventory)
+    return InventoryFleet.from_inventory(inventory)
+
+
+def node_addresses(inventory: Path | None) -> list[str]:
+    if inventory is None:
+        return []
+    from rbee_control.inventory.loader import load_inventory
+
+    return [node.address for node in load_inventory(inventory)]
 
 
 def _is_loopback(host: str) -> bool:
@@ -93,26 +127,68 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def _fail(exc: RbeeError) -> int:
+    print(f"queen-rbee: {exc.message}", file=sys.stderr)
+    if exc.hint:
+        print(f"  try: {exc.hint}", file=sys.stderr)
+    return 1
+
+
+def secure_settings(options: QueenOptions, inventory: Path | None) -> QueenSettings:
+    """The operator's access choices folded into the settings (ValueError: a bad CIDR)."""
+    registration = RegistrationPolicy.build(
+        node_addresses(inventory),
+        options.register_networks,
+        allow_loopback=_is_loopback(options.host),
+        max_workers=options.settings.registration.max_workers,
+    )
+    return dataclasses.replace(
+        options.settings,
+        hosts=HostPolicy.for_bind(options.host, options.allowed_hosts),
+        cors_origins=options.cors_origins,
+        registration=registration,
+    )
+
+
 def run_queen(options: QueenOptions) -> int:
     """Serve until SIGTERM/SIGINT; return the process exit code (0, or 1 with a one-line cause)."""
     logging.basicConfig(
         level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream request is noise
+    if options.insecure_no_auth and not _is_loopback(options.host):
+        print(
+            f"queen-rbee: refusing --insecure-no-auth on {options.host}: without a client key only a "
+            "loopback address (127.0.0.1, ::1, localhost) may be bound",
+            file=sys.stderr,
+        )
+        return 1
     try:
-        fleet = build_fleet(options)
+        inventory = locate_inventory(options)
+        keys = resolve_keys(
+            inventory,
+            api_key=options.api_key,
+            admin_key=options.admin_key,
+            insecure_no_auth=options.insecure_no_auth,
+        )
+        settings = secure_settings(options, inventory)
+        fleet = build_fleet(inventory)
         sock = bind_socket(options.host, options.port)
     except RbeeError as exc:
-        print(f"queen-rbee: {exc.message}", file=sys.stderr)
-        if exc.hint:
-            print(f"  try: {exc.hint}", file=sys.stderr)
-        return 1
-    if not options.api_key and not _is_loopback(options.host):
-        log.warning("listening on %s without an API key: anyone who can reach it can use it", options.host)
-    app = create_app(fleet, api_key=options.api_key, settings=options.settings)
+        return _fail(exc)
+    except ValueError as exc:
+        print(f"queen-rbee: {exc}", file=sys.stderr)
+        return 2
+    for notice in keys.notices:
+        print(f"queen-rbee: {notice}", file=sys.stderr)
+    if keys.client is None:
+        log.warning("--insecure-no-auth: the client plane takes requests without a key (loopback only)")
+    app = create_app(fleet, api_key=keys.client, admin_key=keys.admin, settings=settings)
     server = QueenServer(
         uvicorn.Config(
             app,
+            http=guarded_protocol(options.limits),
+            limit_concurrency=options.limits.uvicorn_concurrency,
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=GRACE_SECONDS,
@@ -130,6 +206,16 @@ def run_queen(options: QueenOptions) -> int:
     return 130 if server.stopped_by == signal.SIGINT else 0
 
 
+def show_key(options: QueenOptions, kind: str) -> int:
+    """Print one key from the secrets file (minting it if it is not there yet)."""
+    try:
+        key, _created = read_or_create(kind, locate_inventory(options))
+    except RbeeError as exc:
+        return _fail(exc)
+    print(key)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="queen-rbee", description="OpenAI-compatible router over rbee workers"
@@ -141,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--no-inventory", action="store_true", help="route to registered workers only")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--api-key", help=f"bearer key clients must send (prefer ${API_KEY_ENV})")
+    add_access_arguments(parser)
+    parser.add_argument("--show-key", choices=KINDS, help="print a key from the secrets file and exit")
     parser.add_argument("--queue-limit", type=int, default=64, help="requests waiting per model (default 64)")
     parser.add_argument(
         "--queue-timeout", type=float, default=120.0, help="longest wait for a busy worker, s"
@@ -159,6 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.queue_limit < 1 or args.queue_timeout <= 0 or args.cold_start_timeout <= 0:
         print("queen-rbee: queue limit and timeouts must be positive", file=sys.stderr)
         return 2
+    try:
+        access = access_options(args)
+    except ValueError as exc:
+        print(f"queen-rbee: {exc}", file=sys.stderr)
+        return 2
     settings = QueenSettings(
         router=RouterSettings(args.queue_limit, args.queue_timeout, args.cold_start_timeout),
         health_interval=args.health_interval,
@@ -168,10 +260,12 @@ def main(argv: list[str] | None = None) -> int:
         static=args.no_inventory,
         host=args.host,
         port=args.port,
-        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         settings=settings,
         log_level=args.log_level,
+        **access,  # type: ignore[arg-type]
     )
+    if args.show_key:
+        return show_key(options, args.show_key)
     try:
         return run_queen(options)
     except KeyboardInterrupt:

@@ -1,16 +1,79 @@
-"""Prometheus metrics of the queen, in a registry of its own (one app, one registry)."""
+"""Prometheus metrics of the queen, in a registry of its own (one app, one registry).
+
+Model and node names come partly from registrations, so each is one label series
+until `MAX_SERIES` distinct (model, node) pairs are known; later pairs collapse into
+`model="other", node="other"` and a flood of names cannot grow `/metrics` without
+bound.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = ["CONTENT_TYPE_LATEST", "QueenMetrics"]
 
+MAX_SERIES = 256
+OTHER = "other"
+
+
+class LabelBudget:
+    """Known (model, node) pairs, at most `limit`; anything else is `other`."""
+
+    def __init__(self, limit: int = MAX_SERIES) -> None:
+        self.limit = limit
+        self.pairs: set[tuple[str, str]] = set()
+        self.models: set[str] = set()
+
+    def pair(self, model: str, node: str) -> tuple[str, str]:
+        key = (model, node)
+        if key in self.pairs:
+            return key
+        if len(self.pairs) < self.limit:
+            self.pairs.add(key)
+            return key
+        return (OTHER, OTHER)
+
+    def model(self, model: str) -> str:
+        if model in self.models:
+            return model
+        if len(self.models) < self.limit:
+            self.models.add(model)
+            return model
+        return OTHER
+
+
+class Bounded:
+    """A labelled metric whose model (and node) labels go through the budget."""
+
+    def __init__(self, metric: Any, budget: LabelBudget, model_at: int, node_at: int | None) -> None:
+        self.metric = metric
+        self.budget = budget
+        self.model_at = model_at
+        self.node_at = node_at
+
+    def labels(self, *values: str) -> Any:
+        bounded = list(values)
+        if self.node_at is None:
+            bounded[self.model_at] = self.budget.model(str(values[self.model_at]))
+        else:
+            model, node = self.budget.pair(str(values[self.model_at]), str(values[self.node_at]))
+            bounded[self.model_at], bounded[self.node_at] = model, node
+        return self.metric.labels(*bounded)
+
+
+def _bounded(metric: Any, budget: LabelBudget, names: Sequence[str]) -> Any:
+    names = list(names)
+    return Bounded(metric, budget, names.index("model"), names.index("node") if "node" in names else None)
+
 
 class QueenMetrics:
-    def __init__(self) -> None:
+    def __init__(self, max_series: int = MAX_SERIES) -> None:
         self.registry = CollectorRegistry()
+        self.budget = LabelBudget(max_series)
         r = self.registry
         self.requests = Counter(
             "rbee_queen_requests",
@@ -53,6 +116,11 @@ class QueenMetrics:
         self.in_flight = Gauge(
             "rbee_queen_in_flight", "Requests running on workers", ["model", "node"], registry=r
         )
+
+        for name in ("requests", "tokens", "ttft", "retries", "queue_depth", "cold_starts",
+                     "cold_start_seconds", "workers", "in_flight"):  # fmt: skip
+            metric = getattr(self, name)
+            setattr(self, name, _bounded(metric, self.budget, metric._labelnames))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

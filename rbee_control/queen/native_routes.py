@@ -7,6 +7,7 @@ keeper can talk to the queen exactly as it talks to a worker.
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 import uuid
@@ -17,16 +18,19 @@ from starlette.responses import JSONResponse, Response
 
 from rbee_worker.app.body import read_json
 from rbee_worker.protocol import events
-from rbee_worker.protocol.client import REQUEST_ID_RE
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from rbee_worker.protocol.queen_api import WorkerRegistration
 from rbee_worker.protocol.request import InferenceRequest
 
+from .access import ANONYMOUS
 from .fleet import ModelEntry, WorkerEntry
+from .registration import check_model_name, check_name
 from .relay import Upstream
 from .responses import RelayResponse
 from .state import QueenState
 from .workers import RoutedWorker
+
+CORRELATION_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def _state(request: Request) -> QueenState:
@@ -41,8 +45,14 @@ async def register_worker(request: Request) -> Response:
     """Verify the worker answers `/v1/ready` to the given key, then route to it."""
     state = _state(request)
     reg = WorkerRegistration.from_json(await read_json(request))
-    node = reg.node or reg.host
-    existing = state.table.find_url(reg.url)
+    node = check_name("node", reg.node or reg.host)
+    if reg.id is not None:
+        check_name("id", reg.id)
+    if reg.model is not None:
+        check_model_name(reg.model)
+    # Checked before the probe: a refused address is never contacted.
+    await state.settings.registration.admit(reg.host)
+    existing = _check_conflicts(state, reg.id, reg.url)
     worker_id = reg.id or (existing.id if existing else f"w-{secrets.token_hex(4)}")
     probe = WorkerEntry(worker_id, node, reg.url, reg.api_key, reg.model or "")
     try:
@@ -54,7 +64,8 @@ async def register_worker(request: Request) -> Response:
             status=exc.status if exc.status == 400 else 502,
             details={"url": reg.url, "field": "url" if exc.status != 400 else "api_key"},
         ) from None
-    model = reg.model or ready.model or ""
+    _check_conflicts(state, worker_id, reg.url)  # the table may have changed during the probe
+    model = probe.model or check_model_name(ready.model or "")
     if not model:
         raise _invalid("model", "required (the worker did not name its model)")
     entry = WorkerEntry(worker_id, node, reg.url, reg.api_key, model)
@@ -76,6 +87,38 @@ async def register_worker(request: Request) -> Response:
     )
     state.table.add(worker)
     return JSONResponse(worker.public().to_json(), status_code=201)
+
+
+def _conflict(message: str, worker_id: str) -> RbeeError:
+    details = {"field": "id", "worker": worker_id}
+    return RbeeError(ErrorCode.WORKER_EXISTS, message, details=details)
+
+
+def _check_conflicts(state: QueenState, worker_id: str | None, url: str) -> RoutedWorker | None:
+    """The entry this registration updates (same worker again), or None for a new one.
+
+    An id names one worker: taking it over for another URL would send that worker's
+    traffic to whoever asked. A worker the queen started itself is never replaced.
+    """
+    by_url = state.table.find_url(url)
+    if by_url is not None and by_url.owned:
+        raise _conflict(f"the worker at {url} was started by this queen, not re-registered", by_url.id)
+    if worker_id is not None:
+        by_id = state.table.get(worker_id)
+        if by_id is not None and by_id.owned:
+            raise _conflict(f"worker {worker_id} was started by this queen and cannot be replaced", worker_id)
+        if by_id is not None and by_id.url != url:
+            raise _conflict(f"worker {worker_id} is already registered at another URL", worker_id)
+        if by_id is not None:
+            return by_id
+    existing = by_url if worker_id is None or by_url is None or by_url.id == worker_id else None
+    if existing is None and len(state.table) >= state.settings.registration.max_workers:
+        raise RbeeError(
+            ErrorCode.TOO_MANY_WORKERS,
+            f"the routing table is full ({state.settings.registration.max_workers} workers)",
+            details={"retry_after": 60},
+        )
+    return existing
 
 
 async def list_workers(request: Request) -> Response:
@@ -110,8 +153,12 @@ async def inference(request: Request) -> Response:
         raise _invalid("model", "expected a non-empty string")
     infer = InferenceRequest.from_json(body)
     target = await state.catalog.resolve(model)
+    # The queen names the request; a client's X-Request-ID is only a correlation field, so one
+    # client cannot pick (and then cancel) an id another client's request has.
     given = request.headers.get("x-request-id", "")
-    request_id = given if REQUEST_ID_RE.fullmatch(given) and given not in state.running else uuid.uuid4().hex
+    correlation = given if CORRELATION_ID_RE.fullmatch(given) else None
+    request_id = uuid.uuid4().hex
+    principal = request.scope.get("state", {}).get("principal", ANONYMOUS)
     try:
         upstream = await state.relay.open(target, infer, request_id)
     except RbeeError as exc:
@@ -119,6 +166,7 @@ async def inference(request: Request) -> Response:
         state.metrics.requests.labels("inference", target.model, "-", "error").inc()
         raise
     state.running[request_id] = upstream
+    state.owners[request_id] = principal
     outcome = {"value": "disconnected"}
 
     async def relay() -> AsyncIterator[bytes]:
@@ -143,9 +191,13 @@ async def inference(request: Request) -> Response:
 
     def done() -> None:
         state.running.pop(request_id, None)
+        state.owners.pop(request_id, None)
         state.metrics.requests.labels("inference", target.model, upstream.worker.node, outcome["value"]).inc()
 
-    return RelayResponse(relay(), upstream, done, {"X-Request-ID": request_id})
+    headers = {"X-Request-ID": request_id}
+    if correlation is not None:
+        headers["X-Correlation-ID"] = correlation
+    return RelayResponse(relay(), upstream, done, headers)
 
 
 async def cancel_inference(request: Request) -> Response:
@@ -154,5 +206,8 @@ async def cancel_inference(request: Request) -> Response:
     upstream: Upstream | None = state.running.get(request_id)
     if upstream is None:
         raise RbeeError(ErrorCode.NOT_FOUND, f"no running request {request_id}")
+    principal = request.scope.get("state", {}).get("principal", ANONYMOUS)
+    if state.owners.get(request_id) != principal:
+        raise RbeeError(ErrorCode.FORBIDDEN, f"request {request_id} was started with another key")
     cancelled = await state.relay.delete(upstream.worker, request_id)
     return JSONResponse({"request_id": request_id, "cancelled": cancelled})

@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from .access import HostPolicy
 from .catalog import ModelCatalog
 from .fleet import Fleet
 from .metrics import QueenMetrics
+from .registration import RegistrationPolicy
 from .relay import Relay, RelaySettings, Upstream
 from .router import Router, RouterSettings
 from .workers import WorkerTable
@@ -30,6 +32,11 @@ class QueenSettings:
     max_connections: int = 512
     #: Bound on stopping what the queen started when it exits.
     shutdown_timeout: float = 30.0
+    #: `Host` names the queen answers to (DNS rebinding), and origins allowed CORS (none by default).
+    hosts: HostPolicy = field(default_factory=lambda: HostPolicy.for_bind("127.0.0.1"))
+    cors_origins: tuple[str, ...] = ()
+    #: Which addresses registration may probe, and how many workers the table holds.
+    registration: RegistrationPolicy = field(default_factory=RegistrationPolicy)
 
 
 @dataclass(eq=False)
@@ -45,6 +52,8 @@ class QueenState:
     api_key: str | None = None
     started_at: float = 0.0
     running: dict[str, Upstream] = field(default_factory=dict)
+    #: Who started each running native request (`access.CLIENT`, `ADMIN`...): only they may cancel it.
+    owners: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def build(

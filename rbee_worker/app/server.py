@@ -24,6 +24,7 @@ from ..gguf_info import read_gguf_info
 from ..protocol.errors import ErrorCode, RbeeError
 from ..protocol.hive_api import ReadyReport
 from ..runtimes import choose_backend, runtime_factory
+from .connections import ConnectionLimits, guarded_protocol
 from .middleware import BearerAuthMiddleware, HeadersTimeoutMiddleware, RequestIdMiddleware
 from .routes import PUBLIC_PATHS, ROUTES
 from .state import Phase, WorkerConfig, WorkerState
@@ -203,9 +204,12 @@ def serve(config: WorkerConfig) -> int:
     if config.port == 0:
         config = dataclasses.replace(config, port=sock.getsockname()[1])
     app = create_app(config)
+    limits = ConnectionLimits(head_timeout=config.head_timeout_s, max_connections=config.max_connections)
     server = WorkerServer(
         uvicorn.Config(
             app,
+            http=guarded_protocol(limits),
+            limit_concurrency=limits.uvicorn_concurrency,
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=30,

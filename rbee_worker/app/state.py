@@ -37,6 +37,9 @@ class WorkerConfig:
     callback_uds: str | None = None
     failed_linger_s: float = 5.0
     request_timeout_s: float = 300.0
+    #: Seconds a client has to send a request head; then the connection is closed (slow clients).
+    head_timeout_s: float = 10.0
+    max_connections: int = 1024
 
 
 @dataclass(eq=False)

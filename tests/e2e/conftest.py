@@ -65,6 +65,7 @@ HIVE_ENV = {
     "RBEE_HIVE_STOP_TIMEOUT": "5",
 }
 QUEEN_KEY = "e2e-queen-key"
+QUEEN_ADMIN_KEY = "e2e-queen-admin-key"
 MODEL = "tiny"
 #: what the command line of a hive (daemon or node command) or a worker contains
 RBEE_MARKS = ("rbee-hive", "rbee_control.hive", "rbee-worker", "rbee_worker")
@@ -100,8 +101,14 @@ class Queen:
             base_url=self.url, headers={"Authorization": f"Bearer {QUEEN_KEY}"}, timeout=timeout
         )
 
+    def admin(self, timeout: float = 30.0) -> httpx.Client:
+        """The admin plane (`/v2/*`): registration and the worker table."""
+        return httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {QUEEN_ADMIN_KEY}"}, timeout=timeout
+        )
+
     def workers(self) -> list[dict[str, Any]]:
-        with self.http() as client:
+        with self.admin() as client:
             response = client.get("/v2/workers/list")
         assert response.status_code == 200, response.text
         return list(response.json()["workers"])
@@ -274,7 +281,7 @@ class E2EFleet:
     def start_queen(self, *extra: str, port: int | None = None) -> Queen:
         port = port or free_port()
         log = self.base / f"queen-{port}-{len(self.queens)}.log"
-        env = {**self.keeper.env, "RBEE_QUEEN_API_KEY": QUEEN_KEY}
+        env = {**self.keeper.env, "RBEE_QUEEN_API_KEY": QUEEN_KEY, "RBEE_QUEEN_ADMIN_KEY": QUEEN_ADMIN_KEY}
         argv = [
             sys.executable, "-m", "rbee_control.queen.cli", "--inventory", str(self.keeper.inventory),
             "--port", str(port), "--health-interval", "2", *extra,

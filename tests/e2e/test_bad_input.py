@@ -23,7 +23,7 @@ from tests import sshd
 from tests.keeper.conftest import make_keeper
 from tests.worker_proc import WorkerProcess
 
-from .conftest import MODEL, QUEEN_KEY, E2EFleet, Queen
+from .conftest import MODEL, QUEEN_ADMIN_KEY, QUEEN_KEY, E2EFleet, Queen
 
 CATEGORY = "bad input"
 MIB = 1 << 20
@@ -172,7 +172,7 @@ def worker(e2e: E2EFleet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 @pytest.fixture(scope="module")
 def registered(queen: Queen, worker: WorkerProcess) -> str:
     """The direct worker registered with the queen as `direct`: valid requests need no cold start."""
-    with queen.http() as client:
+    with queen.admin() as client:
         response = client.post(
             "/v2/workers/register", json={"url": worker.url, "api_key": worker.api_key, "model": "direct"}
         )
@@ -209,8 +209,13 @@ BODYLESS_ROUTES = {
 DEEP_BODY = b"[" * 100_000 + b"]" * 100_000
 
 
+def _plane_key(path: str, key: str) -> str:
+    """The queen's admin plane (`/v2/*`) takes the admin key; everything else the given one."""
+    return QUEEN_ADMIN_KEY if key == QUEEN_KEY and path.startswith("/v2/") else key
+
+
 def _post(url: str, path: str, body: bytes, key: str, method: str = "POST") -> httpx.Response:
-    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    headers = {"Authorization": f"Bearer {_plane_key(path, key)}", "Content-Type": "application/json"}
     with httpx.Client(timeout=30) as client:
         return client.request(method, f"{url}{path}", content=body, headers=headers)
 
@@ -287,7 +292,7 @@ def _protected(worker: WorkerProcess, queen: Queen) -> list[tuple[str, str, str,
         ("POST", "/v2/workers/register"), ("GET", "/v2/workers/list"), ("DELETE", "/v2/workers/some-id"),
     ]  # fmt: skip
     return [("worker", m, p, worker.api_key) for m, p in worker_routes] + [
-        ("queen", m, p, QUEEN_KEY) for m, p in queen_routes
+        ("queen", m, p, _plane_key(p, QUEEN_KEY)) for m, p in queen_routes
     ]
 
 

@@ -217,14 +217,16 @@ def test_disconnect_while_queued_or_waiting_frees_everything(
 def test_native_delete_through_the_queen_ends_with_cancelled(
     e2e: E2EFleet, queen: Queen, record: Any
 ) -> None:
-    request_id = f"e2e-cancel-{os.getpid()}"
-    headers = {"Authorization": f"Bearer {QUEEN_KEY}", "X-Request-ID": request_id}
+    correlation = f"e2e-cancel-{os.getpid()}"
+    headers = {"Authorization": f"Bearer {QUEEN_KEY}", "X-Request-ID": correlation}
     body = {"model": f"n3/{MODEL}", "prompt": PROMPT, "max_tokens": LONG}
     tokens, end = 0, None
     with httpx.Client(base_url=queen.url, timeout=30) as client:
         with client.stream("POST", "/v1/inference", json=body, headers=headers) as response:
             assert response.status_code == 200, response.read()
-            assert response.headers["x-request-id"] == request_id
+            # the queen names the request; the client's id comes back as a correlation field
+            request_id = response.headers["x-request-id"]
+            assert response.headers["x-correlation-id"] == correlation and request_id != correlation
             for name, data in sse_events(response.iter_bytes()):
                 if name == "token":
                     tokens += 1

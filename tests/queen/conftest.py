@@ -25,6 +25,7 @@ from rbee_worker.tinymodel import write_tiny_model
 from ..worker_proc import WorkerProcess
 
 QUEEN_KEY = "queen-test-key"
+ADMIN_KEY = "queen-test-admin-key"
 
 
 @dataclass
@@ -32,6 +33,7 @@ class Queen:
     url: str
     api_key: str | None
     app: Starlette
+    admin_key: str | None = ADMIN_KEY
     clients: list[openai.AsyncOpenAI] = field(default_factory=list)
 
     @property
@@ -48,11 +50,17 @@ class Queen:
         return client
 
     def http(self) -> httpx.AsyncClient:
+        """A client-plane client (the client key)."""
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=60)
 
+    def admin(self) -> httpx.AsyncClient:
+        """An admin-plane client (the admin key): registration and the worker table."""
+        headers = {"Authorization": f"Bearer {self.admin_key}"} if self.admin_key else {}
+        return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=60)
+
     async def register(self, worker: WorkerProcess, model: str, node: str = "local", **extra: Any) -> dict:
-        async with self.http() as client:
+        async with self.admin() as client:
             body = {"url": worker.url, "api_key": worker.api_key, "model": model, "node": node, **extra}
             response = await client.post("/v2/workers/register", json=body)
         assert response.status_code == 201, response.text
@@ -61,9 +69,13 @@ class Queen:
 
 @contextlib.asynccontextmanager
 async def serve_queen(
-    fleet: Fleet | None = None, *, api_key: str | None = QUEEN_KEY, settings: QueenSettings | None = None
+    fleet: Fleet | None = None,
+    *,
+    api_key: str | None = QUEEN_KEY,
+    admin_key: str | None = ADMIN_KEY,
+    settings: QueenSettings | None = None,
 ) -> AsyncIterator[Queen]:
-    app = create_app(fleet or StaticFleet(), api_key=api_key, settings=settings)
+    app = create_app(fleet or StaticFleet(), api_key=api_key, admin_key=admin_key, settings=settings)
     sock = bind_socket("127.0.0.1", 0)
     config = uvicorn.Config(
         app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=2
@@ -76,7 +88,7 @@ async def serve_queen(
                 if task.done():
                     task.result()
                 await asyncio.sleep(0.01)
-        running = Queen(f"http://127.0.0.1:{sock.getsockname()[1]}", api_key, app)
+        running = Queen(f"http://127.0.0.1:{sock.getsockname()[1]}", api_key, app, admin_key)
         try:
             yield running
         finally:

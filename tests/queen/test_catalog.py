@@ -59,6 +59,6 @@ async def test_different_files_under_one_name_are_offered_and_routed_per_node(
             assert result.model == f"{node}/m"
             answers.setdefault(node, set()).add(result.choices[0].text)
         assert len(answers["n1"]) == 1 and answers["n1"] != answers["n2"]
-        async with queen.http() as http:
+        async with queen.admin() as http:
             served = {w["node"]: w["served"] for w in (await http.get("/v2/workers/list")).json()["workers"]}
         assert served == {"n1": 2, "n2": 1}

@@ -14,11 +14,15 @@ import httpx
 from ..worker_proc import WorkerProcess, free_port
 
 KEY = "cli-queen-key"
+ADMIN_KEY = "cli-queen-admin-key"
 
 
 def _queen(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
     log = tmp_path / "queen.log"
-    env = {**os.environ, "RBEE_QUEEN_API_KEY": KEY, "RBEE_INVENTORY": ""}
+    env = {
+        **os.environ, "RBEE_QUEEN_API_KEY": KEY, "RBEE_QUEEN_ADMIN_KEY": ADMIN_KEY, "RBEE_INVENTORY": "",
+        "RBEE_CONFIG_DIR": str(tmp_path / "config"),
+    }  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "rbee_control.queen", *args],
         stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
@@ -49,7 +53,8 @@ def test_queen_process_serves_then_stops_without_touching_registered_workers(
         limits = httpx.Limits(keepalive_expiry=60)
         with httpx.Client(base_url=url, headers=headers, timeout=30, limits=limits) as client:
             body = {"url": worker.url, "api_key": worker.api_key, "model": "tiny"}
-            assert client.post("/v2/workers/register", json=body).status_code == 201
+            admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+            assert client.post("/v2/workers/register", json=body, headers=admin).status_code == 201
             answer = client.post("/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 5})
             assert answer.status_code == 200 and answer.json()["choices"][0]["finish_reason"] == "length"
             # Idle past the 5 s that clients (httpx, the openai SDK) keep connections: the queen must not

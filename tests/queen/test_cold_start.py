@@ -76,7 +76,7 @@ async def test_eight_concurrent_requests_for_a_cold_model_spawn_one_worker(
         assert fleet.spawns == 1
         text = queen.state.metrics.render().decode()
         assert metric(text, 'rbee_queen_cold_starts_total{model="cold",node="local",outcome="ok"}') == 1
-        async with queen.http() as http:
+        async with queen.admin() as http:
             listed = (await http.get("/v2/workers/list")).json()["workers"]
         assert [(w["model"], w["owned"]) for w in listed] == [("cold", True)]
     # the queen stopped what it started

@@ -78,7 +78,7 @@ async def test_sixteen_streams_on_two_one_slot_workers_all_complete_unmixed(
         async with asyncio.timeout(60):
             results = await asyncio.gather(*(_stream(client, seed) for seed in range(N)))
         assert results == [expected[seed] for seed in range(N)]
-        async with queen.http() as http:
+        async with queen.admin() as http:
             listed = (await http.get("/v2/workers/list")).json()["workers"]
         assert all(w["served"] > 0 and w["in_flight"] == 0 for w in listed), listed
 

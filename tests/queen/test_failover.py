@@ -24,7 +24,7 @@ def _kill9(worker: WorkerProcess) -> None:
 
 
 async def _workers(queen: Queen) -> list[dict]:
-    async with queen.http() as http:
+    async with queen.admin() as http:
         return (await http.get("/v2/workers/list")).json()["workers"]
 
 

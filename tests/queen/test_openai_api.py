@@ -98,14 +98,12 @@ async def test_native_inference_relays_the_worker_stream_byte_for_byte(
     registered: Queen, pair: dict[str, WorkerProcess]
 ) -> None:
     body = {"prompt": "a bee", "max_tokens": 12, "seed": 3, "temperature": 1.0}
-    async with pair["alpha"].async_client() as direct:
-        reference = (
-            await direct.post("/v1/inference", json=body, headers={"X-Request-ID": "same-id"})
-        ).content
     async with registered.http() as client:
-        response = await client.post(
-            "/v1/inference", json={**body, "model": "alpha"}, headers={"X-Request-ID": "same-id"}
-        )
+        response = await client.post("/v1/inference", json={**body, "model": "alpha"})
+    # the queen names its requests; the direct request reuses that name so the bytes can match
+    same_id = response.headers["x-request-id"]
+    async with pair["alpha"].async_client() as direct:
+        reference = (await direct.post("/v1/inference", json=body, headers={"X-Request-ID": same_id})).content
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
     ours, theirs = response.content.split(b"\n\n"), reference.split(b"\n\n")
     # every block but `end` (whose timings differ run to run) is identical, bytes included
@@ -162,7 +160,7 @@ async def test_wrong_or_missing_key_is_401_and_health_is_public(registered: Quee
 
 
 async def test_worker_list_never_shows_keys(registered: Queen, pair: dict[str, WorkerProcess]) -> None:
-    async with registered.http() as client:
+    async with registered.admin() as client:
         response = await client.get("/v2/workers/list")
     assert response.status_code == 200
     listed = response.json()["workers"]
@@ -173,7 +171,7 @@ async def test_worker_list_never_shows_keys(registered: Queen, pair: dict[str, W
 
 
 async def test_register_refuses_a_wrong_worker_key(queen: Queen, pair: dict[str, WorkerProcess]) -> None:
-    async with queen.http() as client:
+    async with queen.admin() as client:
         response = await client.post(
             "/v2/workers/register", json={"url": pair["alpha"].url, "api_key": "nope", "model": "alpha"}
         )
@@ -187,7 +185,7 @@ async def test_register_takes_the_seeds_body(queen: Queen, pair: dict[str, Worke
         "worker_id": "w-seed", "url": pair["alpha"].url + "/", "api_key": pair["alpha"].api_key,
         "model_ref": "alpha", "node_name": "gpu-box", "backend": "cpu", "device": 0, "vram_bytes": 0,
     }  # fmt: skip
-    async with queen.http() as client:
+    async with queen.admin() as client:
         response = await client.post("/v2/workers/register", json=seeds)
         assert response.status_code == 201, response.text
         (listed,) = (await client.get("/v2/workers/list")).json()["workers"]
@@ -203,13 +201,15 @@ async def test_native_stream_can_be_cancelled_through_the_queen(registered: Quee
         async with client.stream(
             "POST", "/v1/inference", json=body, headers={"X-Request-ID": "cancel-me"}
         ) as response:
+            request_id = response.headers["x-request-id"]  # the queen's own; ours is only correlation
+            assert response.headers["x-correlation-id"] == "cancel-me"
             names = []
             async for event in iter_events(response.aiter_bytes()):
                 names.append(event.name)
                 if event.name == "token" and names.count("token") == 1:
-                    cancelled = await client.delete("/v1/inference/cancel-me")
-                    assert cancelled.json() == {"request_id": "cancel-me", "cancelled": True}
+                    cancelled = await client.delete(f"/v1/inference/{request_id}")
+                    assert cancelled.json() == {"request_id": request_id, "cancelled": True}
                 last = event
         assert last.name == "end" and last.data["stop_reason"] == "cancelled"
         assert last.data["tokens_out"] < 4000
-        assert (await client.delete("/v1/inference/cancel-me")).status_code == 404
+        assert (await client.delete(f"/v1/inference/{request_id}")).status_code == 404
