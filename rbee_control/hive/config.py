@@ -41,7 +41,8 @@ class HiveConfig:
             if raw is None:
                 raw = os.environ.get(f"RBEE_HIVE_{f.name.upper()}")
             if raw is not None:
-                values[f.name] = type(f.default)(raw)
+                default: Any = f.default  # every field has one: a str, int or float
+                values[f.name] = type(default)(raw)
         return cls(**values)
 
     def to_args(self) -> list[str]:

@@ -89,6 +89,7 @@ async def infer(inventory: Inventory, options: InferOptions, display: Display) -
             request = InferenceRequest.from_json({**raw_request, "prompt": _as_chat(options.prompt, worker)})
         result = await _stream(http, worker, request, display, options, known)
         phases.mark("stream")
+    phases_s = {k: round(v, 3) for k, v in phases.times.items()}
     summary = {
         "node": node.name,
         "model": model_name,
@@ -98,13 +99,13 @@ async def infer(inventory: Inventory, options: InferOptions, display: Display) -
         "ttft_ms": round(result.ttft_ms or 0.0, 1),
         "tokens_per_second": round(result.tokens_per_second or 0.0, 1),
         "stop_reason": (result.end or {}).get("stop_reason"),
-        "phases_s": {k: round(v, 3) for k, v in phases.times.items()},
+        "phases_s": phases_s,
         "text": "".join(result.text),
     }
     display.narrate(
         f"\n[dim]{summary['tokens']} tokens, TTFT {summary['ttft_ms']} ms, "
         f"{summary['tokens_per_second']} tokens/s, {summary['stop_reason']} "
-        f"({', '.join(f'{k} {v:.2f}s' for k, v in summary['phases_s'].items())})[/dim]"
+        f"({', '.join(f'{k} {v:.2f}s' for k, v in phases_s.items())})[/dim]"
     )
     return summary
 

@@ -43,7 +43,7 @@ async def cmd_add_node(args: argparse.Namespace, ctx: KeeperContext) -> int:
         address=args.address or args.ssh_host,
         home=args.home or "~/.local/share/rbee",
         python=args.python or "python3",
-        backends=["cpu"],
+        backends=("cpu",),
         ssh=ssh,
         labels={},
         models_dir=None,

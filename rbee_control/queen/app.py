@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
-from . import native_routes, openai_routes
+from . import native_routes, ollama_routes, openai_routes
 from .access import HostGuard, JsonOnly, PlaneAuth
 from .errors import error_response
 from .fleet import Fleet
@@ -68,6 +68,7 @@ ROUTES = [
     Route("/v1/completions", openai_routes.completions, methods=["POST"]),
     Route("/v1/inference", native_routes.inference, methods=["POST"]),
     Route("/v1/inference/{request_id}", native_routes.cancel_inference, methods=["DELETE"]),
+    *ollama_routes.ROUTES,
     Route("/v2/workers/register", native_routes.register_worker, methods=["POST"]),
     Route("/v2/workers/list", native_routes.list_workers, methods=["GET"]),
     Route("/v2/workers/{worker_id}", native_routes.remove_worker, methods=["DELETE"]),

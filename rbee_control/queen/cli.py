@@ -27,8 +27,8 @@ from pathlib import Path
 from types import FrameType
 
 import uvicorn
-import uvloop
 
+from rbee_worker.app import event_loop
 from rbee_worker.app.connections import ConnectionLimits, guarded_protocol
 from rbee_worker.app.server import KEEP_ALIVE_S, bind_socket
 from rbee_worker.protocol.errors import RbeeError
@@ -202,7 +202,7 @@ def run_queen(options: QueenOptions) -> int:
     log.info(
         "queen-rbee on http://%s:%d (OpenAI base URL http://%s:%d/v1)", options.host, port, options.host, port
     )
-    uvloop.run(server.serve(sockets=[sock]))
+    event_loop.run(server.serve(sockets=[sock]))
     return 130 if server.stopped_by == signal.SIGINT else 0
 
 
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         settings=settings,
         log_level=args.log_level,
-        **access,  # type: ignore[arg-type]
+        **access,
     )
     if args.show_key:
         return show_key(options, args.show_key)

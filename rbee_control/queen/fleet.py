@@ -26,7 +26,9 @@ class ModelEntry:
     """One model file in one node's catalog, with what the queen needs to build prompts.
 
     `digest` (the file's sha256 when known) tells "the same model on two nodes" apart
-    from "two different files that happen to share a name"; None means unknown.
+    from "two different files that happen to share a name"; None means unknown. The
+    file's size, architecture, quantization and catalog time describe it to clients
+    (Ollama's `/api/tags` and `/api/show`); None when the source does not say.
     """
 
     name: str
@@ -36,6 +38,10 @@ class ModelEntry:
     bos_token: str | None = None
     eos_token: str | None = None
     digest: str | None = None
+    size: int | None = None
+    architecture: str | None = None
+    quantization: str | None = None
+    modified_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,6 +57,10 @@ def model_entry(node: str, row: ModelInfo) -> ModelEntry:
         bos_token=row.bos_token,
         eos_token=row.eos_token,
         digest=row.sha256,
+        size=row.size,
+        architecture=row.architecture,
+        quantization=row.quantization,
+        modified_at=row.added_at,
     )
 
 

@@ -19,7 +19,7 @@ T = TypeVar("T")
 
 
 class RelayResponse(StreamingResponse):
-    """An SSE response tied to an upstream stream: however the response ends, the upstream is closed.
+    """A streamed response tied to an upstream stream: however it ends, the upstream is closed.
 
     Starlette cancels the body iterator when the client disconnects; if that happens
     before the iterator ever ran, its own `finally` never runs, so closing (which
@@ -32,8 +32,10 @@ class RelayResponse(StreamingResponse):
         upstream: Upstream,
         on_close: Callable[[], None],
         headers: dict[str, str],
+        media_type: str = events.SSE_MEDIA_TYPE,
     ) -> None:
-        super().__init__(content, media_type=events.SSE_MEDIA_TYPE, headers={**events.SSE_HEADERS, **headers})
+        # SSE_HEADERS (no caching, no proxy buffering) suit any token stream, NDJSON too
+        super().__init__(content, media_type=media_type, headers={**events.SSE_HEADERS, **headers})
         self._upstream = upstream
         self._on_close = on_close
 

@@ -110,9 +110,9 @@ class Router:
                     worker = min(free, key=lambda w: (w.in_flight / w.capacity, w.last_used))
                     worker.in_flight += 1
                     return self._lease(worker)
-                worker = await self._wait(target, exclude, deadline)
-                if worker is not None:
-                    return self._lease(worker)
+                waited = await self._wait(target, exclude, deadline)
+                if waited is not None:
+                    return self._lease(waited)
                 continue
             if serving:
                 return None

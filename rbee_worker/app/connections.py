@@ -60,7 +60,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         peer = get_remote_addr(transport)
         host = peer[0] if peer else None
-        from_peer = sum(1 for c in self.connections if getattr(c, "client", None) and c.client[0] == host)
+        clients = (getattr(c, "client", None) for c in self.connections)
+        from_peer = sum(1 for client in clients if client and client[0] == host)
         if len(self.connections) >= self.limits.max_connections or from_peer >= self.limits.max_per_peer:
             self._refused = True
             transport.abort()

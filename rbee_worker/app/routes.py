@@ -107,7 +107,6 @@ async def _stream(state: WorkerState, request_id: str, infer: InferenceRequest) 
             metrics.tokens.inc(stats.tokens_out)
             metrics.ttft.observe(stats.ttft_ms / 1000)
             metrics.decode.observe(stats.decode_ms / 1000 / stats.tokens_out)
-        generation.done.set()
 
     def run_then_release(work: object) -> None:
         def body() -> None:

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 
 import httpx
 import uvicorn
-import uvloop
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -24,6 +23,7 @@ from ..gguf_info import read_gguf_info
 from ..protocol.errors import ErrorCode, RbeeError
 from ..protocol.hive_api import ReadyReport
 from ..runtimes import choose_backend, runtime_factory
+from . import event_loop
 from .connections import ConnectionLimits, guarded_protocol
 from .middleware import BearerAuthMiddleware, HeadersTimeoutMiddleware, RequestIdMiddleware
 from .routes import PUBLIC_PATHS, ROUTES
@@ -222,7 +222,7 @@ def serve(config: WorkerConfig) -> int:
     )
     app.state.server = server
     app.state.exit_code = 0
-    uvloop.run(server.serve(sockets=[sock]))
+    event_loop.run(server.serve(sockets=[sock]))
     code = app.state.exit_code
     if code and getattr(app.state, "worker", None) is not None and app.state.worker.error is not None:
         print(f"rbee-worker: {app.state.worker.error.message}", file=sys.stderr)

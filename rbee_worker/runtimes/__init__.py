@@ -1,8 +1,10 @@
 """GGUF runtimes behind one interface, and the choice between them.
 
-`auto` reads the file's metadata: ctransformers handles llama-architecture files
-with an SPM ("llama") vocabulary; anything else (qwen2, gemma, SmolLM2's GPT-2
-BPE vocabulary, ...) needs llama-cpp-python, the optional `rbee[llama]` extra.
+`auto` is llama-cpp-python (the `rbee[llama]` extra) for every architecture:
+it is maintained and carries llama.cpp's GGUF parser fixes. ctransformers (the
+`rbee[ctransformers]` extra) is a 2023 ggml build that predates the 2024 GGUF
+parser overflow fixes, so it runs only when asked for by name, and only
+llama-architecture files with an SPM ("llama") vocabulary.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ BACKENDS = (CTRANSFORMERS, LLAMA_CPP)
 __all__ = ["BACKENDS", "ProgressCallback", "Runtime", "SamplingParams", "choose_backend", "runtime_factory"]
 
 _MODULES = {CTRANSFORMERS: "ctransformers", LLAMA_CPP: "llama_cpp"}
-_INSTALL_HINT = {CTRANSFORMERS: "pip install ctransformers", LLAMA_CPP: "pip install 'rbee[llama]'"}
+_INSTALL_HINT = {CTRANSFORMERS: "pip install 'rbee[ctransformers]'", LLAMA_CPP: "pip install 'rbee[llama]'"}
 
 
 def ctransformers_can_load(info: GGUFInfo) -> bool:
@@ -38,9 +40,7 @@ def choose_backend(info: GGUFInfo, requested: str = "auto") -> str:
     """The backend that will run `info`'s model, or a clear error saying what to install."""
     describe = f"{info.architecture} architecture, {info.tokenizer_model or 'unknown'} tokenizer"
     if requested == "auto":
-        backend = CTRANSFORMERS if ctransformers_can_load(info) else LLAMA_CPP
-        if backend == CTRANSFORMERS and not is_installed(CTRANSFORMERS) and is_installed(LLAMA_CPP):
-            backend = LLAMA_CPP
+        backend = LLAMA_CPP  # never ctransformers unasked: it parses untrusted files with 2023 code
     elif requested in BACKENDS:
         backend = requested
     else:

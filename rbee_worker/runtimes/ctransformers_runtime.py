@@ -1,4 +1,4 @@
-"""ctransformers: the default runtime for llama-architecture GGUF with an SPM vocabulary."""
+"""ctransformers (unmaintained, 2023 ggml): only asked for by name, for llama files with an SPM vocabulary."""
 
 from __future__ import annotations
 

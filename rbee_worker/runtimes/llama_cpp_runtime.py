@@ -1,4 +1,4 @@
-"""llama-cpp-python: the runtime for every architecture ctransformers cannot load."""
+"""llama-cpp-python: the default runtime, for every architecture llama.cpp loads."""
 
 from __future__ import annotations
 
