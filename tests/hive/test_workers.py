@@ -81,7 +81,7 @@ async def test_two_workers_on_two_ports_stream_at_once(node: Hive) -> None:
         squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         squatter.bind(("127.0.0.1", first))
         squatter.listen()
-        a, b = spawn(node, "--backend", "ctransformers"), spawn(node, "--backend", "ctransformers")
+        a, b = spawn(node, "--runtime", "ctransformers"), spawn(node, "--runtime", "ctransformers")
     assert first < a["port"] < b["port"]
     assert a["state"] == b["state"] == "loading"
     assert a["port"] != b["port"] and a["api_key"] != b["api_key"] and a["runtime"] == "ctransformers"
