@@ -40,8 +40,10 @@ def _vocab() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
-def write_tiny_model(path: str | Path, seed: int = 0, name: str = "rbee-tiny") -> Path:
-    """Write the tiny model to `path` (atomic) and return the path."""
+def write_tiny_model(
+    path: str | Path, seed: int = 0, name: str = "rbee-tiny", chat_template: str | None = None
+) -> Path:
+    """Write the tiny model to `path` (atomic) and return the path; it has no chat template unless given."""
     path = Path(path)
     rng = np.random.default_rng(seed)
     tokens, scores, types = _vocab()
@@ -71,6 +73,8 @@ def write_tiny_model(path: str | Path, seed: int = 0, name: str = "rbee-tiny") -
     writer.add_unk_token_id(0)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
 
     writer.add_tensor("token_embd.weight", weight(n_vocab, N_EMBD))
     for i in range(N_LAYER):

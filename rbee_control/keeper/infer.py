@@ -86,16 +86,19 @@ async def infer(inventory: Inventory, options: InferOptions, display: Display) -
         else:
             display.narrate(f"[dim]using worker {worker.id} at {worker.url}[/dim]")
         if worker.chat_template and not options.raw:
-            request = InferenceRequest.from_json({**raw_request, "prompt": _as_chat(options.prompt, worker)})
+            # one user turn; the worker renders it with the model's own template
+            chat = {**raw_request, "prompt": None, "messages": [{"role": "user", "content": options.prompt}]}
+            request = InferenceRequest.from_json(chat)
         result = await _stream(http, worker, request, display, options, known)
         phases.mark("stream")
     phases_s = {k: round(v, 3) for k, v in phases.times.items()}
-    summary = {
+    summary: dict[str, Any] = {
         "node": node.name,
         "model": model_name,
         "worker": worker.id,
         "url": worker.url,
         "tokens": result.tokens_out,
+        "prompt_tokens": (result.end or {}).get("prompt_tokens"),
         "ttft_ms": round(result.ttft_ms or 0.0, 1),
         "tokens_per_second": round(result.tokens_per_second or 0.0, 1),
         "stop_reason": (result.end or {}).get("stop_reason"),
@@ -155,13 +158,6 @@ async def _provision_worker(
         if spawned.state not in ("idle", "ready"):
             raise RbeeError(ErrorCode.MODEL_LOAD_FAILED, f"worker did not become ready: {spawned.public()}")
         return _known(node, model, spawned, template)
-
-
-def _as_chat(prompt: str, worker: KnownWorker) -> str:
-    """Wrap the prompt as one user turn in the model's own chat template."""
-    from rbee_control.queen.chat_template import render_chat
-
-    return render_chat([{"role": "user", "content": prompt}], worker.chat_template).prompt
 
 
 def _known(node: Node, model: str, entry: WorkerInfo, chat_template: str | None) -> KnownWorker:

@@ -20,7 +20,6 @@ from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from rbee_worker.protocol.request import InferenceRequest
 
 from .catalog import Target
-from .chat_template import normalize_messages, render_chat
 from .openai_api import OpenAIRequest
 from .relay import Upstream
 from .state import QueenState
@@ -83,18 +82,11 @@ Output = str | Finished | RbeeError
 
 
 def worker_request(parsed: OpenAIRequest, target: Target) -> InferenceRequest:
-    """The worker body: a completion's prompt as it is, chat messages through the model's template."""
+    """The worker body: a completion's prompt as it is; chat messages, which the worker renders
+    (with the template the catalog knows, such as a registration's, when there is one)."""
     if parsed.kind == "completion":
-        assert parsed.prompt is not None
-        return parsed.inference(parsed.prompt)
-    entry = target.entry
-    rendered = render_chat(
-        normalize_messages(parsed.messages),
-        entry.chat_template,
-        bos_token=entry.bos_token,
-        eos_token=entry.eos_token,
-    )
-    return parsed.inference(rendered.prompt, rendered.extra_stop)
+        return parsed.inference()
+    return parsed.inference(target.entry.chat_template)
 
 
 def cancelled_error() -> RbeeError:

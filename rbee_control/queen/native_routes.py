@@ -153,6 +153,8 @@ async def inference(request: Request) -> Response:
         raise _invalid("model", "expected a non-empty string")
     infer = InferenceRequest.from_json(body)
     target = await state.catalog.resolve(model)
+    if infer.messages is not None and infer.chat_template is None:
+        infer.chat_template = target.entry.chat_template  # as /v1/chat/completions does
     # The queen names the request; a client's X-Request-ID is only a correlation field, so one
     # client cannot pick (and then cancel) an id another client's request has.
     given = request.headers.get("x-request-id", "")

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from rbee_worker.protocol import events
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
-from rbee_worker.protocol.request import MAX_STOP_SEQUENCES, InferenceRequest
+from rbee_worker.protocol.request import InferenceRequest
 
 DEFAULT_MAX_TOKENS = 256
 Kind = Literal["chat", "completion"]
@@ -40,16 +40,15 @@ class OpenAIRequest:
     messages: Any = None
     prompt: str | None = None
 
-    def inference(self, prompt: str, extra_stop: tuple[str, ...] = ()) -> InferenceRequest:
-        """The worker request; extra stops (the chat fallback's) only while there is room for them."""
-        body = {**self.sampling, "prompt": prompt}
-        stop = body.get("stop")
-        if isinstance(stop, str):
-            stop = [stop]
-        if extra_stop and (stop is None or isinstance(stop, list)):
-            stop = list(stop or [])
-            stop += [s for s in extra_stop if s not in stop][: max(0, MAX_STOP_SEQUENCES - len(stop))]
-        body["stop"] = stop
+    def inference(self, chat_template: str | None = None) -> InferenceRequest:
+        """The worker request: chat sends the messages (the worker renders them), completions the prompt."""
+        body = dict(self.sampling)
+        if self.kind == "chat":
+            body["messages"] = self.messages
+            if chat_template:
+                body["chat_template"] = chat_template
+        else:
+            body["prompt"] = self.prompt
         return InferenceRequest.from_json(body)
 
 
@@ -75,10 +74,12 @@ def parse_request(kind: Kind, body: Any) -> OpenAIRequest:
             sampling[name] = body[name]
     request = OpenAIRequest(kind, model, stream, bool(options.get("include_usage")), sampling)
     if kind == "chat":
+        if body.get("messages") is None:
+            raise _invalid("messages", "expected a non-empty list")
         request.messages = body.get("messages")
     else:
         request.prompt = _prompt(body.get("prompt"))
-    request.inference("x")  # validate the sampling fields now, with their own names
+    request.inference()  # validate messages and sampling fields now, with their own names
     return request
 
 

@@ -71,6 +71,9 @@ async def inference(request: Request) -> Response:
     state = _state(request)
     _check_serving(state)
     infer = InferenceRequest.from_json(await read_json(request))
+    if infer.messages is not None:
+        assert state.chat is not None  # set before the worker is ready
+        infer = await state.chat.prepare(infer)
     request_id = request.state.request_id
     if request_id in state.generations:
         raise RbeeError(ErrorCode.INVALID_REQUEST, f"request id {request_id} is already running", status=409)

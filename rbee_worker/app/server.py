@@ -19,6 +19,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from ..chat import chat_renderer
 from ..gguf_info import read_gguf_info
 from ..protocol.errors import ErrorCode, RbeeError
 from ..protocol.hive_api import ReadyReport
@@ -105,6 +106,8 @@ async def load_model(app: Starlette) -> None:
                 raise RbeeError(
                     ErrorCode.MODEL_LOAD_FAILED, f"{backend} could not load {config.model_path}: {exc}"
                 ) from None
+            if index == 0:
+                state.chat = await chat_renderer(info, runtime)
             state.pool.add(runtime)
         state.metrics.slots_total.set(config.slots)
         state.set_progress(1.0)

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from ..chat import ChatRenderer
 from ..gguf_info import GGUFInfo
 from ..protocol.errors import RbeeError
 from .generation import Generation
@@ -50,6 +51,7 @@ class WorkerState:
     error: RbeeError | None = None
     info: GGUFInfo | None = None
     backend: str | None = None
+    chat: ChatRenderer | None = None
     started_at: float = field(default_factory=time.time)
     pool: SlotPool = field(init=False)
     generations: dict[str, Generation] = field(default_factory=dict)
@@ -90,6 +92,8 @@ class WorkerState:
             "slots": self.config.slots,
             "slots_busy": self.pool.busy,
         }
+        if self.chat is not None:
+            body.update(self.chat.ready_fields())
         if self.error is not None:
             body["error"] = self.error.body()["error"]
         return body

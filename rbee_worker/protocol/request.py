@@ -1,13 +1,21 @@
-"""The body of `POST /v1/inference`, validated the same way wherever it is built."""
+"""The body of `POST /v1/inference`, validated the same way wherever it is built.
+
+A request carries either a `prompt` (sent to the model as it is) or chat
+`messages`, which the worker renders with its model's chat template; exactly
+one of the two. `chat_template` (with messages only) replaces the model's own
+template, for a worker registered with one.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ErrorCode, RbeeError
+from .messages import ChatMessage, parse_messages
 
 MAX_PROMPT_CHARS = 1_000_000
+MAX_TEMPLATE_CHARS = 256 * 1024
 MAX_STOP_SEQUENCES = 4
 
 
@@ -19,7 +27,9 @@ def _invalid(field_name: str, message: str) -> RbeeError:
 
 @dataclass(slots=True)
 class InferenceRequest:
-    prompt: str
+    prompt: str = ""
+    messages: list[ChatMessage] | None = None
+    chat_template: str | None = None
     max_tokens: int = 128
     temperature: float = 0.7
     top_p: float = 0.95
@@ -28,7 +38,17 @@ class InferenceRequest:
     stop: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        body: dict[str, Any] = {}
+        if self.messages is None:
+            body["prompt"] = self.prompt
+        else:
+            body["messages"] = [m.to_json() for m in self.messages]
+        if self.chat_template is not None:
+            body["chat_template"] = self.chat_template
+        sampling = ("max_tokens", "temperature", "top_p", "top_k", "seed")
+        body.update({name: getattr(self, name) for name in sampling})
+        body["stop"] = list(self.stop)
+        return body
 
     @classmethod
     def from_json(cls, body: Any) -> InferenceRequest:
@@ -38,12 +58,7 @@ class InferenceRequest:
         if unknown:
             name = sorted(unknown)[0]
             raise _invalid(name, "unknown field")
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str) or not prompt:
-            raise _invalid("prompt", "expected a non-empty string")
-        if len(prompt) > MAX_PROMPT_CHARS:
-            raise _invalid("prompt", f"longer than {MAX_PROMPT_CHARS} characters")
-        req = cls(prompt=prompt)
+        req = _prompt_or_messages(cls(), body)
         req.max_tokens = _int(body, "max_tokens", req.max_tokens, 1, 1_000_000)
         req.temperature = _float(body, "temperature", req.temperature, 0.0, 2.0)
         req.top_p = _float(body, "top_p", req.top_p, 0.0, 1.0)
@@ -62,6 +77,32 @@ class InferenceRequest:
             raise _invalid("stop", f"at most {MAX_STOP_SEQUENCES} sequences")
         req.stop = stop
         return req
+
+
+def _prompt_or_messages(req: InferenceRequest, body: dict[str, Any]) -> InferenceRequest:
+    """Exactly one of `prompt` and `messages`; `chat_template` only beside messages."""
+    prompt, messages, template = body.get("prompt"), body.get("messages"), body.get("chat_template")
+    if messages is not None:
+        if prompt is not None:
+            raise _invalid("messages", "give either prompt or messages, not both")
+        req.messages = parse_messages(messages)
+        if sum(len(m.content) for m in req.messages) > MAX_PROMPT_CHARS:
+            raise _invalid("messages", f"longer than {MAX_PROMPT_CHARS} characters in all")
+        if template is not None:
+            if not isinstance(template, str) or not template:
+                raise _invalid("chat_template", "expected a non-empty string")
+            if len(template) > MAX_TEMPLATE_CHARS:
+                raise _invalid("chat_template", f"longer than {MAX_TEMPLATE_CHARS} characters")
+            req.chat_template = template
+        return req
+    if template is not None:
+        raise _invalid("chat_template", "only with messages")
+    if not isinstance(prompt, str) or not prompt:
+        raise _invalid("prompt", "expected a non-empty string (or chat messages instead)")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise _invalid("prompt", f"longer than {MAX_PROMPT_CHARS} characters")
+    req.prompt = prompt
+    return req
 
 
 def _int(body: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int:

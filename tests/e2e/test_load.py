@@ -19,7 +19,6 @@ from typing import Any
 
 import openai
 
-from rbee_control.queen.chat_template import normalize_messages, render_chat
 from rbee_control.queen.openai_api import parse_request
 
 from ..waiting import wait_for
@@ -145,11 +144,10 @@ async def _warm_every_node(queen: Queen, fleet: E2EFleet) -> None:
 
 
 def _direct(fleet: E2EFleet, worker: dict[str, Any], i: int) -> str:
-    """The same chat request, rendered as the queen renders it, sent straight to a worker."""
+    """The same chat request, as the queen sends it, sent straight to a worker."""
     body = _body(i)
     parsed = parse_request("chat", {**body, "stream": False, "stream_options": None})
-    rendered = render_chat(normalize_messages(body["messages"]), None)
-    request = parsed.inference(rendered.prompt, rendered.extra_stop).to_json()
+    request = parsed.inference().to_json()
     result = worker_stream(fleet.worker_record(worker["id"]), request)
     assert result["error"] is None and result["end"]["stop_reason"] == "max_tokens", result
     return str(result["text"])

@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from rbee_worker.protocol.client import WorkerClient
+from rbee_worker.tinymodel import write_tiny_model
 
 from ..waiting import wait_for
 from .conftest import Fleet, Keeper, make_keeper, read_some, stop_fleet
@@ -367,3 +368,28 @@ def test_idle_shutdown_then_fresh_spawn(tmp_path: Path, tiny_model: Path) -> Non
         assert [w["id"] for w in keeper.known_workers()] == [summary["worker"]]
     finally:
         stop_fleet(keeper, tmp_path / "homes")
+
+
+CHAT_TEMPLATE = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant]"
+
+
+def test_infer_sends_one_chat_turn_when_the_model_has_a_template(fleet: Fleet, tmp_path: Path) -> None:
+    model = write_tiny_model(tmp_path / "chat.gguf", chat_template=CHAT_TEMPLATE)
+    keeper = fleet.keeper
+    common = ("--node", "local", "--prompt", "hi bee", "--max-tokens", "1", "--seed", SEED)
+    chat = keeper.run("infer", "--model", f"file:{model}", "--name", "tiny-chat", *common, json_mode=True)
+    assert chat.rc == 0, chat
+    raw = keeper.run("infer", "--model", "tiny-chat", "--raw", *common, json_mode=True)
+    assert raw.rc == 0, raw
+    (worker,) = [w for w in keeper.known_workers() if w["model"] == "tiny-chat"]
+
+    def direct(prompt: str) -> int:
+        """The prompt's token count, asked of the worker itself."""
+        headers = {"Authorization": f"Bearer {worker['api_key']}"}
+        body = {"prompt": prompt, "max_tokens": 1}
+        response = httpx.post(f"{worker['url']}/v1/inference", json=body, headers=headers, timeout=30)
+        end = response.text.split("event: end\ndata: ", 1)[1].split("\n", 1)[0]
+        return int(json.loads(end)["prompt_tokens"])
+
+    assert chat.json()["prompt_tokens"] == direct("[user] hi bee\n[assistant]")
+    assert raw.json()["prompt_tokens"] == direct("hi bee")
