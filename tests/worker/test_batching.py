@@ -41,7 +41,7 @@ def assert_complete(events: list[Event], tokens: int, reason: str = "max_tokens"
 def batched_worker(worker_factory: type[WorkerProcess], model: Path, **kwargs: Any) -> WorkerProcess:
     worker = worker_factory(model, backend="llama-cpp", **kwargs)
     ready = worker.wait_ready(timeout=120)
-    assert ready["backend"] == "llama-cpp" and ready["slots"] == kwargs.get("slots", 1)
+    assert ready["runtime"] == "llama-cpp" and ready["slots"] == kwargs.get("slots", 1)
     return worker
 
 
@@ -113,7 +113,8 @@ async def test_cancel_frees_a_seat_for_a_queued_request_while_others_stream_on(
             await second.tokens(3)
             queued = asyncio.create_task(collect(client, {"prompt": "late", "max_tokens": 40, "seed": 3}))
             await wait_for_metric(client, "rbee_worker_queue_depth", 1)
-            assert (await client.delete("/v1/inference/gone")).status_code == 200
+            gone = a.headers["x-request-id"]  # the worker names the generation
+            assert (await client.delete(f"/v1/inference/{gone}")).status_code == 200
             late = await queued
             # The queued request got the freed seat and finished while the other stream runs on.
             assert worker.proc.poll() is None

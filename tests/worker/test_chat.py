@@ -68,7 +68,7 @@ async def test_one_bos_on_llama_cpp_too(worker_factory: type[WorkerProcess], tmp
     worker = worker_factory(
         write_tiny_model(tmp_path / "chat.gguf", chat_template=TEMPLATE), backend="llama-cpp"
     )
-    assert worker.wait_ready()["backend"] == "llama-cpp"
+    assert worker.wait_ready()["runtime"] == "llama-cpp"
     await _one_bos(worker)
 
 

@@ -43,4 +43,4 @@ async def test_ctx_size_sets_the_context_of_each_slot(
     async with worker.async_client() as client:
         response = await client.post("/v1/inference", json={"prompt": "x" * 60, "max_tokens": 2})
     assert response.status_code == 200 and "do not fit the 48-token context" in response.text
-    assert "48-token context each" in worker.log()
+    assert "2 slot(s) of 48 tokens" in worker.log()

@@ -16,7 +16,8 @@ async def test_finished_and_cancelled_requests_log_no_traceback(tiny_worker: Wor
         ) as response:
             reader = Reader(response)
             await reader.tokens(2)
-            assert (await client.delete("/v1/inference/stop-me")).status_code == 200
+            stop_me = response.headers["x-request-id"]  # the worker names the generation
+            assert (await client.delete(f"/v1/inference/{stop_me}")).status_code == 200
             assert (await reader.rest())[-1].data["stop_reason"] == "cancelled"
         # The slot is released by the request's end-of-run callback on the event loop, the one that
         # used to raise; once the gauge reads 0 that callback has run to its end.
