@@ -60,7 +60,9 @@ from pathlib import Path
 import httpx
 import psutil
 
+from rbee_worker.protocol.client import WorkerClient
 from rbee_worker.protocol.events import iter_events
+from rbee_worker.protocol.request import InferenceRequest
 from rbee_worker.tinymodel import write_tiny_model
 
 HOST = "127.0.0.1"
@@ -215,13 +217,12 @@ def servers(
             process.stop()
 
 
-async def direct(client: httpx.AsyncClient, url: str, headers: dict[str, str], body: dict) -> Sample:
+async def direct(worker: WorkerClient, body: dict) -> Sample:
     started = time.perf_counter()
     first = last = 0.0
     tokens: int | None = None
-    async with client.stream("POST", f"{url}/v1/inference", json=body, headers=headers) as response:
-        response.raise_for_status()
-        async for event in iter_events(response.aiter_bytes()):
+    async with await worker.stream(InferenceRequest.from_json(body)) as stream:
+        async for event in stream.events():
             if event.name == "token":
                 last = time.perf_counter()
                 first = first or last
@@ -265,10 +266,11 @@ async def run(
     with servers(model, args.threads, log_dir, processes) as (w_url, w_headers, q_url, q_headers):
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
         async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits, trust_env=False) as client:
+            worker = WorkerClient(w_url, w_headers["Authorization"].removeprefix("Bearer "), client)
 
             async def side(name: str, request_body: dict) -> Sample:
                 if name == "direct":
-                    sample = await direct(client, w_url, w_headers, request_body)
+                    sample = await direct(worker, request_body)
                 else:
                     sample = await queen(client, q_url, q_headers, request_body)
                 result.streamed[name] = result.streamed.get(name, 0) + sample.tokens

@@ -81,6 +81,7 @@ from rbee_worker.app.generation import StopMatcher
 from rbee_worker.app.server import default_threads
 from rbee_worker.gguf_info import read_gguf_info
 from rbee_worker.protocol import events
+from rbee_worker.protocol.client import WorkerClient
 from rbee_worker.protocol.request import InferenceRequest
 from rbee_worker.runtimes import LLAMA_CPP, Runtime, SamplingParams, choose_backend, runtime_factory
 from rbee_worker.tinymodel import write_tiny_model
@@ -227,7 +228,7 @@ def start_worker(
     api_key = secrets.token_urlsafe(16)
     args = [
         sys.executable, "-m", "rbee_worker.cli", "serve", "--model", str(model),
-        "--host", HOST, "--port", str(port), "--backend", backend, "--threads", str(threads),
+        "--host", HOST, "--port", str(port), "--runtime", backend, "--threads", str(threads),
         "--ctx", str(ctx), "--slots", str(slots), "--queue", "8",
     ]  # fmt: skip
     env = {**os.environ, "RBEE_WORKER_API_KEY": api_key}
@@ -346,13 +347,12 @@ async def run_worker_sse(client: httpx.AsyncClient, req: InferenceRequest) -> Sa
     last_index = -1
     end: dict[str, Any] | None = None
     first_event_at = 0.0
+    key = client.headers["Authorization"].removeprefix("Bearer ")
+    worker = WorkerClient(str(client.base_url), key, client)
     async with asyncio.timeout(REQUEST_TIMEOUT_S):
         started = time.perf_counter()
-        async with client.stream("POST", "/v1/inference", json=req.to_json()) as response:
-            if response.status_code != 200:
-                await response.aread()
-                raise RuntimeError(f"worker answered {response.status_code}: {response.text[:300]}")
-            async for event in events.iter_events(response.aiter_bytes()):
+        async with await worker.stream(req) as stream:
+            async for event in stream.events():
                 first_event_at = first_event_at or time.perf_counter()
                 if event.name == events.TOKEN:
                     last_at = time.perf_counter()

@@ -13,13 +13,13 @@ head. The token embedding always stays on the host.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 from .model_shape import ModelShape
 from .protocol.errors import ErrorCode, RbeeError
+from .protocol.spawn import DEVICE_BACKENDS, GpuLayers
 
 MB = 1 << 20
-GpuLayers = Literal["auto", "all"] | int
 
 #: Bytes per K or V element: llama.cpp's default cache type is f16.
 KV_F16 = 2
@@ -29,7 +29,7 @@ N_UBATCH = 512
 KV_PAD = 256
 #: The per-sequence context when none is asked for: a long training context would reserve GBs of KV.
 DEFAULT_CTX_CAP = 4096
-BACKENDS = ("cpu", "cuda", "metal")
+BACKENDS = DEVICE_BACKENDS
 
 
 def default_ctx(shape: ModelShape) -> int:

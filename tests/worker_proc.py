@@ -14,6 +14,8 @@ from pathlib import Path
 
 import httpx
 
+from rbee_worker.protocol.client import WorkerClient
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
@@ -48,7 +50,7 @@ class WorkerProcess:
         self.url = f"http://{self.host}:{self.port}"
         args = [
             sys.executable, "-m", "rbee_worker.cli", "serve", "--model", str(model),
-            "--host", self.host, "--port", str(self.port), "--backend", backend,
+            "--host", self.host, "--port", str(self.port), "--runtime", backend,
             "--slots", str(slots), "--queue", str(queue), "--failed-linger", "3",
         ]  # fmt: skip
         if ctx:
@@ -67,6 +69,9 @@ class WorkerProcess:
 
     def client(self, **kwargs: object) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers=self.headers, timeout=60, **kwargs)  # type: ignore[arg-type]
+
+    def worker_client(self, api_key: str | None = None) -> WorkerClient:
+        return WorkerClient(self.url, api_key or self.api_key, timeout=httpx.Timeout(60.0))
 
     def async_client(self, **kwargs: object) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.url, headers=self.headers, timeout=60, **kwargs)  # type: ignore[arg-type]

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rbee_control.inventory.loader import load_inventory
-from rbee_control.keeper.node_client import NodeClient
+from rbee_control.node import NodeClient
 from rbee_control.ssh.known_hosts import KnownHosts
 from rbee_control.ssh.pool import TransportPool
 from tests import sshd

@@ -7,10 +7,8 @@ local subprocess); the daemon itself listens on a Unix socket, never on TCP.
 from __future__ import annotations
 
 from rbee_control import __version__
+from rbee_worker.protocol.node_events import NODE_PLACEHOLDER
 
-__all__ = ["API_VERSION", "__version__"]
+__all__ = ["API_VERSION", "NODE_PLACEHOLDER", "__version__"]
 
 API_VERSION = "v1"
-
-#: Hints from the hive name the node this way (it does not know its inventory name); the keeper fills it in.
-NODE_PLACEHOLDER = "<node>"

@@ -1,12 +1,14 @@
 """The hive's HTTP API, served only on its Unix socket (mode 0600: the owner is the auth).
 
-GET  /v1/health              {status, version, api_version, pid, workers}
-POST /v1/workers/spawn       {model, runtime?, backend?, device?, gpu_layers?, slots?, ctx?, threads?,
-                              idle_timeout?, wait?, timeout?}
-POST /v1/workers/ready       callback from a worker: {worker_id, state, url, model, backend, error}
-GET  /v1/workers/list        {workers: [...]}
-POST /v1/workers/{id}/stop   {id, stopped, how}
+GET  /v1/health              HiveHealth
+POST /v1/workers/spawn       SpawnRequest → WorkerInfo
+POST /v1/workers/ready       ReadyReport, the callback of a worker once loaded or failed
+GET  /v1/workers/list        {workers: [WorkerInfo]}
+POST /v1/workers/{id}/stop   StopResult
 POST /v1/admin/shutdown      202; the daemon stops every worker, then exits
+
+The bodies are defined in `rbee_worker.protocol.hive_api` and `.spawn`, and parsed
+there once; the handlers below see typed objects only.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from rbee_worker.planning import parse_gpu_layers
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
+from rbee_worker.protocol.hive_api import HiveHealth, HiveShutdown, ReadyReport, StopResult
+from rbee_worker.protocol.spawn import SpawnRequest
 
 from . import API_VERSION, __version__
 from .paths import check_worker_id
-from .spawn import SpawnRequest, split_legacy_backend
 from .supervisor import Supervisor
 
 
@@ -38,103 +40,39 @@ def error_response(err: RbeeError) -> JSONResponse:
     return JSONResponse(body, status_code=err.status)
 
 
-async def _json(request: Request) -> dict[str, Any]:
+async def _json(request: Request) -> Any:
     try:
-        body = await request.json()
+        return await request.json()
     except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        raise RbeeError(ErrorCode.INVALID_REQUEST, "body must be a JSON object", status=400)
-    return body
-
-
-def _field(
-    body: dict[str, Any], key: str, kind: type, default: Any = None, minimum: float | None = None
-) -> Any:
-    value: Any = body.get(key)
-    if value is None:
-        return default
-    if kind is float and type(value) is int:
-        value = float(value)
-    wrong_type = type(value) is not kind  # a separate name: narrowing to `kind` would hide `<`
-    if wrong_type or (minimum is not None and value < minimum):
-        raise RbeeError(
-            ErrorCode.INVALID_REQUEST,
-            f"invalid {key!r}: {value!r}",
-            status=400,
-            details={
-                "field": key,
-                "expected": kind.__name__ + (f" >= {minimum:g}" if minimum is not None else ""),
-            },
-        )
-    return value
+        raise RbeeError(ErrorCode.INVALID_REQUEST, "body must be a JSON object") from None
 
 
 def create_app(supervisor: Supervisor, request_exit: Callable[[], None]) -> Starlette:
     """`request_exit` tells the server to stop; the lifespan then cascades to the workers."""
 
     async def health(request: Request) -> JSONResponse:
-        return JSONResponse(
-            {
-                "status": "alive",
-                "version": __version__,
-                "api_version": API_VERSION,
-                "pid": os.getpid(),
-                "workers": len(supervisor.registry),
-            }
-        )
+        health = HiveHealth("alive", __version__, API_VERSION, os.getpid(), len(supervisor.registry))
+        return JSONResponse(health.to_json())
 
     async def spawn_worker(request: Request) -> JSONResponse:
-        body = await _json(request)
-        model = _field(body, "model", str)
-        if not model:
-            raise RbeeError(ErrorCode.INVALID_REQUEST, "'model' is required", status=400)
-        runtime, backend = split_legacy_backend(
-            _field(body, "runtime", str, "auto"), _field(body, "backend", str, "auto")
-        )
-        gpu_layers = body.get("gpu_layers", "auto")
-        try:
-            gpu_layers = parse_gpu_layers(gpu_layers)
-        except ValueError as exc:
-            raise RbeeError(
-                ErrorCode.INVALID_REQUEST,
-                str(exc),
-                status=400,
-                details={"field": "gpu_layers", "expected": "auto | all | int >= 0"},
-            ) from None
-        req = SpawnRequest(
-            model=model,
-            runtime=runtime,
-            backend=backend,
-            device=_field(body, "device", int, None, minimum=0),
-            gpu_layers=gpu_layers,
-            slots=_field(body, "slots", int, 1, minimum=1),
-            ctx=_field(body, "ctx", int, None, minimum=16),
-            threads=_field(body, "threads", int, None, minimum=1),
-            idle_timeout=_field(body, "idle_timeout", float, None, minimum=0),
-        )
-        worker = await supervisor.spawn(
-            req,
-            wait=_field(body, "wait", bool, False),
-            timeout=_field(body, "timeout", float, None, minimum=0),
-        )
-        return JSONResponse(worker.to_json())
+        worker = await supervisor.spawn(SpawnRequest.from_json(await _json(request)))
+        return JSONResponse(worker.info().to_json())
 
     async def worker_ready(request: Request) -> JSONResponse:
-        worker = supervisor.on_ready(await _json(request))
+        worker = supervisor.on_ready(ReadyReport.from_json(await _json(request)))
         return JSONResponse({"id": worker.id, "state": str(worker.state)})
 
     async def list_workers(request: Request) -> JSONResponse:
-        return JSONResponse({"workers": [w.to_json() for w in supervisor.registry.list()]})
+        return JSONResponse({"workers": [w.info().to_json() for w in supervisor.registry.list()]})
 
     async def stop_worker(request: Request) -> JSONResponse:
         worker_id = check_worker_id(request.path_params["worker_id"])
         how = await supervisor.stop_worker(worker_id, "asked to stop")
-        return JSONResponse({"id": worker_id, "stopped": True, "how": how})
+        return JSONResponse(StopResult(worker_id, True, how).to_json())
 
     async def shutdown(request: Request) -> JSONResponse:
         return JSONResponse(
-            {"status": "shutting down", "workers": len(supervisor.registry)},
+            HiveShutdown(workers=len(supervisor.registry)).to_json(),
             status_code=202,
             background=BackgroundTask(request_exit),
         )

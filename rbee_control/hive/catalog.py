@@ -105,7 +105,6 @@ class Catalog:
             raise RbeeError(
                 ErrorCode.MODEL_NOT_FOUND,
                 f"model {name!r} is not in this node's catalog",
-                status=404,
                 details={"name": name},
                 hint=f"add it first: rbee-keeper models add REF --name {shlex.quote(name)} --node NODE",
             )

@@ -15,11 +15,10 @@ from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
-from rbee_control.node_events import Emitter
-from rbee_worker.planning import BACKENDS as DEVICE_BACKENDS
-from rbee_worker.planning import parse_gpu_layers
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
-from rbee_worker.runtimes import BACKENDS
+from rbee_worker.protocol.hive_api import WorkerInfo
+from rbee_worker.protocol.node_events import Emitter
+from rbee_worker.protocol.spawn import DEVICE_BACKENDS, SpawnRequest, add_spawn_arguments
 
 from . import __version__
 from .config import HiveConfig
@@ -127,9 +126,7 @@ def cmd_models_rm(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> N
 
     if not args.force and running_hive(paths) is not None:
         using = [
-            w["id"]
-            for w in asyncio.run(_with_hive(paths, lambda h: h.list_workers()))
-            if w["model"] == args.name
+            w.id for w in asyncio.run(_with_hive(paths, lambda h: h.list_workers())) if w.model == args.name
         ]
         if using:
             raise RbeeError(
@@ -158,46 +155,26 @@ async def _with_hive(paths: HivePaths, call: Callable[[Any], Any]) -> Any:
 
 
 def cmd_worker_spawn(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
-    info = asyncio.run(
-        _with_hive(
-            paths,
-            lambda h: h.spawn(
-                args.model,
-                runtime=args.runtime,
-                backend=args.backend,
-                device=args.device,
-                gpu_layers=args.gpu_layers,
-                slots=args.slots,
-                ctx=args.ctx,
-                threads=args.threads,
-                idle_timeout=args.idle_timeout,
-                wait=args.wait,
-                timeout=args.timeout,
-            ),
-        )
-    )
+    req = SpawnRequest.from_args(args)
+    info = asyncio.run(_with_hive(paths, lambda h: h.spawn(req)))
     out.result(
-        info,
-        f"{info['id']}: {info['state']} at {info['url']} (pid {info['pid']}, {info.get('runtime')} on "
-        f"{info['backend']}{'' if info.get('device') is None else ':' + str(info['device'])})\n"
-        f"api key: {info['api_key']}",
+        info.to_json(),
+        f"{info.id}: {info.state} at {info.url} (pid {info.pid}, {info.runtime} on {_where(info)})\n"
+        f"api key: {info.api_key}",
     )
 
 
 def cmd_worker_list(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
     workers = asyncio.run(_with_hive(paths, lambda h: h.list_workers()))
     table = _table(
-        [
-            [w["id"], w["state"], w["model"], w.get("runtime", ""), _where(w), w["url"], str(w["pid"])]
-            for w in workers
-        ],
+        [[w.id, w.state, w.model, w.runtime or "", _where(w), w.url, str(w.pid)] for w in workers],
         ["ID", "STATE", "MODEL", "RUNTIME", "BACKEND", "URL", "PID"],
     )
-    out.result({"workers": workers}, table or "no workers")
+    out.result({"workers": [w.to_json() for w in workers]}, table or "no workers")
 
 
-def _where(w: dict[str, Any]) -> str:
-    return str(w["backend"]) + ("" if w.get("device") is None else f":{w['device']}")
+def _where(w: WorkerInfo) -> str:
+    return str(w.backend) + ("" if w.device is None else f":{w.device}")
 
 
 def cmd_detect(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
@@ -231,17 +208,10 @@ def cmd_install_llama(args: argparse.Namespace, paths: HivePaths, out: Emitter) 
 def cmd_worker_stop(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
     check_worker_id(args.id)
     info = asyncio.run(_with_hive(paths, lambda h: h.stop_worker(args.id)))
-    out.result(info, f"{info['id']}: stopped ({info['how']})")
+    out.result(info.to_json(), f"{info.id}: stopped ({info.how})")
 
 
 # --- parser ------------------------------------------------------------------
-
-
-def _gpu_layers(text: str) -> str | int:
-    try:
-        return parse_gpu_layers(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _common(parser: argparse.ArgumentParser, top: bool) -> None:
@@ -322,30 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker_p = sub.add_parser("worker", help="model workers (needs the daemon)")
     wsub = worker_p.add_subparsers(dest="worker_command", required=True, metavar="ACTION")
     p = leaf(wsub, "spawn", cmd_worker_spawn, "start a worker for a catalogued model")
-    p.add_argument("--model", required=True)
-    p.add_argument("--runtime", choices=["auto", *BACKENDS], default="auto", help="the GGUF runtime")
-    p.add_argument(
-        "--backend",
-        choices=["auto", *DEVICE_BACKENDS, *BACKENDS],
-        default="auto",
-        help="where it runs: auto (a GPU llama-cpp-python can drive, else cpu), cpu, cuda, metal "
-        "(a runtime name here still selects the runtime)",
-    )
-    p.add_argument("--device", type=int, help="GPU index (default: the one with most free memory)")
-    p.add_argument(
-        "--gpu-layers",
-        type=_gpu_layers,
-        default="auto",
-        help="layers to offload: auto (as many as fit), all, or a number",
-    )
-    p.add_argument("--slots", type=int, default=1)
-    p.add_argument("--ctx", type=int)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--idle-timeout", type=float, help="seconds idle before it is stopped (default: daemon's)")
-    p.add_argument("--wait", action="store_true", help="return when the model is loaded (or failed)")
-    p.add_argument(
-        "--timeout", type=float, help="seconds to wait for --wait (default: daemon's loading timeout)"
-    )
+    add_spawn_arguments(p)
     leaf(wsub, "list", cmd_worker_list, "list this node's workers")
     p = leaf(wsub, "stop", cmd_worker_stop, "stop one worker gracefully")
     p.add_argument("id")

@@ -2,7 +2,7 @@
 
 Used by the `rbee-hive` CLI on the node, and by anything else running there (the
 keeper with `transport: local`, tests). Remote callers run the CLI over SSH
-instead and read its JSON lines (`rbee_control.node_events`).
+instead and read its JSON lines (`rbee_worker.protocol.node_events`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Any
 import httpx
 
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
+from rbee_worker.protocol.hive_api import HiveHealth, HiveShutdown, StopResult, WorkerInfo
+from rbee_worker.protocol.spawn import SpawnRequest
 
 from .paths import HivePaths, check_worker_id
 
@@ -23,14 +25,13 @@ def hive_not_running(paths: HivePaths) -> RbeeError:
     return RbeeError(
         ErrorCode.HIVE_NOT_RUNNING,
         f"the hive daemon is not running (no answer on {paths.socket})",
-        status=503,
         details={"socket": str(paths.socket)},
         hint=f"rbee-hive daemon --detach --home {paths.home}",
     )
 
 
 class HiveClient:
-    """`async with HiveClient(paths) as hive: await hive.spawn("tiny", wait=True)`"""
+    """`async with HiveClient(paths) as hive: await hive.spawn(SpawnRequest("tiny", wait=True))`"""
 
     def __init__(self, paths: HivePaths, timeout: float = 10.0) -> None:
         self.paths = paths
@@ -61,7 +62,7 @@ class HiveClient:
             raise hive_not_running(self.paths) from None
         except httpx.TimeoutException as exc:
             raise RbeeError(
-                ErrorCode.CONNECTION_TIMEOUT, f"the hive did not answer {method} {path} in time", status=504
+                ErrorCode.CONNECTION_TIMEOUT, f"the hive did not answer {method} {path} in time"
             ) from exc
         try:
             data = resp.json()
@@ -74,57 +75,29 @@ class HiveClient:
             raise err
         return data
 
-    async def health(self) -> dict[str, Any]:
-        return await self._call("GET", "/v1/health", timeout=3.0)
+    async def health(self) -> HiveHealth:
+        return HiveHealth.from_json(await self._call("GET", "/v1/health", timeout=3.0))
 
-    async def spawn(
-        self,
-        model: str,
-        backend: str = "auto",
-        slots: int = 1,
-        ctx: int | None = None,
-        threads: int | None = None,
-        idle_timeout: float | None = None,
-        wait: bool = False,
-        timeout: float | None = None,
-        runtime: str | None = None,
-        device: int | None = None,
-        gpu_layers: str | int | None = None,
-    ) -> dict[str, Any]:
-        """Start a worker; the answer carries `{id, url, api_key, model, runtime, backend, state, pid, port}`.
-
-        `backend` is where it runs (auto | cpu | cuda | metal); a runtime name there still
-        selects the runtime, as it did before `runtime` existed.
-        """
-        body = {
-            "model": model,
-            "runtime": runtime,
-            "backend": backend,
-            "device": device,
-            "gpu_layers": gpu_layers,
-            "slots": slots,
-            "ctx": ctx,
-            "threads": threads,
-            "idle_timeout": idle_timeout,
-            "wait": wait,
-            "timeout": timeout,
-        }
-        body = {k: v for k, v in body.items() if v is not None}
+    async def spawn(self, req: SpawnRequest) -> WorkerInfo:
+        """Start a worker; with `req.wait`, answer once it is loaded (or failed)."""
         # the daemon waits up to `timeout` (default: its loading timeout) plus start-up
-        http_timeout = (timeout or 300.0) + 60.0 if wait else 60.0
-        return await self._call("POST", "/v1/workers/spawn", body, timeout=http_timeout)
+        http_timeout = (req.timeout or 300.0) + 60.0 if req.wait else 60.0
+        body = await self._call("POST", "/v1/workers/spawn", req.to_json(), timeout=http_timeout)
+        return WorkerInfo.from_json(body)
 
-    async def list_workers(self) -> list[dict[str, Any]]:
-        return (await self._call("GET", "/v1/workers/list"))["workers"]
+    async def list_workers(self) -> list[WorkerInfo]:
+        body = await self._call("GET", "/v1/workers/list")
+        return [WorkerInfo.from_json(w) for w in body["workers"]]
 
-    async def stop_worker(self, worker_id: str) -> dict[str, Any]:
-        return await self._call("POST", f"/v1/workers/{check_worker_id(worker_id)}/stop", timeout=90.0)
+    async def stop_worker(self, worker_id: str) -> StopResult:
+        check_worker_id(worker_id)
+        return StopResult.from_json(await self._call("POST", f"/v1/workers/{worker_id}/stop", timeout=90.0))
 
-    async def shutdown(self) -> dict[str, Any]:
-        return await self._call("POST", "/v1/admin/shutdown")
+    async def shutdown(self) -> HiveShutdown:
+        return HiveShutdown.from_json(await self._call("POST", "/v1/admin/shutdown"))
 
 
-async def wait_for_hive(paths: HivePaths, timeout: float, alive: Any = None) -> dict[str, Any]:
+async def wait_for_hive(paths: HivePaths, timeout: float, alive: Any = None) -> HiveHealth:
     """Poll health until the daemon answers; `alive()` returning False aborts early (it died)."""
     deadline = time.monotonic() + timeout
     async with HiveClient(paths, timeout=2.0) as hive:

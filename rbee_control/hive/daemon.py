@@ -154,8 +154,8 @@ def detach(paths: HivePaths, config: HiveConfig) -> dict[str, Any]:
             details={"log": str(paths.hive_log), "log_tail": _tail(paths.hive_log)},
             hint=f"tail {paths.hive_log}",
         ) from None
-    status = "started" if health["pid"] == proc.pid else "already_running"
-    return {"status": status, **base_info(paths, health["pid"])}
+    status = "started" if health.pid == proc.pid else "already_running"
+    return {"status": status, **base_info(paths, health.pid)}
 
 
 async def stop_hive(paths: HivePaths, grace: float = 30.0) -> dict[str, Any]:
@@ -166,7 +166,7 @@ async def stop_hive(paths: HivePaths, grace: float = 30.0) -> dict[str, Any]:
     if pid is not None:
         try:
             async with HiveClient(paths) as hive:
-                workers = (await hive.shutdown()).get("workers", 0)
+                workers = (await hive.shutdown()).workers
             how = "graceful"
         except RbeeError:
             os.kill(pid, signal.SIGTERM)

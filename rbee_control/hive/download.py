@@ -22,8 +22,8 @@ from pathlib import Path
 
 import httpx
 
-from rbee_control.node_events import Emitter
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
+from rbee_worker.protocol.node_events import Emitter
 
 from .refs import Source, TransientError
 
@@ -86,7 +86,6 @@ def _disk_full(part: Path, needed: int | None = None) -> RbeeError:
     return RbeeError(
         ErrorCode.DISK_FULL,
         f"not enough disk space in {part.parent}" + (" (partial download kept for resume)" if kept else ""),
-        status=507,
         details=details,
         hint="free some space (rbee-hive models rm NAME) and run the same command again",
     )
@@ -175,7 +174,6 @@ async def download(
     raise RbeeError(
         ErrorCode.DOWNLOAD_FAILED,
         f"download failed after {policy.attempts} attempts: {last}",
-        status=502,
         details={
             "url": source.url if source else None,
             "attempts": policy.attempts,
@@ -246,7 +244,7 @@ async def _fetch_once(
             raise TransientError("server refused to resume; starting over")
         if status == 404:
             raise RbeeError(
-                ErrorCode.MODEL_NOT_FOUND, f"not found: {source.url}", status=404, details={"url": source.url}
+                ErrorCode.MODEL_NOT_FOUND, f"not found: {source.url}", details={"url": source.url}
             )
         if status in (401, 403):
             raise RbeeError(
@@ -262,7 +260,6 @@ async def _fetch_once(
             raise RbeeError(
                 ErrorCode.DOWNLOAD_FAILED,
                 f"unexpected HTTP {status} from {source.url}",
-                status=502,
                 details={"url": source.url, "status": status},
             )
         if status == 206:
@@ -320,7 +317,6 @@ async def import_file(src: Path, part: Path, emitter: Emitter, consume: bool = F
         raise RbeeError(
             ErrorCode.MODEL_NOT_FOUND,
             f"{src}: {exc.strerror}",
-            status=404,
             details={"path": str(src)},
         ) from None
     part.unlink(missing_ok=True)

@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from rbee_control.node_events import Emitter
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
+from rbee_worker.protocol.node_events import Emitter
 
 from .devices import NodeDevices, detect, write_build_record
 from .paths import HivePaths

@@ -19,9 +19,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from rbee_control.node_events import Emitter
 from rbee_worker.gguf_info import read_gguf_info
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
+from rbee_worker.protocol.node_events import Emitter
 
 from .catalog import Catalog, ModelRow
 from .download import PartDigest, RetryPolicy, download, import_file, sha256_file
@@ -91,12 +91,11 @@ async def add_model(
     if sha256 is not None:
         sha256 = sha256.lower()
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
-            raise RbeeError(ErrorCode.INVALID_REQUEST, "--sha256 must be 64 hex digits", status=400)
+            raise RbeeError(ErrorCode.INVALID_REQUEST, "--sha256 must be 64 hex digits")
     if ref.location.startswith("http://") and sha256 is None:
         raise RbeeError(
             ErrorCode.INVALID_REQUEST,
             f"{ref.raw}: plain http needs --sha256 (anyone on the path could change the bytes)",
-            status=400,
             details={"ref": ref.raw},
             hint="use an https:// URL, or give the file's sha256: --sha256 HEX",
         )
@@ -134,7 +133,6 @@ async def _resolve_with_retries(ref: ModelRef, policy: RetryPolicy) -> Source:
                 raise RbeeError(
                     ErrorCode.DOWNLOAD_FAILED,
                     f"cannot resolve {ref.raw} after {attempt} attempts: {exc}",
-                    status=502,
                     details={"ref": ref.raw, "attempts": attempt, "last_error": str(exc)},
                     hint="check the node's network and HF_ENDPOINT",
                 ) from None
@@ -223,7 +221,6 @@ def _check_size(part: Path, source: Source) -> None:
         raise RbeeError(
             ErrorCode.DOWNLOAD_FAILED,
             f"size mismatch: got {size} bytes, expected {source.size}",
-            status=502,
             details={"size": size, "expected_size": source.size, "url": source.url},
         )
 
@@ -238,7 +235,6 @@ def _check_digest(part: Path, digest: str, expected: str | None, refused_by: str
         raise RbeeError(
             ErrorCode.CHECKSUM_MISMATCH,
             f"sha256 mismatch for {refused_by}: file deleted",
-            status=422,
             details={"expected": expected, "actual": digest, "ref": refused_by},
             hint="check the --sha256 value against the model's page",
         )
@@ -271,7 +267,6 @@ async def verify_model(paths: HivePaths, name: str, emitter: Emitter) -> dict[st
         raise RbeeError(
             ErrorCode.INVALID_MODEL_FILE,
             f"{name}: file {path} is missing",
-            status=422,
             details={"name": name, "path": str(path)},
             hint=f"rbee-hive models rm {name} && rbee-hive models add {row.ref}",
         )
@@ -280,7 +275,6 @@ async def verify_model(paths: HivePaths, name: str, emitter: Emitter) -> dict[st
         raise RbeeError(
             ErrorCode.CHECKSUM_MISMATCH,
             f"{name}: file changed since it was added",
-            status=422,
             details={"name": name, "expected": row.sha256, "actual": digest, "path": str(path)},
             hint=f"rbee-hive models rm {name} && rbee-hive models add {row.ref}",
         )

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
+from rbee_worker.protocol.hive_api import WORKER_ID_RE as WORKER_ID_RE  # re-exported: one id rule
+from rbee_worker.protocol.hive_api import check_worker_id
 
 DEFAULT_HOME = "~/.local/share/rbee"
 MODELS_DIR_ENV = "RBEE_MODELS_DIR"
 MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-WORKER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 def resolve_home(home: str | os.PathLike[str] | None = None) -> Path:
@@ -32,24 +33,10 @@ def check_model_name(name: str) -> str:
         raise RbeeError(
             ErrorCode.INVALID_REQUEST,
             f"invalid model name {name!r}",
-            status=400,
             details={"name": name, "pattern": MODEL_NAME_RE.pattern},
             hint="use letters, digits, '.', '_' and '-' (at most 128), e.g. --name tinyllama-q4",
         )
     return name
-
-
-def check_worker_id(worker_id: str) -> str:
-    """The one id check, before an id reaches a URL path or a file name (`../admin/shutdown?`)."""
-    if not isinstance(worker_id, str) or not WORKER_ID_RE.fullmatch(worker_id):
-        raise RbeeError(
-            ErrorCode.INVALID_REQUEST,
-            f"invalid worker id {worker_id!r}",
-            status=400,
-            details={"id": worker_id, "pattern": WORKER_ID_RE.pattern},
-            hint="worker ids look like worker-1a2b3c4d: rbee-keeper worker list",
-        )
-    return worker_id
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,8 @@ from typing import Any
 
 import psutil
 
+from rbee_worker.protocol.spawn import RUNTIMES
+
 from .paths import HivePaths
 from .process import is_alive
 
@@ -122,6 +124,8 @@ def read_worker_files(paths: HivePaths) -> list[WorkerFile]:
     for path in sorted(paths.workers_dir.glob("*.json")):
         try:
             data = json.loads(path.read_text())
+            if "runtime" not in data and data.get("backend") in RUNTIMES:  # written by rbee 0.1.0
+                data["runtime"], data["backend"] = data["backend"], "cpu"
             found.append(WorkerFile(**{k: data[k] for k in WorkerFile.__dataclass_fields__ if k in data}))
         except (OSError, ValueError, KeyError, TypeError):
             path.unlink(missing_ok=True)

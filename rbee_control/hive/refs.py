@@ -92,7 +92,6 @@ def parse_ref(raw: str) -> ModelRef:
     raise RbeeError(
         ErrorCode.INVALID_REQUEST,
         f"invalid model reference {raw!r}",
-        status=400,
         details={"ref": raw, "expected": _FORMATS},
         hint="e.g. "
         "rbee-hive models add hf:TheBloke/TinyLlama-1.1B-Chat-v1.0-GGUF:tinyllama-1.1b-chat-v1.0.Q4_K_M.gguf",
@@ -156,7 +155,6 @@ def _resolve_hf(ref: ModelRef) -> Source:
         raise RbeeError(
             ErrorCode.MODEL_NOT_FOUND,
             f"not found on the hub: {ref.raw}",
-            status=404,
             details={"ref": ref.raw, "reason": str(exc).splitlines()[0][:300]},
             hint="check the repo and file name on https://huggingface.co/",
         ) from None
@@ -164,7 +162,6 @@ def _resolve_hf(ref: ModelRef) -> Source:
         raise RbeeError(
             ErrorCode.DOWNLOAD_FAILED,
             f"{endpoint or 'the hub'} does not answer like a Hugging Face hub",
-            status=502,
             details={"ref": ref.raw, "reason": str(exc)[:300]},
             hint="check HF_ENDPOINT on the node",
         ) from None
@@ -176,7 +173,6 @@ def _resolve_hf(ref: ModelRef) -> Source:
             raise RbeeError(
                 ErrorCode.DOWNLOAD_FAILED,
                 f"the hub refused {ref.raw} (HTTP {status})",
-                status=502,
                 details={"ref": ref.raw, "status": status, "reason": str(exc).splitlines()[0][:300]},
             ) from None
         raise TransientError(f"hub answered HTTP {status}") from exc
@@ -210,7 +206,6 @@ def _single_gguf(api: object, ref: ModelRef) -> str:
     raise RbeeError(
         ErrorCode.INVALID_REQUEST,
         f"{ref.raw}: the repo has {len(ggufs)} .gguf files; name one",
-        status=400,
         details={"ref": ref.raw, "gguf_files": ggufs[:50]},
         hint=f"rbee-hive models add hf:{ref.location}:{ggufs[0]}" if ggufs else None,
     )

@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Any
 
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
+from rbee_worker.protocol.hive_api import WorkerInfo
 
 from .pidfiles import WorkerFile
 
@@ -51,31 +52,31 @@ class Worker:
     def idle_for(self, now: float | None = None) -> float:
         return max(0.0, (now or time.time()) - self.last_activity)
 
-    def to_json(self) -> dict[str, Any]:
+    def info(self) -> WorkerInfo:
         """The wire form for the keeper; it carries the API key because only the socket's owner can ask."""
         f = self.file
-        return {
-            "id": f.id,
-            "url": f.url,
-            "model": f.model,
-            "runtime": f.runtime,
-            "backend": f.backend,
-            "device": f.device,
-            "gpu_layers": f.gpu_layers,
-            "vram_bytes": f.vram_bytes,
-            "planned_bytes": f.planned_bytes,
-            "state": str(self.state),
-            "pid": f.pid,
-            "port": f.port,
-            "slots": f.slots,
-            "slots_busy": self.slots_busy,
-            "api_key": f.api_key,
-            "started_at": f.started_at,
-            "ready_at": self.ready_at,
-            "last_activity": round(self.last_activity, 3),
-            "idle_seconds": round(self.idle_for(), 1) if self.state == WorkerState.IDLE else 0.0,
-            "failed_probes": self.failed_probes,
-        }
+        return WorkerInfo(
+            id=f.id,
+            url=f.url,
+            model=f.model,
+            state=str(self.state),
+            runtime=f.runtime,
+            backend=f.backend,
+            device=f.device,
+            gpu_layers=f.gpu_layers,
+            vram_bytes=f.vram_bytes,
+            planned_bytes=f.planned_bytes,
+            pid=f.pid,
+            port=f.port,
+            slots=f.slots,
+            slots_busy=self.slots_busy,
+            api_key=f.api_key,
+            started_at=f.started_at,
+            ready_at=self.ready_at,
+            last_activity=round(self.last_activity, 3),
+            idle_seconds=round(self.idle_for(), 1) if self.state == WorkerState.IDLE else 0.0,
+            failed_probes=self.failed_probes,
+        )
 
 
 class Registry:
@@ -94,7 +95,6 @@ class Registry:
             raise RbeeError(
                 ErrorCode.WORKER_NOT_FOUND,
                 f"no worker {worker_id!r} on this node",
-                status=404,
                 details={"id": worker_id},
                 hint="rbee-hive worker list",
             )

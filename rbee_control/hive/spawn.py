@@ -15,12 +15,10 @@ import secrets
 import socket
 import sys
 import time
-from dataclasses import dataclass
 
 from rbee_worker.gguf_info import GGUFInfo
-from rbee_worker.planning import GpuLayers
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
-from rbee_worker.runtimes import BACKENDS as RUNTIMES
+from rbee_worker.protocol.spawn import SpawnRequest
 from rbee_worker.runtimes import choose_backend as worker_choose_runtime
 
 from . import tls
@@ -33,35 +31,12 @@ from .process import create_time
 from .worker_env import worker_env
 
 
-@dataclass(frozen=True, slots=True)
-class SpawnRequest:
-    model: str
-    #: the GGUF runtime: auto | ctransformers | llama-cpp
-    runtime: str = "auto"
-    slots: int = 1
-    ctx: int | None = None
-    threads: int | None = None
-    idle_timeout: float | None = None
-    #: where it runs: auto | cpu | cuda | metal, on `device` (None: the one with most free memory)
-    backend: str = "auto"
-    device: int | None = None
-    gpu_layers: GpuLayers = "auto"
-
-
-def split_legacy_backend(runtime: str, backend: str) -> tuple[str, str]:
-    """(runtime, backend): before `runtime` existed, `backend` named the runtime, and still may."""
-    if backend in RUNTIMES:
-        return (backend if runtime == "auto" else runtime), "auto"
-    return runtime, backend
-
-
 def choose_runtime(requested: str, model: ModelRow) -> str:
     """Pick as the worker would, from the metadata catalogued at add time (re-parsing costs seconds)."""
     if not os.path.isfile(model.path):
         raise RbeeError(
             ErrorCode.MODEL_NOT_FOUND,
             f"the file of model {model.name!r} is gone: {model.path}",
-            status=404,
             details={"name": model.name, "path": model.path},
             hint=f"rbee-hive models rm {model.name} && rbee-hive models add {model.ref}",
         )
@@ -100,7 +75,6 @@ def pick_port(config: HiveConfig, taken: set[int]) -> int:
     raise RbeeError(
         ErrorCode.NO_PORT_AVAILABLE,
         f"no free port in {config.port_min}-{config.port_max} on {config.address}",
-        status=503,
         details={"address": config.address, "range": [config.port_min, config.port_max]},
         hint="stop idle workers: rbee-hive worker list",
     )

@@ -74,7 +74,7 @@ async def hive_status(paths: HivePaths) -> dict[str, Any]:
         raise
     return {
         "running": True,
-        "workers": workers,
+        "workers": [w.to_json() for w in workers],
         "node": node_facts(paths),
-        **base_info(paths, health.get("pid", pid)),
+        **base_info(paths, health.pid or pid),
     }

@@ -17,10 +17,12 @@ import time
 from typing import Any
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from rbee_worker.model_shape import read_model_shape
+from rbee_worker.protocol.client import WorkerClient
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
+from rbee_worker.protocol.hive_api import ReadyReport
+from rbee_worker.protocol.spawn import SpawnRequest
 
 from . import spawn, tls
 from .catalog import Catalog
@@ -31,7 +33,6 @@ from .pidfiles import WorkerFile, read_worker_files
 from .placement import Placement, choose_device, place, reserve_loading, runtime_request
 from .process import is_alive, terminate, wait_gone
 from .registry import Registry, Worker, WorkerState
-from .spawn import SpawnRequest
 
 log = logging.getLogger("rbee.hive")
 
@@ -87,12 +88,16 @@ class Supervisor:
 
     # --- spawn -----------------------------------------------------------------
 
-    async def spawn(self, req: SpawnRequest, wait: bool, timeout: float | None) -> Worker:
+    async def spawn(self, req: SpawnRequest) -> Worker:
         model = self.catalog.require(req.model)
         worker = await self._launch_bound(req, model)
-        if wait:
-            await self.wait_ready(worker, timeout or self.config.loading_timeout)
+        if req.wait:
+            await self.wait_ready(worker, req.timeout or self.config.loading_timeout)
         return worker
+
+    def client(self, worker: Worker | WorkerFile) -> WorkerClient:
+        f = worker.file if isinstance(worker, Worker) else worker
+        return WorkerClient(f.url, f.api_key, http=self.http)
 
     async def place(self, req: SpawnRequest, model: Any) -> Placement:
         """Runtime, device and memory plan from `detect` and the GGUF header; refusals raise here."""
@@ -109,7 +114,7 @@ class Supervisor:
             device=req.device,
             gpu_layers=req.gpu_layers,
             slots=req.slots,
-            ctx=req.ctx,
+            ctx=req.ctx_size,
             ram_headroom=self.config.ram_factor,
             model=model.name,
         )
@@ -170,7 +175,7 @@ class Supervisor:
                 details={"id": worker_id, "log": str(self.paths.worker_log(worker_id)), "log_tail": tail},
                 hint=f"tail {self.paths.worker_log(worker_id)}",
             )
-        raise RbeeError(ErrorCode.NO_PORT_AVAILABLE, "lost the race for a port three times", status=503)
+        raise RbeeError(ErrorCode.NO_PORT_AVAILABLE, "lost the race for a port three times")
 
     async def _wait_http(self, worker: Worker) -> bool:
         """True once `/health` answers (or the worker already called back ready)."""
@@ -196,7 +201,6 @@ class Supervisor:
             raise RbeeError(
                 ErrorCode.LOADING_TIMEOUT,
                 f"worker {worker.id} still loading after {timeout:g} s; stopped",
-                status=504,
                 details={"id": worker.id, "log": str(self.paths.worker_log(worker.id))},
                 hint=f"tail {self.paths.worker_log(worker.id)}",
             ) from None
@@ -210,16 +214,16 @@ class Supervisor:
                 hint=f"tail {self.paths.worker_log(worker.id)}",
             )
 
-    def on_ready(self, payload: dict[str, Any]) -> Worker:
+    def on_ready(self, report: ReadyReport) -> Worker:
         """The worker's callback: loaded (→ idle) or failed (keeps the reason for whoever waits)."""
-        worker = self.registry.require(str(payload.get("worker_id")))
-        if payload.get("state") == "ready":
+        worker = self.registry.require(report.worker_id)
+        if report.ready:
             now = time.time()
             worker.state, worker.ready_at, worker.last_activity = WorkerState.IDLE, now, now
-            if payload.get("runtime"):
-                worker.file.runtime = str(payload["runtime"])
-            if isinstance(payload.get("vram_bytes"), int):
-                worker.file.vram_bytes = payload["vram_bytes"]
+            if report.runtime:
+                worker.file.runtime = report.runtime
+            if report.vram_bytes is not None:
+                worker.file.vram_bytes = report.vram_bytes
             log.info(
                 "%s ready (%s, %s on %s, %d MB VRAM) after %.2f s",
                 worker.id,
@@ -230,10 +234,10 @@ class Supervisor:
                 now - worker.file.started_at,
             )
         else:
-            err = payload.get("error") or {}
+            err = report.error
             worker.error = {
-                "code": err.get("code") or ErrorCode.MODEL_LOAD_FAILED,
-                "message": err.get("message") or "load failed",
+                "code": err.code if err is not None else ErrorCode.MODEL_LOAD_FAILED,
+                "message": (err.message if err is not None else "") or "load failed",
                 "details": {"log_tail": spawn.log_tail(self.paths, worker.id)},
             }
             log.warning("%s failed to load: %s", worker.id, worker.error["message"])
@@ -343,11 +347,7 @@ class Supervisor:
                 self._background(self.stop_worker(worker.id, reason, ask=False))
 
     async def _probe(self, worker: Worker) -> bool:
-        timeout = min(5.0, max(0.2, self.config.health_interval))
-        try:
-            return (await self.http.get(f"{worker.url}/health", timeout=timeout)).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return await self.client(worker).health(timeout=min(5.0, max(0.2, self.config.health_interval)))
 
     async def check_activity(self) -> None:
         """Busy or idle from each worker's metrics; idle past the timeout → graceful shutdown."""
@@ -363,24 +363,16 @@ class Supervisor:
 
     async def _poll_metrics(self, worker: Worker) -> bool:
         try:
-            resp = await self.http.get(
-                f"{worker.url}/metrics", headers={"Authorization": f"Bearer {worker.file.api_key}"}
-            )
-            resp.raise_for_status()
-            samples = [s for fam in text_string_to_metric_families(resp.text) for s in fam.samples]
-        except (httpx.HTTPError, ValueError) as exc:
+            load = await self.client(worker).load()
+        except (httpx.HTTPError, RbeeError, ValueError) as exc:
             log.debug("%s: metrics unavailable: %s", worker.id, exc)
             return False
-        busy = int(sum(s.value for s in samples if s.name == "rbee_worker_slots_busy"))
-        last_token = max(
-            (s.value for s in samples if s.name == "rbee_worker_last_token_timestamp_seconds"), default=0
-        )
-        worker.slots_busy = busy
-        if busy > 0:
+        worker.slots_busy = load.slots_busy
+        if load.slots_busy > 0:
             worker.state, worker.last_activity = WorkerState.BUSY, time.time()
         else:
             worker.state = WorkerState.IDLE
-            worker.last_activity = max(worker.last_activity, last_token)
+            worker.last_activity = max(worker.last_activity, load.last_token_at)
         return True
 
     # --- restart ---------------------------------------------------------------
@@ -411,20 +403,17 @@ class Supervisor:
         log.info("%s adopted (%s, %s)", record.id, record.model, state)
 
     async def _probe_ready(self, worker: Worker) -> WorkerState | None:
-        try:
-            health = await self.http.get(f"{worker.url}/health")
-            if health.status_code != 200:
-                return None
-            resp = await self.http.get(
-                f"{worker.url}/v1/ready", headers={"Authorization": f"Bearer {worker.file.api_key}"}
-            )
-        except httpx.HTTPError:
+        client = self.client(worker)
+        if not await client.health():
             return None
-        if resp.status_code == 200:
+        try:
+            ready = await client.ready()
+        except (httpx.HTTPError, RbeeError):
+            return None
+        if ready.http_status == 200:
             return WorkerState.IDLE
-        with contextlib.suppress(ValueError):
-            if resp.status_code == 503 and resp.json().get("state") == "loading":
-                return WorkerState.LOADING
+        if ready.http_status == 503 and ready.state == "loading":
+            return WorkerState.LOADING
         return None
 
 
@@ -436,9 +425,8 @@ async def stop_worker_process(http: httpx.AsyncClient, f: WorkerFile, grace: flo
     if not is_alive(f.pid, f.create_time):
         return "exited"
     if ask:
-        with contextlib.suppress(httpx.HTTPError):
-            auth = {"Authorization": f"Bearer {f.api_key}"}
-            await http.post(f"{f.url}/v1/admin/shutdown", headers=auth, timeout=2.0)
+        with contextlib.suppress(httpx.HTTPError, RbeeError):
+            await WorkerClient(f.url, f.api_key, http=http).shutdown(timeout=2.0)
         if await wait_gone(f.pid, f.create_time, grace):
             return "graceful"
     return await terminate(f.pid, f.create_time, term_grace=grace)

@@ -293,8 +293,6 @@ def _plain_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
             return str(value)
         if isinstance(value, str | int | float | bool):
             return value
-        raise RbeeError(
-            ErrorCode.INVALID_REQUEST, f"{where}: cannot store a {type(value).__name__} in YAML", status=400
-        )
+        raise RbeeError(ErrorCode.INVALID_REQUEST, f"{where}: cannot store a {type(value).__name__} in YAML")
 
     return clean(dict(fields), "node")

@@ -122,7 +122,6 @@ def unknown_node(name: str, known: list[str]) -> RbeeError:
     return RbeeError(
         ErrorCode.UNKNOWN_NODE,
         f"unknown node {name!r} (known: {listing}){did_you_mean(name, known)}",
-        status=404,
         details={"node": name, "known": known},
         hint=LIST_NODES_HINT,
     )
@@ -134,7 +133,6 @@ def check_node_name(name: str) -> str:
         raise RbeeError(
             ErrorCode.INVALID_REQUEST,
             f"invalid node name {name!r}: use 1–64 letters, digits, '.', '_' or '-'",
-            status=400,
             details={"node": name, "pattern": NODE_NAME_RE.pattern},
         )
     return name

@@ -144,4 +144,4 @@ class SecretStore:
 
     @staticmethod
     def _error(message: str, hint: str | None = None) -> RbeeError:
-        return RbeeError(ErrorCode.INVENTORY_INVALID, message, status=400, hint=hint)
+        return RbeeError(ErrorCode.INVENTORY_INVALID, message, hint=hint)

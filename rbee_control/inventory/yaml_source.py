@@ -38,7 +38,6 @@ def located_error(source: str, line0: int | None, col0: int | None, message: str
     return RbeeError(
         ErrorCode.INVENTORY_INVALID,
         f"{where}: {message}",
-        status=400,
         details={
             "file": source,
             "line": None if line0 is None else line0 + 1,

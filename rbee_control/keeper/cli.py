@@ -11,32 +11,23 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Callable, Coroutine
-from pathlib import Path
 from typing import Any
 
-from rbee_control.inventory.loader import find_inventory, load_inventory
-from rbee_control.inventory.model import Inventory
 from rbee_control.queen.options import add_access_arguments
 from rbee_worker.protocol.errors import RbeeError
-from rbee_worker.runtimes import BACKENDS
+from rbee_worker.protocol.spawn import SpawnRequest, add_spawn_arguments
 
+from .context import KeeperContext
 from .display import Display
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-Handler = Callable[[argparse.Namespace, Display], Coroutine[Any, Any, int]]
+Handler = Callable[[argparse.Namespace, KeeperContext], Coroutine[Any, Any, int]]
 
 
-def load(args: argparse.Namespace) -> Inventory:
-    return load_inventory(find_inventory(args.inventory))
-
-
-def inventory_path(args: argparse.Namespace) -> Path:
-    return find_inventory(args.inventory)
-
-
-async def cmd_infer(args: argparse.Namespace, display: Display) -> int:
+async def cmd_infer(args: argparse.Namespace, ctx: KeeperContext) -> int:
     from .infer import InferOptions, infer
+    from .provision import catalog_name
 
     options = InferOptions(
         node=args.node,
@@ -47,12 +38,12 @@ async def cmd_infer(args: argparse.Namespace, display: Display) -> int:
         top_p=args.top_p,
         top_k=args.top_k,
         seed=args.seed,
-        backend=args.backend,
+        spawn=SpawnRequest.from_args(args, model=catalog_name(args.model, args.name), wait=True),
         name=args.name,
         raw=args.raw,
     )
-    summary = await infer(load(args), options, display)
-    display.result(summary)
+    summary = await infer(ctx.inventory, options, ctx.display)
+    ctx.display.result(summary)
     return EXIT_OK
 
 
@@ -67,12 +58,12 @@ def _add_infer(sub: Any) -> None:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--top-k", type=int, default=40)
     p.add_argument("--seed", type=int)
-    p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS])
+    add_spawn_arguments(p, model=False, wait=False)
     p.add_argument("--raw", action="store_true", help="send the prompt as is, not as a chat turn")
     p.set_defaults(handler=cmd_infer)
 
 
-def cmd_serve(args: argparse.Namespace, display: Display) -> int:
+def cmd_serve(args: argparse.Namespace, ctx: KeeperContext) -> int:
     """The queen in this process; blocking, so it bypasses the asyncio entry."""
     from rbee_control.queen.cli import QueenOptions, run_queen
     from rbee_control.queen.options import access_options
@@ -113,11 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     display = Display(json_mode=args.json)
+    ctx = KeeperContext(display, args.inventory)
     handler: Handler = args.handler
     try:
         if getattr(args, "blocking", False):
-            return handler(args, display)  # type: ignore[return-value]
-        return asyncio.run(handler(args, display))
+            return handler(args, ctx)  # type: ignore[return-value]
+        return asyncio.run(handler(args, ctx))
     except RbeeError as exc:
         display.error(exc)
         return EXIT_ERROR

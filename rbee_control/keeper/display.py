@@ -27,8 +27,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from rbee_control.node_events import NodeEvent
 from rbee_worker.protocol.errors import RbeeError
+from rbee_worker.protocol.node_events import NodeEvent
 
 
 class Display:

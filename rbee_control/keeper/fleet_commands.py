@@ -3,30 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from rbee_control.hive.paths import check_worker_id
 from rbee_control.inventory.model import Inventory, Node
+from rbee_control.node.client import NodeClient
 from rbee_control.ssh.transport import NodeTransport
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
-from rbee_worker.runtimes import BACKENDS
+from rbee_worker.protocol.hive_api import DaemonInfo, WorkerInfo, check_worker_id
+from rbee_worker.protocol.spawn import SpawnRequest, add_spawn_arguments
 
+from .context import KeeperContext
 from .display import Display, NodeProgress, human_bytes, table
-from .node_client import NodeClient
 from .provision import ensure_model
 
 if TYPE_CHECKING:
     from rbee_control.ssh.pool import NodeOutcome
 
 NodeAction = Callable[[NodeClient], Awaitable[Any]]
-
-
-def _pool(inventory: Inventory) -> Any:
-    """A `TransportPool`; asyncssh is imported here, not when the CLI starts (warm `infer` needs no SSH)."""
-    from rbee_control.ssh.pool import TransportPool
-
-    return TransportPool(inventory)
 
 
 def _targets(inventory: Inventory, args: argparse.Namespace) -> list[Node]:
@@ -36,9 +31,9 @@ def _targets(inventory: Inventory, args: argparse.Namespace) -> list[Node]:
 
 
 async def fan_out(
-    inventory: Inventory, nodes: list[Node], action: NodeAction, timeout: float = 120
+    ctx: KeeperContext, nodes: list[Node], action: NodeAction, timeout: float = 120
 ) -> dict[str, NodeOutcome[Any]]:
-    async with _pool(inventory) as pool:
+    async with ctx.pool() as pool:
 
         async def run(transport: NodeTransport) -> Any:
             return await action(NodeClient(transport.node, transport))
@@ -47,15 +42,23 @@ async def fan_out(
 
 
 def _public(value: Any) -> Any:
-    """A node's answer with workers' API keys left out: `--json` output is not a secret store."""
+    """A node's answer as JSON, with workers' API keys left out: `--json` output is not a secret store."""
 
-    def strip(workers: list[Any]) -> list[Any]:
-        return [{k: v for k, v in w.items() if k != "api_key"} if isinstance(w, dict) else w for w in workers]
+    def one(item: Any) -> Any:
+        if isinstance(item, WorkerInfo):
+            return item.public()
+        if isinstance(item, dict):
+            return {k: v for k, v in item.items() if k != "api_key"}
+        if hasattr(item, "to_json"):
+            return item.to_json()
+        return item
 
     if isinstance(value, list):
-        return strip(value)
+        return [one(item) for item in value]
     if isinstance(value, dict) and isinstance(value.get("workers"), list):
-        return {**value, "workers": strip(value["workers"])}
+        return {**value, "workers": [one(w) for w in value["workers"]]}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return one(value) if hasattr(value, "to_json") else dataclasses.asdict(value)
     return value
 
 
@@ -82,22 +85,20 @@ def report_outcomes(
 # --- hive ----------------------------------------------------------------------------
 
 
-async def cmd_hive(args: argparse.Namespace, display: Display) -> int:
-    from .cli import load
-
-    inventory = load(args)
+async def cmd_hive(args: argparse.Namespace, ctx: KeeperContext) -> int:
+    inventory = ctx.inventory
     action: NodeAction = {
         "start": lambda c: c.hive_start(),
         "stop": lambda c: c.hive_stop(),
         "status": lambda c: c.hive_status(),
         "detect": lambda c: c.call("detect", timeout=60),
     }[args.action]
-    outcomes = await fan_out(inventory, _targets(inventory, args), action)
+    outcomes = await fan_out(ctx, _targets(inventory, args), action)
     if args.action == "detect":
-        if not display.json_mode:
-            display.out.print(_detect_table(outcomes))
-        return report_outcomes(display, outcomes, _detect_notes)
-    return report_outcomes(display, outcomes, lambda name, v: _hive_line(args.action, v))
+        if not ctx.display.json_mode:
+            ctx.display.out.print(_detect_table(outcomes))
+        return report_outcomes(ctx.display, outcomes, _detect_notes)
+    return report_outcomes(ctx.display, outcomes, lambda name, v: _hive_line(args.action, v))
 
 
 def _detect_table(outcomes: dict[str, NodeOutcome[Any]]) -> Any:
@@ -136,10 +137,10 @@ def devices_cell(node_info: dict[str, Any]) -> str:
 
 def _hive_line(action: str, info: Any) -> str:
     """What `hive start|stop|status` did on one node, in words (not a bare "ok")."""
+    if isinstance(info, DaemonInfo):
+        return f"{info.status.replace('_', ' ')} (pid {info.pid})"
     if not isinstance(info, dict):
         return "ok"
-    if action == "start":
-        return f"{str(info.get('status', 'ok')).replace('_', ' ')} (pid {info.get('pid')})"
     if action == "stop":
         if not info.get("stopped"):
             return "was not running"
@@ -152,14 +153,12 @@ def _hive_line(action: str, info: Any) -> str:
 # --- models --------------------------------------------------------------------------
 
 
-async def cmd_models(args: argparse.Namespace, display: Display) -> int:
-    from .cli import load
-
-    inventory = load(args)
+async def cmd_models(args: argparse.Namespace, ctx: KeeperContext) -> int:
+    inventory, display = ctx.inventory, ctx.display
     if args.action == "list":
-        outcomes = await fan_out(inventory, _targets(inventory, args), lambda c: c.models_list())
+        outcomes = await fan_out(ctx, _targets(inventory, args), lambda c: c.models_list())
         rows = [
-            [name, m.get("name"), m.get("architecture"), m.get("quantization"), human_bytes(m.get("size"))]
+            [name, m.name, m.architecture, m.quantization, human_bytes(m.size)]
             for name, o in outcomes.items()
             if o.ok
             for m in o.value or []
@@ -168,16 +167,14 @@ async def cmd_models(args: argparse.Namespace, display: Display) -> int:
             display.out.print(table("models", ["node", "name", "architecture", "quant", "size"], rows))
         return report_outcomes(display, outcomes)
     node = _one_node(inventory, args)
-    async with _pool(inventory) as pool:
+    async with ctx.pool() as pool:
         client = NodeClient(node, await pool.get(node))
         if args.action == "add":
             with NodeProgress(display) as progress:
                 entry = await ensure_model(
                     client, args.ref, progress, name=args.name, sha256=args.sha256, max_bytes=args.max_bytes
                 )
-            display.result(
-                entry, f"{node.name}: {entry.get('name')} ready ({human_bytes(entry.get('size'))})"
-            )
+            display.result(entry.to_json(), f"{node.name}: {entry.name} ready ({human_bytes(entry.size)})")
         else:
             removed = await client.models_rm(args.name)
             display.result(removed, f"{node.name}: removed {args.name}")
@@ -193,49 +190,44 @@ def _one_node(inventory: Inventory, args: argparse.Namespace) -> Node:
 # --- worker --------------------------------------------------------------------------
 
 
-async def cmd_worker(args: argparse.Namespace, display: Display) -> int:
-    from .cli import load
-
+async def cmd_worker(args: argparse.Namespace, ctx: KeeperContext) -> int:
     if args.action == "stop":
         check_worker_id(args.id)  # before any connection: an id ends up in a URL path on the node
-    inventory = load(args)
+    inventory, display = ctx.inventory, ctx.display
     if args.action == "list":
-        outcomes = await fan_out(inventory, _targets(inventory, args), lambda c: c.worker_list())
+        outcomes = await fan_out(ctx, _targets(inventory, args), lambda c: c.worker_list())
         rows = [
-            [name, w.get("id"), w.get("model"), w.get("state"), w.get("url"), w.get("backend")]
+            [name, w.id, w.model, w.state, w.url, w.runtime]
             for name, o in outcomes.items()
             if o.ok
             for w in o.value or []
         ]
         if not display.json_mode:
-            display.out.print(table("workers", ["node", "id", "model", "state", "url", "backend"], rows))
+            display.out.print(table("workers", ["node", "id", "model", "state", "url", "runtime"], rows))
         return report_outcomes(display, outcomes)
     node = _one_node(inventory, args)
-    async with _pool(inventory) as pool:
+    async with ctx.pool() as pool:
         client = NodeClient(node, await pool.get(node))
         if args.action == "spawn":
+            req = SpawnRequest.from_args(args, wait=True)
             await client.hive_start()
             with display.err.status(f"loading {args.model} on {node.name}"):
-                spawned = await client.worker_spawn(args.model, args.backend, slots=args.slots, wait=True)
-            public = {k: v for k, v in spawned.items() if k != "api_key"}
+                spawned = await client.worker_spawn(req)
             display.result(
-                public,
-                f"{node.name}: worker {spawned.get('id')} {spawned.get('state')} at {spawned.get('url')}",
+                spawned.public(), f"{node.name}: worker {spawned.id} {spawned.state} at {spawned.url}"
             )
         else:
             stopped = await client.worker_stop(args.id)
-            display.result(stopped, f"{node.name}: stopped {args.id}")
+            display.result(stopped.to_json(), f"{node.name}: stopped {args.id}")
     return 0
 
 
 # --- status --------------------------------------------------------------------------
 
 
-async def cmd_status(args: argparse.Namespace, display: Display) -> int:
-    from .cli import load
-
-    inventory = load(args)
-    outcomes = await fan_out(inventory, _targets(inventory, args), lambda c: c.hive_status(), timeout=60)
+async def cmd_status(args: argparse.Namespace, ctx: KeeperContext) -> int:
+    inventory, display = ctx.inventory, ctx.display
+    outcomes = await fan_out(ctx, _targets(inventory, args), lambda c: c.hive_status(), timeout=60)
     rows = []
     for name, outcome in outcomes.items():
         if outcome.error is not None:
@@ -286,9 +278,7 @@ def register(sub: Any) -> None:
     wsub = worker.add_subparsers(dest="action", required=True)
     p = wsub.add_parser("spawn")
     p.add_argument("--node", required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS])
-    p.add_argument("--slots", type=int, default=1)
+    add_spawn_arguments(p, wait=False)  # the keeper always waits for the model to load
     p = wsub.add_parser("list")
     nodes(p)
     p = wsub.add_parser("stop")

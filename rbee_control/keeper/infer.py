@@ -14,7 +14,7 @@ import os
 import ssl
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +22,16 @@ import httpx
 
 from rbee_control.hive import tls
 from rbee_control.inventory.model import Inventory, Node
+from rbee_control.node.client import NodeClient
+from rbee_worker.protocol.client import DEFAULT_TIMEOUT, WorkerClient
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
+from rbee_worker.protocol.hive_api import WorkerInfo
 from rbee_worker.protocol.request import InferenceRequest
+from rbee_worker.protocol.spawn import SpawnRequest
 
 from .display import Display, NodeProgress
 from .known_workers import KnownWorker, KnownWorkers
-from .node_client import NodeClient
-from .provision import default_name, ensure_model, is_ref
+from .provision import catalog_name, ensure_model
 from .stream import StreamResult, stream_inference
 
 
@@ -42,7 +45,8 @@ class InferOptions:
     top_p: float = 0.95
     top_k: int = 40
     seed: int | None = None
-    backend: str = "auto"
+    #: how to start a worker when none serves the model (its `model` is the catalog name)
+    spawn: SpawnRequest | None = None
     name: str | None = None
     partial_dir: Path | None = None
     raw: bool = False
@@ -72,12 +76,11 @@ async def infer(inventory: Inventory, options: InferOptions, display: Display) -
         "seed": options.seed,
     }
     request = InferenceRequest.from_json(raw_request)
-    model_name = options.name or (default_name(options.model) if is_ref(options.model) else options.model)
+    model_name = catalog_name(options.model, options.name)
     known = KnownWorkers()
     phases = Phases()
-    timeout = httpx.Timeout(10.0, read=300.0)
     pins = tls.pinned_context()  # https workers: only the certificates read from their hive over SSH
-    async with httpx.AsyncClient(timeout=timeout, verify=pins) as http:
+    async with httpx.AsyncClient(timeout=DEFAULT_TIMEOUT, verify=pins) as http:
         worker = await _known_ready_worker(http, known, node, model_name, pins)
         phases.mark("reuse")
         if worker is None:
@@ -122,23 +125,17 @@ async def _known_ready_worker(
         try:
             if worker.tls_certificate:  # checked alone: a pin that fails must not stay trusted in `pins`
                 async with httpx.AsyncClient(verify=tls.pinned_context(worker.tls_certificate)) as alone:
-                    ready = await _is_ready(alone, worker)
+                    ready = (await WorkerClient(worker.url, worker.api_key, alone).ready(timeout=2)).ok
                 if ready:
                     tls.pin(pins, worker.tls_certificate)
             else:
-                ready = await _is_ready(http, worker)
+                ready = (await WorkerClient(worker.url, worker.api_key, http).ready(timeout=2)).ok
             if ready:
                 return worker
-        except (httpx.HTTPError, ValueError):
+        except (httpx.HTTPError, RbeeError):
             pass
         known.forget(node.name, worker.id)
     return None
-
-
-async def _is_ready(http: httpx.AsyncClient, worker: KnownWorker) -> bool:
-    headers = {"Authorization": f"Bearer {worker.api_key}"}
-    response = await http.get(f"{worker.url}/v1/ready", headers=headers, timeout=2)
-    return response.status_code == 200 and response.json().get("state") == "ready"
 
 
 async def _provision_worker(
@@ -156,36 +153,28 @@ async def _provision_worker(
         with NodeProgress(display) as progress:
             catalog_entry = await ensure_model(client, options.model, progress, name=model)
             phases.mark("provision")
-            template = catalog_entry.get("chat_template")
+            template = catalog_entry.chat_template
             for entry in await client.worker_list():
-                if (
-                    entry.get("model") == model
-                    and entry.get("state") in ("idle", "ready")
-                    and entry.get("api_key")
-                ):
-                    display.narrate(f"[dim]reusing worker {entry['id']} on {node.name}[/dim]")
+                if entry.model == model and entry.state in ("idle", "ready") and entry.api_key:
+                    display.narrate(f"[dim]reusing worker {entry.id} on {node.name}[/dim]")
                     return _known(node, model, entry, template, await _certificate(client, entry, display))
             display.narrate(f"[dim]starting a worker for {model} on {node.name}[/dim]")
             label = f"{node.name}: load {model}"
             progress.update(label, 0, None, in_bytes=False)
+            spawn = options.spawn or SpawnRequest(model)
             spawned = await client.worker_spawn(
-                model, options.backend, wait=True, progress=progress.on_event(node.name)
+                replace(spawn, model=model, wait=True), progress=progress.on_event(node.name)
             )
             progress.update(label, 1, 1, in_bytes=False)
         phases.mark("spawn")
-        if spawned.get("state") not in ("idle", "ready"):
-            public = {k: v for k, v in spawned.items() if k != "api_key"}
-            raise RbeeError(
-                ErrorCode.MODEL_LOAD_FAILED,
-                f"worker {public.get('id')} did not become ready (state {public.get('state')})",
-                details=public,
-            )
+        if spawned.state not in ("idle", "ready"):
+            raise RbeeError(ErrorCode.MODEL_LOAD_FAILED, f"worker did not become ready: {spawned.public()}")
         return _known(node, model, spawned, template, await _certificate(client, spawned, display))
 
 
-async def _certificate(client: NodeClient, entry: dict[str, Any], display: Display) -> str | None:
+async def _certificate(client: NodeClient, entry: WorkerInfo, display: Display) -> str | None:
     """For an https worker, its hive's certificate, read over the (host-key pinned) SSH channel."""
-    if not str(entry.get("url", "")).startswith("https:"):
+    if not entry.url.startswith("https:"):
         return None
     info = await client.hive_tls()
     pem = str(info.get("certificate", ""))
@@ -198,15 +187,17 @@ async def _certificate(client: NodeClient, entry: dict[str, Any], display: Displ
 
 
 def _known(
-    node: Node, model: str, entry: dict[str, Any], chat_template: str | None, certificate: str | None
+    node: Node, model: str, entry: WorkerInfo, chat_template: str | None, certificate: str | None
 ) -> KnownWorker:
+    if not entry.api_key:
+        raise RbeeError(ErrorCode.INTERNAL_ERROR, f"node {node.name} gave worker {entry.id} without its key")
     return KnownWorker(
         node=node.name,
         model=model,
-        id=str(entry["id"]),
-        url=str(entry["url"]),
-        api_key=str(entry["api_key"]),
-        backend=entry.get("backend"),
+        id=entry.id,
+        url=entry.url,
+        api_key=entry.api_key,
+        runtime=entry.runtime,
         chat_template=chat_template,
         tls_certificate=certificate,
     )
@@ -229,7 +220,8 @@ async def _stream(
         display.narrate(f"[yellow]worker busy; retrying in {delay:.1f}s[/yellow]")
 
     try:
-        result = await stream_inference(http, worker.url, worker.api_key, request, write, on_busy=busy)
+        client = WorkerClient(worker.url, worker.api_key, http)
+        result = await stream_inference(client, request, write, on_busy=busy)
     except RbeeError as exc:
         if exc.code == ErrorCode.WORKER_CRASHED:
             known.forget(worker.node, worker.id)

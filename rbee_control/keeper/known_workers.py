@@ -25,7 +25,7 @@ class KnownWorker:
     id: str
     url: str
     api_key: str
-    backend: str | None = None
+    runtime: str | None = None
     chat_template: str | None = None
     #: the node's worker certificate (PEM) for an https URL, read over the pinned SSH channel
     tls_certificate: str | None = None
@@ -38,7 +38,8 @@ class KnownWorkers:
     def _read(self) -> list[KnownWorker]:
         with contextlib.suppress(OSError, ValueError, TypeError):
             raw = json.loads(self.path.read_text())
-            return [KnownWorker(**entry) for entry in raw.get("workers", [])]
+            names = set(KnownWorker.__dataclass_fields__)
+            return [KnownWorker(**{k: v for k, v in e.items() if k in names}) for e in raw.get("workers", [])]
         return []
 
     def _write(self, workers: list[KnownWorker]) -> None:

@@ -16,15 +16,15 @@ import re
 import shlex
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 from urllib.parse import unquote
 
 from rbee_control.hive.paths import check_model_name
 from rbee_control.hive.refs import file_ref
+from rbee_control.node.client import NodeClient
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
+from rbee_worker.protocol.hive_api import ModelInfo
 
 from .display import NodeProgress
-from .node_client import NodeClient
 
 REF_SCHEMES = ("file:", "hf:", "https:", "http:")
 _NAME_OK = re.compile(r"[^A-Za-z0-9._-]+")
@@ -39,6 +39,11 @@ def default_name(ref: str) -> str:
     tail = ref.rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1]
     name = _NAME_OK.sub("-", tail.removesuffix(".gguf")).strip("-.") or "model"
     return name[:128]
+
+
+def catalog_name(model: str, name: str | None = None) -> str:
+    """The name `model` (a catalog name or a ref) has, or will have, in a node's catalog."""
+    return name or (default_name(model) if is_ref(model) else model)
 
 
 def local_file(ref: str) -> Path:
@@ -58,13 +63,13 @@ async def ensure_model(
     name: str | None = None,
     sha256: str | None = None,
     max_bytes: int | None = None,
-) -> dict[str, Any]:
+) -> ModelInfo:
     """The node's catalog entry for `model` (a name or a ref), provisioning it if needed."""
-    wanted = name or (default_name(model) if is_ref(model) else model)
+    wanted = catalog_name(model, name)
     if is_ref(model):
         check_model_name(wanted)  # before any byte is pushed: the hive would refuse it anyway
     for entry in await client.models_list(templates=True):
-        if entry.get("name") == wanted:
+        if entry.name == wanted:
             if is_ref(model):
                 _check_same_model(entry, model, sha256)
             return entry
@@ -88,7 +93,7 @@ async def ensure_model(
 
 async def push_model(
     client: NodeClient, source: Path, name: str, sha256: str | None, progress: NodeProgress
-) -> dict[str, Any]:
+) -> ModelInfo:
     """Push `source` and have the hive import it, checking the sha256 the keeper read."""
     transport = await client.transport()
     target = await incoming_path(client, name)
@@ -100,7 +105,6 @@ async def push_model(
             raise RbeeError(
                 ErrorCode.CHECKSUM_MISMATCH,
                 f"{source} has sha256 {put.sha256}, not the expected {sha256}",
-                status=422,
                 details={"path": str(source), "expected": sha256.lower(), "actual": put.sha256},
                 hint="check the --sha256 value, or the file",
             )
@@ -118,24 +122,24 @@ async def push_model(
     raise AssertionError("unreachable")
 
 
-def _check_same_model(entry: dict[str, Any], ref: str, sha256: str | None) -> None:
+def _check_same_model(entry: ModelInfo, ref: str, sha256: str | None) -> None:
     """A name already in the catalog may only be "added" again for the same file."""
-    if sha256 and entry.get("sha256") and sha256.lower() != entry["sha256"]:
+    if sha256 and entry.sha256 and sha256.lower() != entry.sha256:
         raise RbeeError(
             ErrorCode.CHECKSUM_MISMATCH,
-            f"model {entry['name']!r} on this node has sha256 {entry['sha256']}, not {sha256}",
+            f"model {entry.name!r} on this node has sha256 {entry.sha256}, not {sha256}",
             status=409,
             hint="choose another --name, or remove the old one first: rbee-keeper models rm NAME --node NODE",
         )
     if ref.startswith("file:"):
         size = local_file(ref).stat().st_size
-        same = size == entry.get("size")
+        same = size == entry.size
     else:
-        same = ref == entry.get("ref")
+        same = ref == entry.ref
     if not same:
         raise RbeeError(
             ErrorCode.INVALID_REQUEST,
-            f"the name {entry['name']!r} is already used on this node by {entry.get('ref')}",
+            f"the name {entry.name!r} is already used on this node by {entry.ref}",
             status=409,
             hint="choose another --name, or remove the old one first: rbee-keeper models rm NAME --node NODE",
         )

@@ -21,6 +21,7 @@ from rbee_control.inventory.paths import known_hosts_path
 from rbee_control.ssh.node_command import hive_command, node_env, venv_bin, venv_dir
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
+from .context import KeeperContext
 from .display import Display, NodeProgress, table
 from .fleet_commands import report_outcomes
 
@@ -30,13 +31,12 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # --- add-node ------------------------------------------------------------------------
 
 
-async def cmd_add_node(args: argparse.Namespace, display: Display) -> int:
+async def cmd_add_node(args: argparse.Namespace, ctx: KeeperContext) -> int:
     from rbee_control.ssh.known_hosts import KnownHosts, fetch_host_key, fingerprint
     from rbee_control.ssh.remote import SshTransport
 
-    from .cli import inventory_path
-
-    path = inventory_path(args)
+    display = ctx.display
+    path = ctx.inventory_path
     _check_new_node(path, args.name)
     ssh = SshSettings(host=args.ssh_host, port=args.ssh_port, user=args.ssh_user, key=args.ssh_key)
     known = KnownHosts(known_hosts_path())
@@ -176,10 +176,8 @@ def _confirm(display: Display, question: str) -> bool:
 # --- list-nodes / remove-node ---------------------------------------------------------
 
 
-async def cmd_list_nodes(args: argparse.Namespace, display: Display) -> int:
-    from .cli import load
-
-    inventory = load(args)
+async def cmd_list_nodes(args: argparse.Namespace, ctx: KeeperContext) -> int:
+    inventory, display = ctx.inventory, ctx.display
     columns = ["name", "transport", "ssh", "address", "home", "backends"]
     rows = [
         [n.name, n.transport, n.ssh.target if n.ssh else "-", n.address, n.home, ",".join(n.backends)]
@@ -191,12 +189,10 @@ async def cmd_list_nodes(args: argparse.Namespace, display: Display) -> int:
     return 0
 
 
-async def cmd_remove_node(args: argparse.Namespace, display: Display) -> int:
-    from .cli import inventory_path
-
-    path = inventory_path(args)
+async def cmd_remove_node(args: argparse.Namespace, ctx: KeeperContext) -> int:
+    path = ctx.inventory_path
     remove_node(path, args.name)
-    display.result({"removed": args.name}, f"removed node {args.name} from {path}")
+    ctx.display.result({"removed": args.name}, f"removed node {args.name} from {path}")
     return 0
 
 
@@ -236,7 +232,8 @@ async def install_on(
     backend: str = "auto",
     display: Display | None = None,
 ) -> dict:
-    from .node_client import NodeClient
+    from rbee_control.node.client import NodeClient
+
     from .provision import remote_home
 
     extras, llama = split_extras(extras)
@@ -286,18 +283,14 @@ async def install_llama_on(client: Any, backend: str, display: Display | None) -
     return await client.call("install-llama", "--backend", backend, progress=narrate, timeout=3 * 3600 + 60)
 
 
-async def cmd_install(args: argparse.Namespace, display: Display) -> int:
-    from rbee_control.ssh.pool import TransportPool
-
-    from .cli import load
-
-    inventory = load(args)
+async def cmd_install(args: argparse.Namespace, ctx: KeeperContext) -> int:
+    inventory, display = ctx.inventory, ctx.display
     nodes = list(inventory) if args.all else [inventory.node(args.node)]
     with tempfile.TemporaryDirectory() as tmp:
         wheel = await build_wheel(Path(tmp))
         display.narrate(f"[dim]built {wheel.name}[/dim]")
         with NodeProgress(display) as progress:
-            async with TransportPool(inventory) as pool:
+            async with ctx.pool() as pool:
 
                 async def one(transport: Any) -> dict:
                     return await install_on(

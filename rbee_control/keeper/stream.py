@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from rbee_worker.protocol import events
+from rbee_worker.protocol.client import WorkerClient
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from rbee_worker.protocol.request import InferenceRequest
 
@@ -49,31 +50,18 @@ class StreamResult:
         return (self.tokens_out - 1) / elapsed if elapsed > 0 else None
 
 
-def _worker_error(response_body: bytes, status: int) -> RbeeError:
-    import json
-
-    try:
-        body = json.loads(response_body)
-    except ValueError:
-        body = response_body.decode(errors="replace")
-    return RbeeError.from_body(body, status)
-
-
 async def stream_inference(
-    client: httpx.AsyncClient,
-    url: str,
-    api_key: str,
+    worker: WorkerClient,
     request: InferenceRequest,
     on_text: Callable[[str], None],
     *,
     on_busy: Callable[[float], None] | None = None,
 ) -> StreamResult:
-    """Stream `request` from the worker at `url`, calling `on_text` per piece as it arrives."""
+    """Stream `request` from `worker`, calling `on_text` per piece as it arrives."""
     result = StreamResult(request_id=uuid.uuid4().hex)
-    headers = {"Authorization": f"Bearer {api_key}", "X-Request-ID": result.request_id}
     for attempt in range(BUSY_RETRIES + 1):
         try:
-            await _stream_once(client, url, headers, request, on_text, result)
+            await _stream_once(worker, request, on_text, result)
             return result
         except RbeeError as exc:
             if exc.code != ErrorCode.ALL_SLOTS_BUSY or attempt == BUSY_RETRIES or result.text:
@@ -86,23 +74,18 @@ async def stream_inference(
 
 
 async def _stream_once(
-    client: httpx.AsyncClient,
-    url: str,
-    headers: dict[str, str],
+    worker: WorkerClient,
     request: InferenceRequest,
     on_text: Callable[[str], None],
     result: StreamResult,
 ) -> None:
+    url = worker.url
     try:
-        async with client.stream(
-            "POST", f"{url}/v1/inference", json=request.to_json(), headers=headers
-        ) as response:
-            if response.status_code != 200:
-                raise _worker_error(await response.aread(), response.status_code)
+        async with await worker.stream(request, result.request_id) as stream:
             # the worker names the request (ours is only a correlation id); cancel uses its name
-            result.request_id = response.headers.get("x-request-id", result.request_id)
+            result.request_id = stream.request_id
             try:
-                async for event in events.iter_events(response.aiter_bytes()):
+                async for event in stream.events():
                     if event.name == events.TOKEN:
                         if result.first_token_at is None:
                             result.first_token_at = time.perf_counter()
@@ -114,7 +97,7 @@ async def _stream_once(
                         raise RbeeError.from_body({"error": event.data}, 500)
             except asyncio.CancelledError:
                 # Cancel while the stream is still open: the worker records a cancel, not a dropped client.
-                await _cancel_remote(client, url, headers, result.request_id)
+                await _cancel_remote(worker, result.request_id)
                 raise
     except httpx.HTTPError as exc:
         raise RbeeError(
@@ -132,10 +115,8 @@ async def _stream_once(
         )
 
 
-async def _cancel_remote(
-    client: httpx.AsyncClient, url: str, headers: dict[str, str], request_id: str
-) -> None:
+async def _cancel_remote(worker: WorkerClient, request_id: str) -> None:
     """Best effort, bounded: the worker also stops when it sees the disconnect."""
     with contextlib.suppress(httpx.HTTPError, asyncio.CancelledError, TimeoutError):
         async with asyncio.timeout(2):
-            await client.delete(f"{url}/v1/inference/{request_id}", headers=headers)
+            await worker.cancel(request_id)

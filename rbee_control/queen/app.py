@@ -56,7 +56,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
     log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-    error = RbeeError(ErrorCode.INTERNAL_ERROR, f"internal error: {type(exc).__name__}", status=500)
+    error = RbeeError(ErrorCode.INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
     return error_response(error)
 
 

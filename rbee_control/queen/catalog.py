@@ -160,6 +160,5 @@ def _not_found(requested: str, entries: list[ModelEntry]) -> RbeeError:
     return RbeeError(
         ErrorCode.MODEL_NOT_FOUND,
         message,
-        status=404,
         details={"model": requested, "available": available, "field": "model"},
     )

@@ -1,4 +1,4 @@
-"""The fleet of an inventory: every node's hive, reached through the keeper's `NodeClient`.
+"""The fleet of an inventory: every node's hive, reached through `rbee_control.node.NodeClient`.
 
 - `list_models` asks every node's catalog at once (`rbee-hive models list`), so N
   nodes cost about one node's round trip; a node that fails or is slow is left
@@ -25,6 +25,8 @@ from typing import Any, Protocol
 
 from rbee_control.hive import tls
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
+from rbee_worker.protocol.hive_api import DaemonInfo, ModelInfo, WorkerInfo
+from rbee_worker.protocol.spawn import SpawnRequest
 
 from .fleet import ModelEntry, WorkerEntry
 
@@ -34,48 +36,35 @@ LIST_TIMEOUT = 20.0
 
 
 class NodeControl(Protocol):
-    """The part of `rbee_control.keeper.node_client.NodeClient` the queen relies on."""
+    """The part of `rbee_control.node.NodeClient` the queen relies on."""
 
-    async def hive_start(self) -> Any: ...
+    async def hive_start(self) -> DaemonInfo: ...
 
     async def hive_stop(self) -> Any: ...
 
-    async def models_list(self, templates: bool = False) -> list[dict[str, Any]]: ...
+    async def models_list(self, templates: bool = False) -> list[ModelInfo]: ...
 
-    async def worker_spawn(
-        self, model: str, backend: str = "auto", *, wait: bool = True
-    ) -> dict[str, Any]: ...
+    async def worker_spawn(self, req: SpawnRequest) -> WorkerInfo: ...
 
     async def worker_stop(self, worker_id: str) -> Any: ...
 
     async def hive_tls(self) -> dict[str, Any]: ...
 
 
-def model_entry(node: str, row: Mapping[str, Any]) -> ModelEntry:
+def model_entry(node: str, row: ModelInfo) -> ModelEntry:
     """A catalog row (`models list --json`) as the queen's model entry."""
-
-    def text(key: str) -> str | None:
-        value = row.get(key)
-        return value if isinstance(value, str) and value else None
-
-    def number(key: str) -> int | float | None:
-        value = row.get(key)
-        return value if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-    context = row.get("context_length")
-    size = number("size")
     return ModelEntry(
-        name=str(row["name"]),
+        name=row.name,
         node=node,
-        context_length=context if isinstance(context, int) else None,
-        chat_template=text("chat_template"),
-        bos_token=text("bos_token"),
-        eos_token=text("eos_token"),
-        digest=text("sha256"),
-        size=int(size) if size is not None else None,
-        architecture=text("architecture"),
-        quantization=text("quantization"),
-        modified_at=number("added_at"),
+        context_length=row.context_length,
+        chat_template=row.chat_template,
+        bos_token=row.bos_token,
+        eos_token=row.eos_token,
+        digest=row.sha256,
+        size=row.size,
+        architecture=row.architecture,
+        quantization=row.quantization,
+        modified_at=row.added_at,
     )
 
 
@@ -102,7 +91,7 @@ class InventoryFleet:
     def from_inventory(cls, path: str | Path) -> InventoryFleet:
         """Load the inventory and open (lazily) one transport per node, shared by all commands."""
         from rbee_control.inventory.loader import load_inventory
-        from rbee_control.keeper.node_client import NodeClient
+        from rbee_control.node import NodeClient
         from rbee_control.ssh.pool import TransportPool
 
         inventory = load_inventory(path)
@@ -115,7 +104,7 @@ class InventoryFleet:
             return self._clients[node]
         except KeyError:
             raise RbeeError(
-                ErrorCode.UNKNOWN_NODE, f"unknown node {node!r}", status=404, details={"node": node}
+                ErrorCode.UNKNOWN_NODE, f"unknown node {node!r}", details={"node": node}
             ) from None
 
     async def list_models(self) -> list[ModelEntry]:
@@ -135,28 +124,28 @@ class InventoryFleet:
         async with self._hive_locks[node]:
             if node in self._hive_checked:
                 return
-            result = await client.hive_start()
-            if isinstance(result, dict) and result.get("status") == "started":
+            if (await client.hive_start()).started:
                 self._hives_started.add(node)
             self._hive_checked.add(node)
 
     async def spawn(self, model: str, node: str) -> WorkerEntry:
         client = self._client(node)
+        req = SpawnRequest(model, wait=True)
         await self._ensure_hive(node, client)
         try:
-            info = await client.worker_spawn(model, wait=True)
+            info = await client.worker_spawn(req)
         except RbeeError as exc:
             if exc.code != ErrorCode.HIVE_NOT_RUNNING:
                 raise
             # The hive stopped or died since we checked: start it again, once.
             self._hive_checked.discard(node)
             await self._ensure_hive(node, client)
-            info = await client.worker_spawn(model, wait=True)
-        if str(info["url"]).startswith("https:"):
+            info = await client.worker_spawn(req)
+        if not info.api_key:
+            raise RbeeError(ErrorCode.INTERNAL_ERROR, f"node {node} gave worker {info.id} without its key")
+        if info.url.startswith("https:"):
             await self._pin_certificate(node, client)
-        entry = WorkerEntry(
-            id=str(info["id"]), node=node, url=str(info["url"]), api_key=str(info["api_key"]), model=model
-        )
+        entry = WorkerEntry(id=info.id, node=node, url=info.url, api_key=info.api_key, model=model)
         self._spawned.append(entry)
         return entry
 

@@ -12,8 +12,6 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
-from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -21,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from rbee_worker.app.body import read_json
 from rbee_worker.protocol import events
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
+from rbee_worker.protocol.queen_api import WorkerRegistration
 from rbee_worker.protocol.request import InferenceRequest
 
 from .access import ANONYMOUS
@@ -32,9 +31,6 @@ from .state import QueenState
 from .workers import RoutedWorker
 
 CORRELATION_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-REGISTER_FIELDS = frozenset(
-    {"id", "url", "api_key", "model", "node", "chat_template", "bos_token", "eos_token", "context_length"}
-)
 
 
 def _state(request: Request) -> QueenState:
@@ -42,50 +38,23 @@ def _state(request: Request) -> QueenState:
 
 
 def _invalid(field: str, message: str) -> RbeeError:
-    return RbeeError(ErrorCode.INVALID_REQUEST, f"{field}: {message}", status=400, details={"field": field})
-
-
-def _optional_str(body: dict[str, Any], name: str) -> str | None:
-    value = body.get(name)
-    if value is not None and (not isinstance(value, str) or not value):
-        raise _invalid(name, "expected a non-empty string")
-    return value
+    return RbeeError(ErrorCode.INVALID_REQUEST, f"{field}: {message}", details={"field": field})
 
 
 async def register_worker(request: Request) -> Response:
     """Verify the worker answers `/v1/ready` to the given key, then route to it."""
     state = _state(request)
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise _invalid("body", "expected a JSON object")
-    unknown = sorted(set(body) - REGISTER_FIELDS)
-    if unknown:
-        raise _invalid(unknown[0], "unknown field")
-    url = _optional_str(body, "url")
-    parts = urlsplit(url or "")
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise _invalid("url", "expected an http(s) URL such as http://10.0.0.5:8081")
-    url = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
-    api_key = _optional_str(body, "api_key")
-    if api_key is None:
-        raise _invalid("api_key", "required: the queen calls the worker with it")
-    node = check_name("node", _optional_str(body, "node") or parts.hostname)
-    context_length = body.get("context_length")
-    if context_length is not None and (
-        isinstance(context_length, bool) or not isinstance(context_length, int)
-    ):
-        raise _invalid("context_length", "expected an integer")
-    given_id = _optional_str(body, "id")
-    if given_id is not None:
-        check_name("id", given_id)
-    given_model = _optional_str(body, "model")
-    if given_model is not None:
-        check_model_name(given_model)
+    reg = WorkerRegistration.from_json(await read_json(request))
+    node = check_name("node", reg.node or reg.host)
+    if reg.id is not None:
+        check_name("id", reg.id)
+    if reg.model is not None:
+        check_model_name(reg.model)
     # Checked before the probe: a refused address is never contacted.
-    await state.settings.registration.admit(parts.hostname)
-    existing = _check_conflicts(state, given_id, url)
-    worker_id = given_id or (existing.id if existing else f"w-{secrets.token_hex(4)}")
-    probe = WorkerEntry(worker_id, node, url, api_key, given_model or "")
+    await state.settings.registration.admit(reg.host)
+    existing = _check_conflicts(state, reg.id, reg.url)
+    worker_id = reg.id or (existing.id if existing else f"w-{secrets.token_hex(4)}")
+    probe = WorkerEntry(worker_id, node, reg.url, reg.api_key, reg.model or "")
     try:
         ready = await state.table.check(probe)
     except RbeeError as exc:
@@ -93,30 +62,36 @@ async def register_worker(request: Request) -> Response:
             exc.code if exc.status == 400 else ErrorCode.CONNECTION_FAILED,
             f"not registered: {exc.message}",
             status=exc.status if exc.status == 400 else 502,
-            details={"url": url, "field": "url" if exc.status != 400 else "api_key"},
+            details={"url": reg.url, "field": "url" if exc.status != 400 else "api_key"},
         ) from None
-    _check_conflicts(state, worker_id, url)  # the table may have changed during the probe
-    model = probe.model or check_model_name(str(ready.get("model") or ""))
+    _check_conflicts(state, worker_id, reg.url)  # the table may have changed during the probe
+    model = probe.model or check_model_name(ready.model or "")
     if not model:
         raise _invalid("model", "required (the worker did not name its model)")
-    entry = WorkerEntry(worker_id, node, url, api_key, model)
+    entry = WorkerEntry(worker_id, node, reg.url, reg.api_key, model)
     meta = ModelEntry(
         model,
         node,
-        context_length=context_length,
-        chat_template=_optional_str(body, "chat_template"),
-        bos_token=_optional_str(body, "bos_token"),
-        eos_token=_optional_str(body, "eos_token"),
+        context_length=reg.context_length,
+        chat_template=reg.chat_template,
+        bos_token=reg.bos_token,
+        eos_token=reg.eos_token,
     )
-    slots = ready.get("slots")
-    worker = RoutedWorker(entry, slots=slots if isinstance(slots, int) else 1, meta=meta)
+    worker = RoutedWorker(
+        entry,
+        slots=ready.slots or reg.slots or 1,
+        meta=meta,
+        backend=reg.backend or ready.backend,
+        device=reg.device if reg.device is not None else ready.device,
+        vram_bytes=reg.vram_bytes if reg.vram_bytes is not None else ready.vram_bytes,
+    )
     state.table.add(worker)
-    return JSONResponse(worker.public(), status_code=201)
+    return JSONResponse(worker.public().to_json(), status_code=201)
 
 
 def _conflict(message: str, worker_id: str) -> RbeeError:
     details = {"field": "id", "worker": worker_id}
-    return RbeeError(ErrorCode.WORKER_EXISTS, message, status=409, details=details)
+    return RbeeError(ErrorCode.WORKER_EXISTS, message, details=details)
 
 
 def _check_conflicts(state: QueenState, worker_id: str | None, url: str) -> RoutedWorker | None:
@@ -141,7 +116,6 @@ def _check_conflicts(state: QueenState, worker_id: str | None, url: str) -> Rout
         raise RbeeError(
             ErrorCode.TOO_MANY_WORKERS,
             f"the routing table is full ({state.settings.registration.max_workers} workers)",
-            status=503,
             details={"retry_after": 60},
         )
     return existing
@@ -149,7 +123,7 @@ def _check_conflicts(state: QueenState, worker_id: str | None, url: str) -> Rout
 
 async def list_workers(request: Request) -> Response:
     workers = sorted(_state(request).table, key=lambda w: (w.model, w.node, w.id))
-    return JSONResponse({"workers": [w.public() for w in workers]})
+    return JSONResponse({"workers": [w.public().to_json() for w in workers]})
 
 
 async def remove_worker(request: Request) -> Response:
@@ -158,7 +132,7 @@ async def remove_worker(request: Request) -> Response:
     worker_id = request.path_params["worker_id"]
     worker = state.table.get(worker_id)
     if worker is None:
-        raise RbeeError(ErrorCode.WORKER_NOT_FOUND, f"no worker {worker_id}", status=404)
+        raise RbeeError(ErrorCode.WORKER_NOT_FOUND, f"no worker {worker_id}")
     state.table.remove(worker, "deregistered")
     return JSONResponse({"id": worker_id, "removed": True})
 
@@ -233,9 +207,9 @@ async def cancel_inference(request: Request) -> Response:
     request_id = request.path_params["request_id"]
     upstream: Upstream | None = state.running.get(request_id)
     if upstream is None:
-        raise RbeeError(ErrorCode.NOT_FOUND, f"no running request {request_id}", status=404)
+        raise RbeeError(ErrorCode.NOT_FOUND, f"no running request {request_id}")
     principal = request.scope.get("state", {}).get("principal", ANONYMOUS)
     if state.owners.get(request_id) != principal:
-        raise RbeeError(ErrorCode.FORBIDDEN, f"request {request_id} was started with another key", status=403)
+        raise RbeeError(ErrorCode.FORBIDDEN, f"request {request_id} was started with another key")
     cancelled = await state.relay.delete(upstream.worker, upstream.request_id)
     return JSONResponse({"request_id": request_id, "cancelled": cancelled})

@@ -27,7 +27,7 @@ FINISH_REASONS = {events.STOP_EOS: "stop", events.STOP_STOP: "stop", events.STOP
 
 
 def _invalid(field: str, message: str) -> RbeeError:
-    return RbeeError(ErrorCode.INVALID_REQUEST, f"{field}: {message}", status=400, details={"field": field})
+    return RbeeError(ErrorCode.INVALID_REQUEST, f"{field}: {message}", details={"field": field})
 
 
 @dataclass(slots=True)

@@ -27,14 +27,13 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 import anyio
 import httpx
 
 from rbee_worker.protocol import events
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
-from rbee_worker.protocol.events import Batch, Event, iter_event_batches
+from rbee_worker.protocol.events import Batch, Event
 from rbee_worker.protocol.request import InferenceRequest
 
 from .catalog import Target
@@ -138,7 +137,6 @@ class Upstream:
         error = RbeeError(
             ErrorCode.WORKER_CRASHED,
             f"worker {worker.id} on {worker.node} failed after the first token ({why})",
-            status=502,
             details={"worker": worker.id, "node": worker.node},
         )
         raw, event = _error_event(error)
@@ -205,33 +203,26 @@ class Relay:
     async def _start(self, lease: Lease, request: InferenceRequest, request_id: str) -> Upstream:
         worker = lease.worker
         queen_id = request_id
-        headers = {**worker.auth_headers(), "X-Request-ID": request_id}
-        outgoing = self.client.build_request(
-            "POST", f"{worker.url}/v1/inference", json=request.to_json(), headers=headers
-        )
         try:
-            response = await self.client.send(outgoing, stream=True)
+            opened = await worker.client(self.client).stream(request, request_id)
         except httpx.HTTPError as exc:
             raise _Retry(worker_unreachable(worker.entry, exc)) from None
+        except RbeeError as refused:
+            if refused.status in CLIENT_ERROR_STATUSES:
+                raise
+            raise _Retry(refused) from None
+        response = opened.response
         try:
-            if response.status_code != 200:
-                await response.aread()
-                error = RbeeError.from_body(_json(response), response.status_code)
-                if response.status_code in CLIENT_ERROR_STATUSES:
-                    raise error
-                raise _Retry(error)
             # the worker names the generation (ours is its correlation id); DELETE needs its name
-            request_id = response.headers.get("x-request-id", request_id)
-            stream = aiter(iter_event_batches(response.aiter_bytes()))
+            request_id = opened.request_id
+            stream = aiter(opened.batches())
             prefetched: Batch = []
             while True:
                 try:
                     batch = await anext(stream)
                 except StopAsyncIteration:
                     raise _Retry(
-                        RbeeError(
-                            ErrorCode.WORKER_CRASHED, f"worker {worker.id} ended the stream early", status=502
-                        )
+                        RbeeError(ErrorCode.WORKER_CRASHED, f"worker {worker.id} ended the stream early")
                     ) from None
                 batch = _named_by_queen(batch, queen_id)
                 for _raw, event in batch:
@@ -244,11 +235,7 @@ class Relay:
                         raise _Retry(error)
                 prefetched += batch
         except BaseException as exc:
-            if response.status_code == 200:
-                await self.cancel(worker, response, request_id)
-            else:
-                with anyio.CancelScope(shield=True):
-                    await response.aclose()
+            await self.cancel(worker, response, request_id)
             if isinstance(exc, httpx.HTTPError):
                 raise _Retry(worker_unreachable(worker.entry, exc)) from None
             raise
@@ -262,14 +249,9 @@ class Relay:
     async def delete(self, worker: RoutedWorker, request_id: str) -> bool:
         """Ask the worker to stop one generation; the stream then ends with `stop_reason: cancelled`."""
         try:
-            response = await self.client.delete(
-                f"{worker.url}/v1/inference/{request_id}",
-                headers=worker.auth_headers(),
-                timeout=self.settings.cancel_timeout,
-            )
-        except httpx.HTTPError:
+            return await worker.client(self.client).cancel(request_id, timeout=self.settings.cancel_timeout)
+        except (httpx.HTTPError, RbeeError):
             return False
-        return response.status_code == 200
 
 
 def _named_by_queen(batch: Batch, queen_id: str) -> Batch:
@@ -281,10 +263,3 @@ def _named_by_queen(batch: Batch, queen_id: str) -> Batch:
             raw = events.encode_event(event.name, event.data)
         out.append((raw, event))
     return out
-
-
-def _json(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        return {"error": {"code": ErrorCode.INTERNAL_ERROR, "message": response.text[:300]}}

@@ -74,7 +74,6 @@ def busy_error(target: Target, why: str) -> RbeeError:
     return RbeeError(
         ErrorCode.ALL_SLOTS_BUSY,
         f"every worker for {target.public_id} is busy ({why}); retry later",
-        status=503,
         details={"model": target.public_id, "retry_after": RETRY_AFTER_SECONDS},
     )
 
@@ -252,7 +251,7 @@ class Router:
         try:
             entry = await self.fleet.spawn(model, node)
             try:
-                body = await self.table.check(entry)
+                ready = await self.table.check(entry)
             except RbeeError:
                 with contextlib.suppress(Exception):
                     await self.fleet.stop_worker(entry)
@@ -271,8 +270,7 @@ class Router:
             log.error("cold start of %s on %s failed: %s", model, node, error.message)
             raise error from None
         self._spawn_failed.pop((model, node), None)
-        slots = body.get("slots")
-        worker = RoutedWorker(entry, slots=slots if isinstance(slots, int) else 1, owned=True)
+        worker = RoutedWorker(entry, slots=ready.slots or 1, owned=True)
         self.metrics.cold_starts.labels(model, node, "ok").inc()
         self.metrics.cold_start_seconds.labels(model).observe(time.monotonic() - started)
         self.table.add(worker)

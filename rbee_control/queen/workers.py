@@ -15,11 +15,13 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import httpx
 
+from rbee_worker.protocol.client import WorkerClient, WorkerReady
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
+from rbee_worker.protocol.queen_api import QueenWorker
 
 from .fleet import ModelEntry, WorkerEntry
 from .metrics import QueenMetrics
@@ -41,6 +43,10 @@ class RoutedWorker:
     failures: int = 0
     served: int = 0
     added_at: float = field(default_factory=time.time)
+    #: the device it runs on, when its registration said
+    backend: str | None = None
+    device: int | None = None
+    vram_bytes: int | None = None
 
     @property
     def id(self) -> str:
@@ -62,61 +68,58 @@ class RoutedWorker:
     def capacity(self) -> int:
         return max(1, self.slots)
 
-    def auth_headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.entry.api_key}"}
+    def client(self, http: httpx.AsyncClient) -> WorkerClient:
+        return WorkerClient(self.url, self.entry.api_key, http)
 
-    def public(self) -> dict[str, Any]:
+    def public(self) -> QueenWorker:
         """What `/v2/workers/list` shows: everything but the key."""
-        return {
-            "id": self.id,
-            "node": self.node,
-            "model": self.model,
-            "url": self.url,
-            "slots": self.slots,
-            "in_flight": self.in_flight,
-            "served": self.served,
-            "owned": self.owned,
-            "failures": self.failures,
-            "added_at": round(self.added_at, 3),
-        }
+        return QueenWorker(
+            id=self.id,
+            node=self.node,
+            model=self.model,
+            url=self.url,
+            slots=self.slots,
+            in_flight=self.in_flight,
+            served=self.served,
+            owned=self.owned,
+            failures=self.failures,
+            added_at=round(self.added_at, 3),
+            backend=self.backend,
+            device=self.device,
+            vram_bytes=self.vram_bytes,
+        )
 
 
 def worker_unreachable(entry: WorkerEntry, exc: Exception) -> RbeeError:
     return RbeeError(
         ErrorCode.WORKER_CRASHED,
         f"worker {entry.id} at {entry.url} is unreachable: {type(exc).__name__}",
-        status=502,
         details={"worker": entry.id, "node": entry.node, "dead": isinstance(exc, httpx.ConnectError)},
     )
 
 
 async def probe_ready(
     client: httpx.AsyncClient, entry: WorkerEntry, timeout: float = PROBE_TIMEOUT
-) -> dict[str, Any]:
-    """The worker's ready body when it is ready; RbeeError (details.dead when refused) otherwise."""
+) -> WorkerReady:
+    """The worker's readiness when it is ready; RbeeError (details.dead when refused) otherwise."""
     try:
-        response = await client.get(
-            f"{entry.url}/v1/ready", headers={"Authorization": f"Bearer {entry.api_key}"}, timeout=timeout
-        )
+        ready = await WorkerClient(entry.url, entry.api_key, client).ready(timeout=timeout)
     except httpx.HTTPError as exc:
         raise worker_unreachable(entry, exc) from None
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if response.status_code == 200 and isinstance(body, dict):
-        return body
-    if response.status_code == 401:
+    except RbeeError as exc:
+        if exc.status != 401:
+            raise
         raise RbeeError(
             ErrorCode.INVALID_REQUEST,
             f"worker at {entry.url} refused the api key the queen holds for it",
-            status=400,
             details={"worker": entry.id, "field": "api_key"},
-        )
-    state = body.get("state") if isinstance(body, dict) else None
+        ) from None
+    if ready.http_status == 200 and ready.state is not None:
+        return ready
+    state = ready.state
     raise RbeeError(
         ErrorCode.MODEL_LOADING if state == "loading" else ErrorCode.WORKER_CRASHED,
-        f"worker at {entry.url} is not ready (HTTP {response.status_code}, state {state})",
+        f"worker at {entry.url} is not ready (HTTP {ready.http_status}, state {state})",
         status=503,
         details={"worker": entry.id, "state": state, "dead": state in ("failed", "draining")},
     )
@@ -180,7 +183,7 @@ class WorkerTable:
         n = sum(1 for w in self._workers.values() if w.model == worker.model and w.node == worker.node)
         self._metrics.workers.labels(worker.model, worker.node).set(n)
 
-    async def check(self, entry: WorkerEntry) -> dict[str, Any]:
+    async def check(self, entry: WorkerEntry) -> WorkerReady:
         """Probe a worker that is not in the table yet (registration, cold start)."""
         return await probe_ready(self._client, entry)
 
@@ -196,15 +199,15 @@ class WorkerTable:
 
     async def probe(self, worker: RoutedWorker) -> None:
         try:
-            body = await probe_ready(self._client, worker.entry)
+            ready = await probe_ready(self._client, worker.entry)
         except RbeeError as exc:
             worker.failures += 1
             if exc.details.get("dead") or worker.failures >= MAX_PROBE_FAILURES:
                 self.remove(worker, exc.message)
             return
         worker.failures = 0
-        if isinstance(body.get("slots"), int):
-            worker.slots = body["slots"]
+        if ready.slots is not None:
+            worker.slots = ready.slots
 
     async def health_loop(self, interval: float) -> None:
         """Probe every worker every `interval` seconds, all at once."""

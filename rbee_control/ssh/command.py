@@ -68,7 +68,7 @@ def check_argv(argv: Sequence[str]) -> list[str]:
         if not isinstance(arg, str):
             raise RbeeError(ErrorCode.INTERNAL_ERROR, f"argv items must be strings, got {arg!r}")
         if "\x00" in arg:
-            raise RbeeError(ErrorCode.INVALID_REQUEST, "arguments must not contain NUL bytes", status=400)
+            raise RbeeError(ErrorCode.INVALID_REQUEST, "arguments must not contain NUL bytes")
     if out[0].startswith("-"):
         raise RbeeError(ErrorCode.INTERNAL_ERROR, f"program name must not start with '-': {out[0]!r}")
     return out

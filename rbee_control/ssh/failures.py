@@ -62,7 +62,6 @@ def auth_failed(label: str, target: str, key: str | None, exc: BaseException) ->
     return RbeeError(
         ErrorCode.CONNECTION_FAILED,
         f"SSH authentication failed for {target} with {which}: {describe(exc, target)}",
-        status=502,
         details={"node": label, "target": target, "key": key},
         hint=hint,
     )
@@ -89,7 +88,6 @@ def host_key_unknown(
     return RbeeError(
         ErrorCode.HOST_KEY_UNKNOWN,
         f"host key of node {label} ({host}:{port}) is not trusted yet: {key_type} {fingerprint}",
-        status=502,
         details={
             "node": label,
             "host": host,
@@ -111,7 +109,6 @@ def host_key_changed(
         ErrorCode.HOST_KEY_CHANGED,
         f"host key of node {label} ({host}:{port}) has CHANGED (pinned {', '.join(expected)}{now}). "
         "Someone may be intercepting the connection, or the node was reinstalled; not connecting",
-        status=502,
         details={
             "node": label,
             "host": host,
@@ -130,6 +127,5 @@ def connection_lost(label: str, exc: BaseException) -> RbeeError:
     return RbeeError(
         ErrorCode.CONNECTION_FAILED,
         f"SSH connection to node {label} lost: {describe(exc, label)}",
-        status=502,
         details={"node": label},
     )

@@ -134,7 +134,6 @@ class TransportPool:
                     error=RbeeError(
                         ErrorCode.REQUEST_TIMEOUT,
                         f"node {node.name} did not answer within {timeout:g}s",
-                        status=504,
                         details={"node": node.name},
                     ),
                 )

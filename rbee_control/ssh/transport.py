@@ -105,7 +105,6 @@ class NodeTransport(ABC):
             raise RbeeError(
                 ErrorCode.REQUEST_TIMEOUT,
                 f"command on node {self.node.name} timed out after {timeout:g}s: {shlex.join(argv)[:200]}",
-                status=504,
                 details={"node": self.node.name, "timeout": timeout},
             ) from None
 
@@ -135,7 +134,6 @@ def source_size(path: Path) -> int:
         raise RbeeError(
             ErrorCode.INVALID_REQUEST,
             f"cannot read {path}: {exc.strerror or exc}",
-            status=400,
             details={"path": str(path)},
         ) from None
 

@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse
 from ..chat import chat_renderer
 from ..gguf_info import GGUFInfo, read_gguf_info
 from ..protocol.errors import ErrorCode, RbeeError
+from ..protocol.hive_api import ReadyReport
 from ..runtimes import LLAMA_CPP, choose_backend, device_choice, runtime_factory
 from . import event_loop
 from .connections import ConnectionLimits, guarded_protocol
@@ -174,18 +175,18 @@ async def _report(state: WorkerState) -> None:
     config = state.config
     if not config.callback_url:
         return
-    body = {
-        "worker_id": config.worker_id,
-        "state": state.phase.value,
-        "url": state.url,
-        "model": state.model_name,
-        "runtime": state.runtime,
-        "backend": state.backend,
-        "device": state.device,
-        "vram_bytes": state.vram_bytes,
-        "pid": os.getpid(),
-        "error": state.error.body()["error"] if state.error else None,
-    }
+    body = ReadyReport(
+        worker_id=config.worker_id,
+        state=state.phase.value,
+        url=state.url,
+        model=state.model_name,
+        runtime=state.runtime,
+        backend=state.backend,
+        device=state.device,
+        vram_bytes=state.vram_bytes,
+        pid=os.getpid(),
+        error=state.error,
+    ).to_json()
     transport = httpx.AsyncHTTPTransport(uds=config.callback_uds) if config.callback_uds else None
     try:
         async with httpx.AsyncClient(transport=transport, timeout=10) as client:

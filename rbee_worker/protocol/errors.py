@@ -12,42 +12,52 @@ from typing import Any
 
 
 class ErrorCode(StrEnum):
-    INVALID_REQUEST = "INVALID_REQUEST"
-    INVALID_API_KEY = "INVALID_API_KEY"
-    FORBIDDEN = "FORBIDDEN"
-    UNSUPPORTED_MEDIA_TYPE = "UNSUPPORTED_MEDIA_TYPE"
-    NOT_FOUND = "NOT_FOUND"
-    MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
-    MODEL_LOADING = "MODEL_LOADING"
-    MODEL_LOAD_FAILED = "MODEL_LOAD_FAILED"
-    INVALID_MODEL_FILE = "INVALID_MODEL_FILE"
-    BACKEND_NOT_AVAILABLE = "BACKEND_NOT_AVAILABLE"
-    ALL_SLOTS_BUSY = "ALL_SLOTS_BUSY"
-    WORKER_DRAINING = "WORKER_DRAINING"
-    WORKER_CRASHED = "WORKER_CRASHED"
-    WORKER_NOT_FOUND = "WORKER_NOT_FOUND"
-    WORKER_EXISTS = "WORKER_EXISTS"
-    TOO_MANY_WORKERS = "TOO_MANY_WORKERS"
-    REQUEST_CANCELED = "REQUEST_CANCELED"
-    REQUEST_TIMEOUT = "REQUEST_TIMEOUT"
-    INFERENCE_FAILED = "INFERENCE_FAILED"
-    CHAT_TEMPLATE_FAILED = "CHAT_TEMPLATE_FAILED"
-    LOADING_TIMEOUT = "LOADING_TIMEOUT"
-    INSUFFICIENT_RAM = "INSUFFICIENT_RAM"
-    INSUFFICIENT_VRAM = "INSUFFICIENT_VRAM"
-    DOWNLOAD_FAILED = "DOWNLOAD_FAILED"
-    CHECKSUM_MISMATCH = "CHECKSUM_MISMATCH"
-    DISK_FULL = "DISK_FULL"
-    CONNECTION_TIMEOUT = "CONNECTION_TIMEOUT"
-    CONNECTION_FAILED = "CONNECTION_FAILED"
-    HOST_KEY_UNKNOWN = "HOST_KEY_UNKNOWN"
-    HOST_KEY_CHANGED = "HOST_KEY_CHANGED"
-    UNKNOWN_NODE = "UNKNOWN_NODE"
-    INVENTORY_INVALID = "INVENTORY_INVALID"
-    HIVE_NOT_RUNNING = "HIVE_NOT_RUNNING"
-    VERSION_MISMATCH = "VERSION_MISMATCH"
-    NO_PORT_AVAILABLE = "NO_PORT_AVAILABLE"
-    INTERNAL_ERROR = "INTERNAL_ERROR"
+    """A wire code and the HTTP status it answers with unless one site says otherwise."""
+
+    status: int
+
+    def __new__(cls, value: str, status: int = 500) -> ErrorCode:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.status = status
+        return member
+
+    INVALID_REQUEST = "INVALID_REQUEST", 400
+    INVALID_API_KEY = "INVALID_API_KEY", 401
+    FORBIDDEN = "FORBIDDEN", 403
+    UNSUPPORTED_MEDIA_TYPE = "UNSUPPORTED_MEDIA_TYPE", 415
+    NOT_FOUND = "NOT_FOUND", 404
+    MODEL_NOT_FOUND = "MODEL_NOT_FOUND", 404
+    MODEL_LOADING = "MODEL_LOADING", 503
+    MODEL_LOAD_FAILED = "MODEL_LOAD_FAILED", 500
+    INVALID_MODEL_FILE = "INVALID_MODEL_FILE", 422
+    BACKEND_NOT_AVAILABLE = "BACKEND_NOT_AVAILABLE", 422
+    ALL_SLOTS_BUSY = "ALL_SLOTS_BUSY", 503
+    WORKER_DRAINING = "WORKER_DRAINING", 503
+    WORKER_CRASHED = "WORKER_CRASHED", 502
+    WORKER_NOT_FOUND = "WORKER_NOT_FOUND", 404
+    WORKER_EXISTS = "WORKER_EXISTS", 409
+    TOO_MANY_WORKERS = "TOO_MANY_WORKERS", 503
+    REQUEST_CANCELED = "REQUEST_CANCELED", 503
+    REQUEST_TIMEOUT = "REQUEST_TIMEOUT", 504
+    INFERENCE_FAILED = "INFERENCE_FAILED", 500
+    CHAT_TEMPLATE_FAILED = "CHAT_TEMPLATE_FAILED", 422
+    LOADING_TIMEOUT = "LOADING_TIMEOUT", 504
+    INSUFFICIENT_RAM = "INSUFFICIENT_RAM", 507
+    INSUFFICIENT_VRAM = "INSUFFICIENT_VRAM", 507
+    DOWNLOAD_FAILED = "DOWNLOAD_FAILED", 502
+    CHECKSUM_MISMATCH = "CHECKSUM_MISMATCH", 422
+    DISK_FULL = "DISK_FULL", 507
+    CONNECTION_TIMEOUT = "CONNECTION_TIMEOUT", 504
+    CONNECTION_FAILED = "CONNECTION_FAILED", 502
+    HOST_KEY_UNKNOWN = "HOST_KEY_UNKNOWN", 502
+    HOST_KEY_CHANGED = "HOST_KEY_CHANGED", 502
+    UNKNOWN_NODE = "UNKNOWN_NODE", 404
+    INVENTORY_INVALID = "INVENTORY_INVALID", 400
+    HIVE_NOT_RUNNING = "HIVE_NOT_RUNNING", 503
+    VERSION_MISMATCH = "VERSION_MISMATCH", 500
+    NO_PORT_AVAILABLE = "NO_PORT_AVAILABLE", 503
+    INTERNAL_ERROR = "INTERNAL_ERROR", 500
 
 
 class RbeeError(Exception):
@@ -58,14 +68,14 @@ class RbeeError(Exception):
         code: ErrorCode | str,
         message: str,
         *,
-        status: int = 500,
+        status: int | None = None,
         details: dict[str, Any] | None = None,
         hint: str | None = None,
     ) -> None:
         super().__init__(message)
         self.code = str(code)
         self.message = message
-        self.status = status
+        self.status = status if status is not None else default_status(code)
         self.details = details or {}
         self.hint = hint
 
@@ -73,7 +83,7 @@ class RbeeError(Exception):
         return error_body(self.code, self.message, self.details)
 
     @classmethod
-    def from_body(cls, body: Any, status: int = 500) -> RbeeError:
+    def from_body(cls, body: Any, status: int | None = None) -> RbeeError:
         """Rebuild the error a peer sent; tolerate bodies that are not ours."""
         if isinstance(body, dict) and isinstance(body.get("error"), dict):
             err = body["error"]
@@ -84,6 +94,16 @@ class RbeeError(Exception):
                 details=err.get("details") or {},
             )
         return cls(ErrorCode.INTERNAL_ERROR, f"unexpected error body: {body!r}"[:300], status=status)
+
+
+def default_status(code: ErrorCode | str) -> int:
+    """The status a code answers with; 500 for a code this side does not know (a newer peer's)."""
+    if isinstance(code, ErrorCode):
+        return code.status
+    try:
+        return ErrorCode(code).status
+    except ValueError:
+        return 500
 
 
 def error_body(code: ErrorCode | str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -54,13 +54,13 @@ def choose_backend(info: GGUFInfo, requested: str = "auto") -> str:
     else:
         raise RbeeError(
             ErrorCode.INVALID_REQUEST,
-            f"unknown backend {requested!r} (choose auto, {', '.join(BACKENDS)})",
+            f"unknown runtime {requested!r} (choose auto, {', '.join(BACKENDS)})",
             status=400,
         )
     if backend == CTRANSFORMERS and not ctransformers_can_load(info):
         raise RbeeError(
             ErrorCode.BACKEND_NOT_AVAILABLE,
-            f"ctransformers cannot run {info.name} ({describe}); use --backend llama-cpp",
+            f"ctransformers cannot run {info.name} ({describe}); use --runtime llama-cpp",
             status=422,
             details={"backend": backend, "architecture": info.architecture},
         )

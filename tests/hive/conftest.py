@@ -15,7 +15,7 @@ from typing import Any
 import psutil
 import pytest
 
-from rbee_control.node_events import NodeEvent, parse_line
+from rbee_worker.protocol.node_events import NodeEvent, parse_line
 
 from .servers import FileServer, serve_in_thread
 

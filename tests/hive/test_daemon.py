@@ -10,7 +10,7 @@ import psutil
 
 from rbee_control.hive.client import HiveClient
 from rbee_control.hive.paths import HivePaths
-from rbee_control.node_events import parse_line
+from rbee_worker.protocol.node_events import parse_line
 
 from ..waiting import wait_for as wait_until
 from .conftest import HIVE, Hive, gone
@@ -32,7 +32,7 @@ async def test_start_is_idempotent_private_and_stops_clean(hive: Hive) -> None:
         "the hive listens on nothing but its socket"
     )
     async with HiveClient(HivePaths(hive.home)) as client:
-        health = await client.health()
+        health = (await client.health()).to_json()
     assert health["status"] == "alive" and health["api_version"] == "v1" and health["pid"] == pid
     status = hive.run("status").result
     assert status["running"] and status["workers"] == [] and status["node"]["ram_total"] > 0

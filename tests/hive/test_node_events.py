@@ -6,8 +6,8 @@ import io
 
 import pytest
 
-from rbee_control.node_events import Emitter, parse_line
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
+from rbee_worker.protocol.node_events import Emitter, parse_line
 
 
 class Clock:

@@ -5,14 +5,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import stat
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from rbee_control.hive.tls import ensure_certificate, fingerprint, needs_tls, pinned_context
+from rbee_worker.protocol.client import WorkerClient
 
 from .conftest import Hive, cleanup, hive_env
 from .servers import FileServer
@@ -53,6 +56,7 @@ def test_a_hive_worker_serves_https_to_pinned_clients_only(
             assert isinstance(
                 info.value.__context__, ssl.SSLCertVerificationError
             ) or "CERTIFICATE_VERIFY_FAILED" in str(info.value)
+        asyncio.run(_worker_client_pins(worker, cert["certificate"], other.pem))
         plain = worker["url"].replace("https://", "http://")
         with httpx.Client(timeout=10) as client, pytest.raises(httpx.HTTPError):
             client.get(f"{plain}/v1/ready", headers=headers)  # no key or prompt ever crosses in clear
@@ -61,3 +65,12 @@ def test_a_hive_worker_serves_https_to_pinned_clients_only(
         assert hive.ok("worker", "stop", worker["id"])["how"] == "graceful"
     finally:
         cleanup(hive)
+
+
+async def _worker_client_pins(worker: dict[str, Any], pem: str, other_pem: str) -> None:
+    """`WorkerClient(verify=...)` carries the pin: the hive's certificate gets in, another does not."""
+    async with WorkerClient(worker["url"], worker["api_key"], verify=pinned_context(pem)) as pinned:
+        assert (await pinned.ready()).ok
+    async with WorkerClient(worker["url"], worker["api_key"], verify=pinned_context(other_pem)) as wrong:
+        with pytest.raises(httpx.ConnectError):
+            await wrong.ready()

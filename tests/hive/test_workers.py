@@ -21,7 +21,8 @@ import pytest
 from rbee_control.hive.client import HiveClient
 from rbee_control.hive.paths import HivePaths
 from rbee_control.hive.spawn import port_is_free
-from rbee_worker.protocol.events import iter_events
+from rbee_worker.protocol.client import WorkerClient
+from rbee_worker.protocol.request import InferenceRequest
 
 from ..waiting import wait_for as wait_until
 from .conftest import Hive, cleanup, gone, hive_env
@@ -53,7 +54,7 @@ def workers(hive: Hive) -> dict[str, dict[str, Any]]:
 
 async def live_workers(hive: Hive) -> dict[str, dict[str, Any]]:
     async with HiveClient(HivePaths(hive.home)) as client:
-        return {w["id"]: w for w in await client.list_workers()}
+        return {w.id: w.to_json() for w in await client.list_workers()}
 
 
 def spawn(hive: Hive, *options: str) -> dict[str, Any]:
@@ -65,13 +66,12 @@ def wait_idle(hive: Hive, *ids: str) -> None:
 
 
 async def stream(worker: dict[str, Any], body: dict[str, Any]) -> list[Any]:
-    headers = {"Authorization": f"Bearer {worker['api_key']}"}
     async with (
-        httpx.AsyncClient(base_url=worker["url"], headers=headers, timeout=30) as client,
-        client.stream("POST", "/v1/inference", json=body) as response,
+        WorkerClient(worker["url"], worker["api_key"]) as client,
+        await client.stream(InferenceRequest.from_json(body)) as response,
     ):
-        assert response.status_code == 200
-        return [e async for e in iter_events(response.aiter_bytes())]
+        assert response.response.status_code == 200
+        return [e async for e in response.events()]
 
 
 async def test_two_workers_on_two_ports_stream_at_once(node: Hive) -> None:
@@ -81,7 +81,7 @@ async def test_two_workers_on_two_ports_stream_at_once(node: Hive) -> None:
         squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         squatter.bind(("127.0.0.1", first))
         squatter.listen()
-        a, b = spawn(node, "--backend", "ctransformers"), spawn(node, "--backend", "ctransformers")
+        a, b = spawn(node, "--runtime", "ctransformers"), spawn(node, "--runtime", "ctransformers")
     assert first < a["port"] < b["port"]
     assert a["state"] == b["state"] == "loading"
     assert a["port"] != b["port"] and a["api_key"] != b["api_key"] and a["runtime"] == "ctransformers"
@@ -229,6 +229,9 @@ def test_refusals_happen_before_any_process(hive: Hive, tiny_model: Path, tmp_pa
     ram = hive.run("worker", "spawn", "--model", "tiny").error
     assert ram["code"] == "INSUFFICIENT_RAM"
     assert ram["details"]["required_mb"] > ram["details"]["available_mb"] > 0
+    device = hive.run("worker", "spawn", "--model", "tiny", "--backend", "cuda").error
+    assert device["code"] == "BACKEND_NOT_AVAILABLE", device
+    asyncio.run(refuse_bad_bodies(hive))
     empty = write_empty_model(tmp_path / "empty.gguf")  # valid metadata, one weight: the runtime refuses
     hive.ok("models", "add", f"file:{empty}")
     failed = hive.run("worker", "spawn", "--model", "empty", "--wait").error
@@ -237,6 +240,27 @@ def test_refusals_happen_before_any_process(hive: Hive, tiny_model: Path, tmp_pa
     wait_until(lambda: not workers(hive), 10, "the failed worker to be stopped")
     assert hive.run("worker", "list").result["workers"] == []
     assert list((hive.home / "workers").iterdir()) == []
+
+
+async def refuse_bad_bodies(hive: Hive) -> None:
+    """The hive API parses each body once, at its edge: a bad field is a 400 naming it."""
+    transport = httpx.AsyncHTTPTransport(uds=str(hive.home / "hive.sock"))
+    async with httpx.AsyncClient(transport=transport, base_url="http://hive") as client:
+        cases: list[tuple[str, Any, str]] = [
+            ("/v1/workers/spawn", {"model": "tiny", "slots": 0}, "slots"),
+            ("/v1/workers/spawn", {"model": "tiny", "backend": "gpu"}, "backend"),
+            ("/v1/workers/spawn", {"model": "tiny", "ctx": "big"}, "ctx_size"),
+            ("/v1/workers/spawn", {"model": "tiny", "gpu": 0}, "gpu"),
+            ("/v1/workers/spawn", [1, 2], "body"),
+            ("/v1/workers/ready", {"worker_id": "w", "state": "gone"}, "state"),
+        ]
+        for path, body, field in cases:
+            response = await client.post(path, json=body)
+            error = response.json()["error"]
+            assert response.status_code == 400 and error["code"] == "INVALID_REQUEST", (body, error)
+            assert error["details"]["field"] == field, (body, error)
+        garbage = await client.post("/v1/workers/spawn", content=b"{not json")
+        assert garbage.status_code == 400
 
 
 def write_empty_model(path: Path) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import httpx
 import psutil
 import pytest
 
+from rbee_worker.protocol.client import WorkerClient
 from rbee_worker.tinymodel import write_tiny_model
 
 from ..waiting import wait_for
@@ -40,9 +42,11 @@ def _worker(keeper: Keeper, node: str) -> dict[str, Any]:
 
 
 def _metrics(worker: dict[str, Any]) -> dict[str, float]:
-    text = httpx.get(
-        f"{worker['url']}/metrics", headers={"Authorization": f"Bearer {worker['api_key']}"}, timeout=5
-    ).text
+    async def read() -> str:
+        async with WorkerClient(worker["url"], worker["api_key"]) as client:
+            return await client.metrics_text()
+
+    text = asyncio.run(read())
     values: dict[str, float] = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):

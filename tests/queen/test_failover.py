@@ -10,6 +10,8 @@ from pathlib import Path
 import httpx
 import openai
 
+from rbee_worker.protocol.client import WorkerClient
+
 from ..worker_proc import WorkerProcess
 from .conftest import Queen, metric, serve_queen
 
@@ -27,8 +29,8 @@ async def _workers(queen: Queen) -> list[dict]:
 
 
 async def _metrics(url: str, headers: dict[str, str]) -> str:
-    async with httpx.AsyncClient() as client:
-        return (await client.get(f"{url}/metrics", headers=headers)).text
+    async with WorkerClient(url, headers["Authorization"].removeprefix("Bearer ")) as client:
+        return await client.metrics_text()
 
 
 async def test_a_worker_killed_before_the_request_is_skipped(

@@ -7,6 +7,8 @@ import time
 from typing import Any
 
 from rbee_control.queen import InventoryFleet
+from rbee_worker.protocol.hive_api import DaemonInfo, ModelInfo, WorkerInfo
+from rbee_worker.protocol.spawn import SpawnRequest
 
 
 class RecordingNode:
@@ -21,26 +23,27 @@ class RecordingNode:
         self.delay = delay
         self.calls: list[str] = []
 
-    async def hive_start(self) -> dict[str, Any]:
+    async def hive_start(self) -> DaemonInfo:
         self.calls.append("hive_start")
         status = "already_running" if self.hive_running else "started"
         self.hive_running = True
-        return {"status": status}
+        return DaemonInfo(status)
 
     async def hive_stop(self) -> dict[str, Any]:
         self.calls.append("hive_stop")
         return {"stopped": True}
 
-    async def models_list(self, templates: bool = False) -> list[dict[str, Any]]:
+    async def models_list(self, templates: bool = False) -> list[ModelInfo]:
         await asyncio.sleep(self.delay)
         if self.models is None:
             raise ConnectionError(f"{self.name} is down")
-        return self.models
+        return [ModelInfo.from_json(row) for row in self.models]
 
-    async def worker_spawn(self, model: str, backend: str = "auto", wait: bool = True) -> dict[str, Any]:
-        self.calls.append(f"spawn {model}")
+    async def worker_spawn(self, req: SpawnRequest) -> WorkerInfo:
+        self.calls.append(f"spawn {req.model}")
         n = sum(c.startswith("spawn") for c in self.calls)
-        return {"id": f"{self.name}-w{n}", "url": f"http://{self.name}:8081", "api_key": "k", "model": model}
+        url = f"http://{self.name}:8081"
+        return WorkerInfo(id=f"{self.name}-w{n}", url=url, model=req.model, state="idle", api_key="k")
 
     async def hive_tls(self) -> dict[str, Any]:
         raise AssertionError("only https workers need the hive's certificate")

@@ -186,6 +186,21 @@ async def test_register_refuses_a_wrong_worker_key(queen: Queen, pair: dict[str,
     assert listed == []
 
 
+async def test_register_takes_the_seeds_body(queen: Queen, pair: dict[str, WorkerProcess]) -> None:
+    seeds = {
+        "worker_id": "w-seed", "url": pair["alpha"].url + "/", "api_key": pair["alpha"].api_key,
+        "model_ref": "alpha", "node_name": "gpu-box", "backend": "cpu", "device": 0, "vram_bytes": 0,
+    }  # fmt: skip
+    async with queen.admin() as client:
+        response = await client.post("/v2/workers/register", json=seeds)
+        assert response.status_code == 201, response.text
+        (listed,) = (await client.get("/v2/workers/list")).json()["workers"]
+        bad = await client.post("/v2/workers/register", json={**seeds, "slots_total": 0})
+    assert listed["id"] == "w-seed" and listed["node"] == "gpu-box" and listed["model"] == "alpha"
+    assert listed["url"] == pair["alpha"].url and (listed["backend"], listed["device"]) == ("cpu", 0)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "slots"
+
+
 async def test_native_stream_can_be_cancelled_through_the_queen(registered: Queen) -> None:
     body = {"model": "alpha", "prompt": "a", "max_tokens": 4000}
     async with registered.http() as client:

@@ -57,4 +57,5 @@ def test_worker_on_a_llama_file_runs_llama_cpp_by_default(
     worker_factory: type[WorkerProcess], tiny_model: Path
 ) -> None:
     worker = worker_factory(tiny_model)
-    assert worker.wait_ready()["runtime"] == "llama-cpp"
+    ready = worker.wait_ready()
+    assert ready["runtime"] == "llama-cpp" and ready["backend"] == "cpu"

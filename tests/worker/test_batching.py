@@ -105,7 +105,7 @@ async def test_cancel_frees_a_seat_for_a_queued_request_while_others_stream_on(
     steady = {"prompt": "meadow", "max_tokens": 600, "seed": 2}
     async with worker.async_client() as client:
         async with (
-            client.stream("POST", "/v1/inference", json=endless) as a,
+            client.stream("POST", "/v1/inference", json=endless, headers={"X-Request-ID": "gone"}) as a,
             client.stream("POST", "/v1/inference", json=steady) as b,
         ):
             first, second = Reader(a), Reader(b)
@@ -113,7 +113,8 @@ async def test_cancel_frees_a_seat_for_a_queued_request_while_others_stream_on(
             await second.tokens(3)
             queued = asyncio.create_task(collect(client, {"prompt": "late", "max_tokens": 40, "seed": 3}))
             await wait_for_metric(client, "rbee_worker_queue_depth", 1)
-            assert (await client.delete(f"/v1/inference/{a.headers['x-request-id']}")).status_code == 200
+            gone = a.headers["x-request-id"]  # the worker names the generation
+            assert (await client.delete(f"/v1/inference/{gone}")).status_code == 200
             late = await queued
             # The queued request got the freed seat and finished while the other stream runs on.
             assert worker.proc.poll() is None

@@ -192,7 +192,7 @@ async def test_wrong_backend_for_architecture_is_explained(
 ) -> None:
     worker = worker_factory(smollm2, backend="ctransformers")
     assert worker.wait_exit(30) == 1
-    assert "ctransformers cannot run" in worker.log() and "--backend llama-cpp" in worker.log()
+    assert "ctransformers cannot run" in worker.log() and "--runtime llama-cpp" in worker.log()
 
 
 async def test_port_in_use_fails_fast(worker_factory: type[WorkerProcess], tiny_model: Path) -> None:

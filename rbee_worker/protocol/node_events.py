@@ -23,13 +23,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TextIO
 
-from rbee_worker.protocol.errors import ErrorCode, RbeeError
+from .errors import ErrorCode, RbeeError
 
 EventKind = Literal["progress", "log", "result", "error"]
 EVENT_KINDS: frozenset[str] = frozenset({"progress", "log", "result", "error"})
 
 #: At most this many progress events per second reach the pipe.
 PROGRESS_RATE = 10.0
+
+#: Hints from the hive name the node this way (it does not know its inventory name); the keeper fills it in.
+NODE_PLACEHOLDER = "<node>"
 
 
 @dataclass(frozen=True, slots=True)

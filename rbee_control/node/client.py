@@ -1,4 +1,4 @@
-"""The keeper's handle on one node: `rbee-hive --json …` over its transport.
+"""A handle on one node: `rbee-hive --json …` over its transport.
 
 Every method runs one node command, turns its `progress` events into callbacks
 and returns its one `result` (or raises its `error`), so the keeper and the queen
@@ -9,21 +9,25 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from rbee_control.hive import NODE_PLACEHOLDER
-from rbee_control.hive import __version__ as HIVE_VERSION
-from rbee_control.hive.paths import check_worker_id
+from rbee_control import __version__ as HIVE_VERSION
 from rbee_control.inventory.model import Node
-from rbee_control.node_events import NodeEvent, parse_line
 from rbee_control.ssh.node_command import hive_command, node_env
 from rbee_control.ssh.transport import NodeTransport
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
+from rbee_worker.protocol.hive_api import DaemonInfo, ModelInfo, StopResult, WorkerInfo, check_worker_id
+from rbee_worker.protocol.node_events import NODE_PLACEHOLDER, NodeEvent, parse_line
+from rbee_worker.protocol.spawn import SpawnRequest
 
 if TYPE_CHECKING:  # asyncssh is imported only by commands that use SSH (warm `infer` does not)
     from rbee_control.ssh.pool import TransportPool
 
 ProgressCallback = Callable[[NodeEvent], None]
+
+#: Seconds a waited-for spawn may take when the request names no timeout.
+SPAWN_TIMEOUT = 300.0
 
 #: Exit status of a shell that could not find or run the program.
 _NOT_INSTALLED = {126, 127}
@@ -85,10 +89,12 @@ class NodeClient:
 
     # --- the daemon -------------------------------------------------------------
 
-    async def hive_start(self) -> dict[str, Any]:
+    async def hive_start(self) -> DaemonInfo:
         """Start the node's daemon if it is not running (idempotent); check its version."""
-        info = await self.call("daemon", "--detach", "--address", self.node.address, timeout=60)
-        version = info.get("version")
+        info = DaemonInfo.from_json(
+            await self.call("daemon", "--detach", "--address", self.node.address, timeout=60)
+        )
+        version = info.version
         if version and version != HIVE_VERSION:
             raise RbeeError(
                 ErrorCode.VERSION_MISMATCH,
@@ -109,9 +115,9 @@ class NodeClient:
 
     # --- models -----------------------------------------------------------------
 
-    async def models_list(self, templates: bool = False) -> list[dict[str, Any]]:
+    async def models_list(self, templates: bool = False) -> list[ModelInfo]:
         args = ["models", "list", *(["--templates"] if templates else [])]
-        return list((await self.call(*args, timeout=30)).get("models", []))
+        return [ModelInfo.from_json(row) for row in (await self.call(*args, timeout=30)).get("models", [])]
 
     async def models_add(
         self,
@@ -120,7 +126,7 @@ class NodeClient:
         sha256: str | None = None,
         progress: ProgressCallback | None = None,
         max_bytes: int | None = None,
-    ) -> dict[str, Any]:
+    ) -> ModelInfo:
         args = ["models", "add", ref]
         if name:
             args += ["--name", name]
@@ -128,39 +134,30 @@ class NodeClient:
             args += ["--sha256", sha256]
         if max_bytes:
             args += ["--max-bytes", str(max_bytes)]
-        return await self.call(*args, progress=progress)
+        return ModelInfo.from_json(await self.call(*args, progress=progress))
 
     async def models_rm(self, name: str) -> dict[str, Any]:
         return await self.call("models", "rm", name, timeout=30)
 
     # --- workers ----------------------------------------------------------------
 
-    async def worker_spawn(
-        self,
-        model: str,
-        backend: str = "auto",
-        *,
-        slots: int = 1,
-        ctx: int | None = None,
-        wait: bool = True,
-        timeout: float = 300,
-        progress: ProgressCallback | None = None,
-    ) -> dict[str, Any]:
-        args = ["worker", "spawn", "--model", model, "--backend", backend, "--slots", str(slots)]
-        if ctx:
-            args += ["--ctx", str(ctx)]
-        if wait:
-            args += ["--wait", "--timeout", str(timeout)]
-        return await self.call(*args, progress=progress, timeout=timeout + 30)
+    async def worker_spawn(self, req: SpawnRequest, progress: ProgressCallback | None = None) -> WorkerInfo:
+        """Start a worker; with `req.wait` (the usual), once it is loaded. Timeout: `req.timeout` or 300 s."""
+        timeout = req.timeout or SPAWN_TIMEOUT
+        if req.wait:
+            req = replace(req, timeout=timeout)
+        info = await self.call("worker", "spawn", *req.to_argv(), progress=progress, timeout=timeout + 30)
+        return WorkerInfo.from_json(info)
 
-    async def worker_list(self) -> list[dict[str, Any]]:
+    async def worker_list(self) -> list[WorkerInfo]:
         """The hive's workers; a hive that is not running has none."""
         try:
-            return list((await self.call("worker", "list", timeout=30)).get("workers", []))
+            listing = await self.call("worker", "list", timeout=30)
+            return [WorkerInfo.from_json(w) for w in listing.get("workers", [])]
         except RbeeError as exc:
             if exc.code == ErrorCode.HIVE_NOT_RUNNING and "not installed" not in exc.message:
                 return []
             raise
 
-    async def worker_stop(self, worker_id: str) -> dict[str, Any]:
-        return await self.call("worker", "stop", check_worker_id(worker_id), timeout=60)
+    async def worker_stop(self, worker_id: str) -> StopResult:
+        return StopResult.from_json(await self.call("worker", "stop", check_worker_id(worker_id), timeout=60))
