@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .model_shape import ModelShape
+from .protocol import spawn
 from .protocol.errors import ErrorCode, RbeeError
 from .protocol.spawn import DEVICE_BACKENDS, GpuLayers
 
@@ -118,17 +119,10 @@ def _on_device(shape: ModelShape, backend: str, steps: int, cells: int) -> int:
 
 def parse_gpu_layers(text: str | int) -> GpuLayers:
     """`auto`, `all` or a count ≥ 0; ValueError otherwise (the CLIs turn it into a usage error)."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        value = text
-    elif isinstance(text, str) and text in ("auto", "all"):
-        return text  # type: ignore[return-value]
-    elif isinstance(text, str) and text.strip().isdigit():
-        value = int(text)
-    else:
-        raise ValueError(f"gpu layers must be auto, all or a number >= 0, not {text!r}")
-    if value < 0:
-        raise ValueError(f"gpu layers must be auto, all or a number >= 0, not {text!r}")
-    return value
+    try:
+        return spawn.parse_gpu_layers(text.strip() if isinstance(text, str) else text)
+    except RbeeError as exc:
+        raise ValueError(exc.message) from None
 
 
 def plan_memory(

@@ -31,7 +31,7 @@ GpuLayers = Literal["auto", "all"] | int
 def parse_gpu_layers(value: Any) -> GpuLayers:
     if value == AUTO or value == "all":
         return cast(GpuLayers, value)
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and value.isdecimal():  # isdigit() also takes "²", which int() refuses
         return int(value)
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
