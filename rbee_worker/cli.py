@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from . import __version__
 from .planning import BACKENDS as DEVICE_BACKENDS
 from .planning import GpuLayers, parse_gpu_layers
 from .protocol.errors import RbeeError
@@ -24,6 +25,7 @@ def _gpu_layers(text: str) -> GpuLayers:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rbee-worker", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"rbee-worker {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve a model over HTTP/SSE")

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from rbee_control import __version__
 from rbee_control.queen.options import add_access_arguments
 from rbee_worker.protocol.errors import RbeeError
 from rbee_worker.protocol.spawn import SpawnRequest, add_spawn_arguments
@@ -88,16 +89,36 @@ def build_parser() -> argparse.ArgumentParser:
     from . import fleet_commands, setup_commands
 
     parser = argparse.ArgumentParser(prog="rbee-keeper", description="drive your rbee fleet")
-    parser.add_argument(
-        "--inventory", help="inventory file (default: $RBEE_INVENTORY, else ~/.config/rbee/inventory.yaml)"
-    )
-    parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    parser.add_argument("--version", action="version", version=f"rbee-keeper {__version__}")
+    _add_global_options(parser, None, False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_infer(sub)
     _add_serve(sub)
     setup_commands.register(sub)
     fleet_commands.register(sub)
+    for command in _leaf_parsers(parser):
+        # after the subcommand too (`setup list-nodes --json`); SUPPRESS keeps a value given before it
+        _add_global_options(command, argparse.SUPPRESS, argparse.SUPPRESS)
     return parser
+
+
+def _add_global_options(parser: argparse.ArgumentParser, inventory: Any, json: Any) -> None:
+    parser.add_argument(
+        "--inventory",
+        default=inventory,
+        help="inventory file (default: $RBEE_INVENTORY, else ~/.config/rbee/inventory.yaml)",
+    )
+    parser.add_argument("--json", action="store_true", default=json, help="machine-readable output on stdout")
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every parser that ends a command line (`infer`, `setup install`, …)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [parser]
+    return [
+        leaf for a in subs for child in dict.fromkeys(a.choices.values()) for leaf in _leaf_parsers(child)
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,32 +1,31 @@
-"""`setup add-node | list-nodes | remove-node | install`: putting machines into the fleet."""
+"""`setup add-node | list-nodes | remove-node | install`: putting machines into the fleet.
+
+`upgrade` and `uninstall` live in `lifecycle`, the boot service in `service`.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import re
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from rich.markup import escape
-
 from rbee_control.inventory.editor import add_node, remove_node
+from rbee_control.inventory.first import create_first_inventory, inventory_to_edit
 from rbee_control.inventory.loader import load_inventory
 from rbee_control.inventory.model import Node, SshSettings, check_node_name
 from rbee_control.inventory.paths import known_hosts_path
-from rbee_control.ssh.node_command import hive_command, node_env, venv_bin, venv_dir
+from rbee_control.ssh.node_command import hive_command, node_env
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
+from . import lifecycle
 from .context import KeeperContext
-from .display import Display, NodeProgress, table
+from .display import Display, table
 from .fleet_commands import report_outcomes
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
+from .install import InstallOptions, install_nodes
 
 # --- add-node ------------------------------------------------------------------------
 
@@ -36,7 +35,7 @@ async def cmd_add_node(args: argparse.Namespace, ctx: KeeperContext) -> int:
     from rbee_control.ssh.remote import SshTransport
 
     display = ctx.display
-    path = ctx.inventory_path
+    path = inventory_to_edit(ctx.inventory_arg)
     _check_new_node(path, args.name)
     ssh = SshSettings(host=args.ssh_host, port=args.ssh_port, user=args.ssh_user, key=args.ssh_key)
     known = KnownHosts(known_hosts_path())
@@ -112,6 +111,8 @@ async def cmd_add_node(args: argparse.Namespace, ctx: KeeperContext) -> int:
         "home": args.home,
         "python": args.python,
     }
+    if create_first_inventory(path):
+        display.narrate(f"[green]✓[/green] created the inventory {path} (with the node local)")
     add_node(path, args.name, fields)
     display.result(
         {
@@ -143,10 +144,12 @@ def _check_fingerprint(value: str) -> str:
 def _check_new_node(path: Path, name: str) -> None:
     """Refuse a bad or taken name before touching the network or known_hosts."""
     check_node_name(name)
-    if path.exists() and name in load_inventory(path).nodes:
+    taken = load_inventory(path).names() if path.exists() else ["local"]
+    if name in taken:
+        where = f"exists in {path}" if path.exists() else f"is this machine in the new inventory {path}"
         raise RbeeError(
             ErrorCode.INVALID_REQUEST,
-            f"node {name!r} already exists in {path}",
+            f"node {name!r} already {where}",
             status=409,
             details={"node": name},
             hint=f"to replace it: rbee-keeper setup remove-node {name}, then add it again",
@@ -199,114 +202,25 @@ async def cmd_remove_node(args: argparse.Namespace, ctx: KeeperContext) -> int:
 # --- install -------------------------------------------------------------------------
 
 
-async def build_wheel(directory: Path) -> Path:
-    """Build this package's wheel once per run; nodes install exactly what the keeper runs."""
-    if not (PROJECT_ROOT / "pyproject.toml").exists():
-        raise RbeeError(
-            ErrorCode.INTERNAL_ERROR, f"no rbee source tree at {PROJECT_ROOT} to build a wheel from"
-        )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(directory), str(PROJECT_ROOT),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    _, err = await proc.communicate()
-    wheels = sorted(directory.glob("rbee-*.whl"))
-    if proc.returncode or not wheels:
-        raise RbeeError(ErrorCode.INTERNAL_ERROR, f"building the rbee wheel failed: {err.decode()[-500:]}")
-    return wheels[-1]
-
-
-def split_extras(extras: str | None) -> tuple[str | None, bool]:
-    """(extras for pip, whether llama-cpp-python is wanted): the node builds that one itself."""
-    names = [e.strip() for e in (extras or "").split(",") if e.strip()]
-    rest = [e for e in names if e != "llama"]
-    return (",".join(rest) or None), len(rest) != len(names)
-
-
-async def install_on(
-    node: Node,
-    transport: Any,
-    wheel: Path,
-    extras: str | None,
-    progress: NodeProgress,
-    backend: str = "auto",
-    display: Display | None = None,
-) -> dict:
-    from rbee_control.node.client import NodeClient
-
-    from .provision import remote_home
-
-    extras, llama = split_extras(extras)
-    client = NodeClient(node, transport)
-    home = node.home
-    if home.startswith("~"):
-        home = (await remote_home(client)) + home[1:]
-    incoming = f"{home}/incoming"
-    await transport.run(["mkdir", "-p", incoming], timeout=30)
-    target = f"{incoming}/{wheel.name}"
-    label = f"{node.name}: push {wheel.name}"
-    await transport.put(wheel, target, lambda done, total: progress.update(label, done, total), resume=False)
-    python = venv_bin(node, "python")  # a NodePath: a leading `~` is expanded by the node's shell
-    check = await transport.run([python, "-c", "import sys"], timeout=30)
-    if not check.ok:
-        made = await transport.run([node.python, "-m", "venv", venv_dir(node)], timeout=300)
-        if not made.ok:
-            raise RbeeError(
-                ErrorCode.INTERNAL_ERROR, f"creating the venv on {node.name} failed: {made.stderr[-400:]}"
-            )
-    spec = f"{target}[{extras}]" if extras else target
-    pip = await transport.run(
-        [python, "-m", "pip", "install", "--quiet", "--force-reinstall", "--no-deps", spec], timeout=900
-    )
-    deps = await transport.run([python, "-m", "pip", "install", "--quiet", spec], timeout=1800)
-    if not (pip.ok and deps.ok):
-        raise RbeeError(
-            ErrorCode.INTERNAL_ERROR,
-            f"pip install on {node.name} failed: {(pip.stderr + deps.stderr)[-600:]}",
-        )
-    version = await transport.run(hive_command(node, "--version"), env=node_env(node), timeout=60)
-    done: dict[str, Any] = {"node": node.name, "version": version.stdout.strip(), "wheel": wheel.name}
-    if llama:
-        done["llama"] = await install_llama_on(client, backend, display)
-    return done
-
-
-async def install_llama_on(client: Any, backend: str, display: Display | None) -> dict[str, Any]:
-    """Build llama-cpp-python on the node for what its `detect` finds; pip's lines narrate the build."""
-    name = client.node.name
-
-    def narrate(event: Any) -> None:
-        message = event.data.get("message") if event.event == "log" else None
-        if display is not None and message:
-            display.narrate(f"[dim]{name}: {escape(str(message))}[/dim]")
-
-    return await client.call("install-llama", "--backend", backend, progress=narrate, timeout=3 * 3600 + 60)
-
-
 async def cmd_install(args: argparse.Namespace, ctx: KeeperContext) -> int:
     inventory, display = ctx.inventory, ctx.display
     nodes = list(inventory) if args.all else [inventory.node(args.node)]
-    with tempfile.TemporaryDirectory() as tmp:
-        wheel = await build_wheel(Path(tmp))
-        display.narrate(f"[dim]built {wheel.name}[/dim]")
-        with NodeProgress(display) as progress:
-            async with ctx.pool() as pool:
-
-                async def one(transport: Any) -> dict:
-                    return await install_on(
-                        transport.node, transport, wheel, args.extras, progress, args.backend, display
-                    )
-
-                outcomes = await pool.fan_out(nodes, one, timeout=3600)
+    options = InstallOptions(args.extras, args.backend, args.offline)
+    outcomes = await install_nodes(ctx, nodes, options, service=args.service)
     return report_outcomes(display, outcomes, _installed_line)
 
 
 def _installed_line(name: str, value: dict[str, Any]) -> str:
+    line = str(value["version"]) + (" (offline)" if value.get("offline") else "")
     llama = value.get("llama")
-    if not llama:
-        return str(value["version"])
-    build = f"llama-cpp-python {llama.get('version')} for {llama.get('backend')} ({llama.get('cmake_args')})"
-    return f"{value['version']}, {build}"
+    if llama:
+        build = (
+            f"llama-cpp-python {llama.get('version')} for {llama.get('backend')} ({llama.get('cmake_args')})"
+        )
+        line += f", {build}"
+    if value.get("service"):
+        line += f", service {value['service']['path']}"
+    return line
 
 
 def register(sub: Any) -> None:
@@ -346,4 +260,13 @@ def register(sub: Any) -> None:
         default="auto",
         help="with --extras llama: the build (default: what rbee-hive detect finds on the node)",
     )
+    p.add_argument(
+        "--offline",
+        action="store_true",
+        help="no package index on the node: wheels are gathered here and pushed (automatic without one)",
+    )
+    p.add_argument(
+        "--service", action="store_true", help="start the hive at boot (systemd user unit / launchd agent)"
+    )
     p.set_defaults(handler=cmd_install)
+    lifecycle.register(ssub)

@@ -33,6 +33,17 @@ SPAWN_TIMEOUT = 300.0
 _NOT_INSTALLED = {126, 127}
 
 
+def check_version(node: str, version: str) -> None:
+    """A node on another release than the keeper is refused with the command that upgrades it."""
+    if version != HIVE_VERSION:
+        raise RbeeError(
+            ErrorCode.VERSION_MISMATCH,
+            f"node {node} runs rbee {version}, this keeper is rbee {HIVE_VERSION}",
+            details={"node": node, "node_version": version, "keeper_version": HIVE_VERSION},
+            hint=f"rbee-keeper setup upgrade --node {node}",
+        )
+
+
 class NodeClient:
     """Bound to one transport (a CLI run) or to a pool that reconnects on demand (the queen)."""
 
@@ -46,15 +57,20 @@ class NodeClient:
         return await self._via.get(self.node)
 
     async def call(
-        self, *args: str, progress: ProgressCallback | None = None, timeout: float | None = None
+        self,
+        *args: str,
+        progress: ProgressCallback | None = None,
+        timeout: float | None = None,
+        env: dict[str, str] | None = None,
     ) -> dict[str, Any]:
-        """Run `rbee-hive --json *args` on the node; the result payload, or its error raised."""
+        """Run `rbee-hive --json *args` on the node (`env` added to its environment); the result
+        payload, or its error raised."""
         argv = hive_command(self.node, "--json", *args)
         result: NodeEvent | None = None
         stray: list[str] = []
         async with asyncio.timeout(timeout):
             transport = await self.transport()
-            async with transport.stream(argv, env=node_env(self.node)) as proc:
+            async with transport.stream(argv, env=node_env(self.node, env)) as proc:
                 async for line in proc:
                     try:
                         event = parse_line(line)
@@ -80,6 +96,7 @@ class NodeClient:
                 f"rbee is not installed on node {self.node.name} ({argv[0]} not found)",
                 hint=f"rbee-keeper setup install --node {self.node.name}",
             )
+        await self._check_version()  # an older hive fails on what it does not know: say why
         detail = (status.stderr or "\n".join(stray)).strip().splitlines()[-3:]
         raise RbeeError(
             ErrorCode.INTERNAL_ERROR,
@@ -94,17 +111,23 @@ class NodeClient:
         info = DaemonInfo.from_json(
             await self.call("daemon", "--detach", "--address", self.node.address, timeout=60)
         )
-        version = info.version
-        if version and version != HIVE_VERSION:
-            raise RbeeError(
-                ErrorCode.VERSION_MISMATCH,
-                f"node {self.node.name} runs rbee {version}, this keeper is {HIVE_VERSION}",
-                hint=f"rbee-keeper setup install --node {self.node.name}",
-            )
+        if info.version:
+            check_version(self.node.name, info.version)
         return info
 
     async def hive_status(self) -> dict[str, Any]:
-        return await self.call("status", timeout=30)
+        status = await self.call("status", timeout=30)
+        if isinstance(status.get("version"), str):
+            check_version(self.node.name, status["version"])
+        return status
+
+    async def _check_version(self) -> None:
+        """Raise VERSION_MISMATCH if the node's installed rbee-hive is not this keeper's release."""
+        transport = await self.transport()
+        found = await transport.run(hive_command(self.node, "--version"), env=node_env(self.node), timeout=30)
+        words = found.stdout.split()
+        if found.ok and len(words) == 2 and words[0] == "rbee-hive":
+            check_version(self.node.name, words[1])
 
     async def hive_stop(self) -> dict[str, Any]:
         return await self.call("stop", timeout=90)

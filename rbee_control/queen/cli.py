@@ -28,6 +28,7 @@ from types import FrameType
 
 import uvicorn
 
+from rbee_worker import __version__
 from rbee_worker.app import event_loop
 from rbee_worker.app.connections import ConnectionLimits, guarded_protocol
 from rbee_worker.app.server import KEEP_ALIVE_S, bind_socket
@@ -220,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="queen-rbee", description="OpenAI-compatible router over rbee workers"
     )
+    parser.add_argument("--version", action="version", version=f"queen-rbee {__version__}")
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--inventory", help="inventory.yaml (default: $RBEE_INVENTORY, else the per-user one)"

@@ -201,7 +201,7 @@ def test_node_without_rbee_or_with_another_version(
     mismatch = keeper.run("infer", "--node", "old", "--model", "tiny", "--prompt", "hi")
     assert mismatch.rc == 1, mismatch
     assert "VERSION_MISMATCH" in mismatch.err and "9.9.9" in mismatch.err
-    assert "try: rbee-keeper setup install --node old" in mismatch.err
+    assert "try: rbee-keeper setup upgrade --node old" in mismatch.err
 
 
 def test_a_hung_node_costs_about_one_connect_timeout(tmp_path: Path) -> None:
