@@ -245,12 +245,22 @@ class NodeInstall:
                 ErrorCode.INTERNAL_ERROR, f"reading {self.node.name}'s platform failed: {tags.stderr}"
             )
         impl, version, platforms = words[0], words[1], words[2:]
-        self.step(f"gathering wheels for {impl}{version} on {platforms[0]} on this machine")
+        short = "cp" if impl == "cpython" else impl
+        self.step(f"gathering wheels for {short}{version} on {platforms[0]} on this machine")
         with tempfile.TemporaryDirectory() as tmp:
             files = await gather_wheels(Path(tmp), wheel, extras, version, platforms, llama)
             await self.transport.run(["mkdir", "-p", remote], timeout=30)
+            total = sum(f.stat().st_size for f in files)
+            label = f"{self.node.name}: push {len(files)} wheels"
+            sent = 0
             for file in files:
-                await self.transport.put(file, f"{remote}/{file.name}", self._bar(file.name), resume=False)
+                size = file.stat().st_size
+
+                def bar(done: int, _total: int, before: int = sent) -> None:
+                    self.progress.update(label, before + done, total)
+
+                await self.transport.put(file, f"{remote}/{file.name}", bar, resume=False)
+                sent += size
 
     def _bar(self, name: str) -> Any:
         label = f"{self.node.name}: push {name}"

@@ -120,5 +120,5 @@ def refuse(node: Node, lines: list[str]) -> RbeeError:
         f"node {node.name} is missing what rbee needs:\n{body}",
         status=422,
         details={"node": node.name, "missing": lines},
-        hint=f"fix the above on the node, then: rbee-keeper setup install --node {node.name}",
+        hint=f"rbee-keeper setup install --node {node.name}",
     )
