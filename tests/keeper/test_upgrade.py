@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import pytest
 from rbee_control import __version__
 from tests import sshd
 
-from .conftest import HIVE_ENV, Keeper, make_keeper, rbee_processes
+from .conftest import HIVE_ENV, Keeper, Run, make_keeper, rbee_processes
 
 REPO = Path(__file__).resolve().parents[2]
 OLD = "0.0.9"
@@ -42,8 +43,23 @@ class LifeNode:
     homes: Path
     systemctl_log: Path
 
-    def old_keeper(self, *args: str, timeout: float = 900) -> object:
-        return self.keeper.run(*args, timeout=timeout, env={"PYTHONPATH": str(self.old_src)})
+    def old_keeper(self, *args: str, timeout: float = 900) -> Run:
+        """The keeper of the older release: its source first, this checkout's editable finder removed."""
+        code = (
+            "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'Editable' not in repr(f)]; "
+            f"sys.path.insert(0, {str(self.old_src)!r}); "
+            "from rbee_control.keeper.cli import main; sys.exit(main())"
+        )
+        argv = [sys.executable, "-c", code, "--inventory", str(self.keeper.inventory), *args]
+        proc = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.keeper.env,
+            stdin=subprocess.DEVNULL,
+        )
+        return Run(list(args), proc.returncode, proc.stdout, proc.stderr, 0.0)
 
 
 def _old_source(base: Path) -> Path:
@@ -170,5 +186,5 @@ def test_offline_install_mismatch_then_upgrade_keeps_catalog_and_workers(
 
 def test_the_old_keeper_source_is_another_release(life: LifeNode) -> None:
     """Guards the fixture: a copy that did not change the version would make the upgrade test vacuous."""
-    text = (life.old_src / "rbee_worker" / "__init__.py").read_text()
-    assert f'__version__ = "{OLD}"' in text and sys.version_info >= (3, 11)
+    version = life.old_keeper("--version")
+    assert version.rc == 0 and version.out.strip() == f"rbee-keeper {OLD}", version
