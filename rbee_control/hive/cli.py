@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -16,8 +17,8 @@ from dataclasses import fields
 from typing import Any
 
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
-from rbee_worker.protocol.hive_api import WorkerInfo
-from rbee_worker.protocol.node_events import Emitter
+from rbee_worker.protocol.hive_api import KEEPER_VERSION_ENV, WorkerInfo
+from rbee_worker.protocol.node_events import NODE_PLACEHOLDER, Emitter
 from rbee_worker.protocol.spawn import DEVICE_BACKENDS, SpawnRequest, add_spawn_arguments
 
 from . import __version__
@@ -299,10 +300,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_keeper_version() -> None:
+    """Refuse a keeper of another release before doing anything it may have meant differently."""
+    keeper = os.environ.get(KEEPER_VERSION_ENV)
+    if keeper and keeper != __version__:
+        raise RbeeError(
+            ErrorCode.VERSION_MISMATCH,
+            f"node {NODE_PLACEHOLDER} runs rbee {__version__}, this keeper is rbee {keeper}",
+            details={"node_version": __version__, "keeper_version": keeper},
+            hint=f"rbee-keeper setup upgrade --node {NODE_PLACEHOLDER}",
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Emitter(json_mode=args.json)
     try:
+        _check_keeper_version()
         paths = HivePaths.resolve(args.home, args.models_dir)
         args.handler(args, paths, out)
     except RbeeError as err:

@@ -51,15 +51,16 @@ async def upgrade_node(
     transport: Any, wheel: Path, options: InstallOptions, progress: NodeProgress, ctx: KeeperContext
 ) -> dict[str, Any]:
     node: Node = transport.node
+    old = NodeClient(node, transport, same_version=False)  # the hive there now, whatever its release
     client = NodeClient(node, transport)
     step = NodeInstall(node, transport, progress, ctx.display)
     home = await step.home()
     before = await transport.run([f"{home}/venv/bin/rbee-hive", "--version"], timeout=60)
-    running, workers = await _running_workers(client)
+    running, workers = await _running_workers(old)
     llama = await _has_llama(transport, home)
     if running:
         step.step(f"stopping the hive ({len(workers)} worker(s) to bring back)")
-        await client.call("stop", timeout=90)
+        await old.call("stop", timeout=90)
     extras = ",".join(e for e in (options.extras, "llama" if llama else None) if e) or None
     done = await step.install(wheel, InstallOptions(extras, options.backend, options.offline))
     done["before"] = before.stdout.strip() if before.ok else None
@@ -120,7 +121,7 @@ async def uninstall_node(transport: Any, purge: bool, progress: NodeProgress, ct
             f"refusing to remove {home!r} on {node.name}: the home must be a directory of its own",
             hint=f"set `home:` of node {node.name} in the inventory to rbee's own directory",
         )
-    client = NodeClient(node, transport)
+    client = NodeClient(node, transport, same_version=False)
     try:
         await client.call("stop", timeout=90)
     except RbeeError as exc:

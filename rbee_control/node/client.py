@@ -17,7 +17,14 @@ from rbee_control.inventory.model import Node
 from rbee_control.ssh.node_command import hive_command, node_env
 from rbee_control.ssh.transport import NodeTransport
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
-from rbee_worker.protocol.hive_api import DaemonInfo, ModelInfo, StopResult, WorkerInfo, check_worker_id
+from rbee_worker.protocol.hive_api import (
+    KEEPER_VERSION_ENV,
+    DaemonInfo,
+    ModelInfo,
+    StopResult,
+    WorkerInfo,
+    check_worker_id,
+)
 from rbee_worker.protocol.node_events import NODE_PLACEHOLDER, NodeEvent, parse_line
 from rbee_worker.protocol.spawn import SpawnRequest
 
@@ -47,9 +54,12 @@ def check_version(node: str, version: str) -> None:
 class NodeClient:
     """Bound to one transport (a CLI run) or to a pool that reconnects on demand (the queen)."""
 
-    def __init__(self, node: Node, via: NodeTransport | TransportPool) -> None:
+    def __init__(self, node: Node, via: NodeTransport | TransportPool, *, same_version: bool = True) -> None:
+        """`same_version`: the hive must be this release (it refuses otherwise); off only for what
+        `setup upgrade` and `uninstall` ask a hive of another release."""
         self.node = node
         self._via = via
+        self._version_env = {KEEPER_VERSION_ENV: HIVE_VERSION} if same_version else {}
 
     async def transport(self) -> NodeTransport:
         if isinstance(self._via, NodeTransport):
@@ -70,7 +80,9 @@ class NodeClient:
         stray: list[str] = []
         async with asyncio.timeout(timeout):
             transport = await self.transport()
-            async with transport.stream(argv, env=node_env(self.node, env)) as proc:
+            async with transport.stream(
+                argv, env=node_env(self.node, {**self._version_env, **(env or {})})
+            ) as proc:
                 async for line in proc:
                     try:
                         event = parse_line(line)

@@ -23,6 +23,8 @@ from .errors import ErrorCode, RbeeError
 from .wire import invalid, opt_int, opt_str, reject_unknown, req_str, require_object
 
 WORKER_STATES = ("loading", "idle", "busy", "draining")
+#: set by the keeper on every hive command: a hive of another release refuses with VERSION_MISMATCH
+KEEPER_VERSION_ENV = "RBEE_KEEPER_VERSION"
 WORKER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 

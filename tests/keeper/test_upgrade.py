@@ -127,6 +127,7 @@ def test_a_node_whose_python_is_too_old_gets_one_line_per_gap_and_the_fix(life: 
 
 @pytest.mark.slow
 @pytest.mark.llama
+@pytest.mark.timeout(1800)  # two full installs; minutes on a loaded 2-core machine
 def test_offline_install_mismatch_then_upgrade_keeps_catalog_and_workers(
     life: LifeNode, tiny_model: Path
 ) -> None:
