@@ -3,6 +3,7 @@ files and lines that `setup install` writes without a node (prerequisites, boot 
 
 from __future__ import annotations
 
+import json
 import os
 import plistlib
 import subprocess
@@ -162,3 +163,27 @@ def test_launchd_agent_is_a_valid_plist_that_runs_the_hive() -> None:
     assert plist["EnvironmentVariables"] == {"RBEE_HOME": "/Users/me/rbee & co"}
     assert plist["RunAtLoad"] is True and plist["KeepAlive"] == {"SuccessfulExit": False}
     assert agent.enable == [["launchctl", "load", "-w", agent.path]]
+
+
+def test_a_hive_refuses_a_keeper_of_another_release(tmp_path: Path) -> None:
+    env = {**os.environ, "RBEE_KEEPER_VERSION": "9.9.9"}
+    argv = [
+        sys.executable,
+        "-m",
+        "rbee_control.hive.cli",
+        "--home",
+        str(tmp_path),
+        "--json",
+        "models",
+        "list",
+    ]
+    run = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+    assert run.returncode == 1
+    error = json.loads(run.stdout.splitlines()[-1])
+    assert (error["event"], error["code"]) == ("error", "VERSION_MISMATCH"), error
+    assert f"runs rbee {__version__}, this keeper is rbee 9.9.9" in error["message"]
+    assert error["hint"] == "rbee-keeper setup upgrade --node <node>"
+    same = subprocess.run(
+        argv, capture_output=True, text=True, timeout=60, env={**env, "RBEE_KEEPER_VERSION": __version__}
+    )
+    assert same.returncode == 0, same.stderr
