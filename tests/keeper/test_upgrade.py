@@ -160,13 +160,13 @@ def test_offline_install_mismatch_then_upgrade_keeps_catalog_and_workers(
     assert (home / "venv").resolve() != first_venv and first_venv.exists(), "the previous venv is kept"
     assert model_file.exists()
     models = life.keeper.run("models", "list", "--node", "up", json_mode=True)
-    assert models.rc == 0 and [m["name"] for m in models.json()["up"]["models"]] == ["tiny"], models
+    assert models.rc == 0 and [m["name"] for m in models.json()["up"]] == ["tiny"], models
     workers = life.keeper.run("worker", "list", "--node", "up", json_mode=True)
     assert workers.rc == 0, workers
-    assert [w["model"] for w in workers.json()["up"]["workers"]] == ["tiny"], workers
+    assert [w["model"] for w in workers.json()["up"]] == ["tiny"], workers
 
     # the same build again: nothing reinstalled; --service writes and enables the unit
-    service = life.keeper.run("setup", "install", "--node", "up", "--service")
+    service = life.keeper.run("setup", "install", "--node", "up", "--service", timeout=600)
     assert service.rc == 0 and "already installed" in service.err, service
     unit = life.user_home / ".config" / "systemd" / "user" / "rbee-hive-up.service"
     text = unit.read_text()
