@@ -42,6 +42,8 @@ class NodeControl(Protocol):
 
     async def hive_stop(self) -> Any: ...
 
+    async def hive_status(self) -> dict[str, Any]: ...
+
     async def models_list(self, templates: bool = False) -> list[ModelInfo]: ...
 
     async def worker_spawn(self, req: SpawnRequest) -> WorkerInfo: ...
@@ -119,6 +121,23 @@ class InventoryFleet:
 
         listings = await asyncio.gather(*(one(n, c) for n, c in self._clients.items()))
         return [entry for listing in listings for entry in listing]
+
+    async def node_status(self) -> dict[str, dict[str, Any] | str]:
+        """Every node's `rbee-hive status` (devices, free memory, its hive's workers), asked at once;
+        for a node that fails or is slow, why, instead of its status."""
+
+        async def one(node: str, client: NodeControl) -> dict[str, Any] | str:
+            try:
+                async with asyncio.timeout(self._list_timeout):
+                    return await client.hive_status()
+            except TimeoutError:
+                return f"no answer within {self._list_timeout:g} s"
+            except Exception as exc:
+                return str(exc) or type(exc).__name__
+
+        names = list(self._clients)
+        results = await asyncio.gather(*(one(n, self._clients[n]) for n in names))
+        return dict(zip(names, results, strict=True))
 
     async def _ensure_hive(self, node: str, client: NodeControl) -> None:
         async with self._hive_locks[node]:

@@ -10,6 +10,7 @@ from .access import HostPolicy
 from .catalog import ModelCatalog
 from .fleet import Fleet
 from .metrics import QueenMetrics
+from .recent import RecentRequests
 from .registration import RegistrationPolicy
 from .relay import Relay, RelaySettings, Upstream
 from .router import Router, RouterSettings
@@ -54,6 +55,8 @@ class QueenState:
     running: dict[str, Upstream] = field(default_factory=dict)
     #: Who started each running native request (`access.CLIENT`, `ADMIN`...): only they may cancel it.
     owners: dict[str, str] = field(default_factory=dict)
+    #: the last finished requests, for the dashboard
+    recent: RecentRequests = field(default_factory=RecentRequests)
 
     @classmethod
     def build(
