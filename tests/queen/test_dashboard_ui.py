@@ -21,7 +21,6 @@ import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
 from ..worker_proc import WorkerProcess, free_port
-from .conftest import start_worker
 
 CHROMIUM = "/usr/bin/chromium"
 CLIENT_KEY = "ui-client-key"
@@ -45,18 +44,22 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterat
     base = tmp_path_factory.mktemp("ui")
     inventory = base / "inventory.yaml"
     inventory.write_text(f"nodes:\n  {NODE}:\n    transport: local\n    home: {base / 'home'}\n")
-    worker = start_worker(tiny_model, base, ctx=2048)
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RBEE_")}
     env |= {
         "RBEE_QUEEN_API_KEY": CLIENT_KEY,
         "RBEE_QUEEN_ADMIN_KEY": ADMIN_KEY,
         "RBEE_CONFIG_DIR": str(base / "config"),
     }
+    port = free_port()
     argv = [sys.executable, "-m", "rbee_control.queen", "--inventory", str(inventory), "--port", str(port)]
-    log = (base / "queen.log").open("wb")
-    queen = subprocess.Popen(argv, env=env, cwd=base, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    worker = WorkerProcess(tiny_model, log_dir=base, ctx=2048)  # loads while the queen starts
+    try:
+        with (base / "queen.log").open("wb") as log:
+            queen = subprocess.Popen(argv, env=env, cwd=base, stdout=log, stderr=subprocess.STDOUT)
+    except BaseException:
+        worker.kill()
+        raise
     try:
         for _ in range(300):
             assert queen.poll() is None, (base / "queen.log").read_text()
@@ -65,6 +68,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterat
                     break
             except httpx.TransportError:
                 time.sleep(0.1)
+        worker.wait_ready()
         body = {"url": worker.url, "api_key": worker.api_key, "model": MODEL, "node": NODE}
         headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
         registered = httpx.post(f"{url}/v2/workers/register", json=body, headers=headers, timeout=30)
@@ -77,7 +81,6 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterat
         except subprocess.TimeoutExpired:
             queen.kill()
             queen.wait(10)
-        log.close()
         worker.kill()
 
 
