@@ -1,17 +1,15 @@
 """The dashboard in a real headless Chromium (Debian's, driven by Playwright) against a real queen.
 
-One `queen-rbee` process with an inventory of one local node, one tiny-model worker
+One queen (the real app under uvicorn) with an inventory of one local node, one tiny-model worker
 registered on that node, one browser for the module; each test opens its own
 browser context, so nothing (sessionStorage included) leaks between tests.
 """
 
 from __future__ import annotations
 
-import os
+import asyncio
 import re
-import subprocess
-import sys
-import time
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,10 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
-from ..worker_proc import WorkerProcess, free_port
+from rbee_control.queen import InventoryFleet
+
+from ..worker_proc import WorkerProcess
+from .conftest import serve_queen
 
 CHROMIUM = "/usr/bin/chromium"
 CLIENT_KEY = "ui-client-key"
@@ -39,35 +40,59 @@ class Served:
     worker_id: str
 
 
+class QueenThread:
+    """The queen app under uvicorn on its own event loop in a thread: the browser's API is synchronous
+    and must not share a loop with it, and the app is already imported (a `queen-rbee` process would
+    pay its start-up again)."""
+
+    def __init__(self, inventory: Path) -> None:
+        self.inventory = inventory
+        self.loop = asyncio.new_event_loop()
+        self.started = threading.Event()
+        self.url: str | None = None
+        self.error: BaseException | None = None
+        self._stop: asyncio.Event | None = None
+        self.thread = threading.Thread(target=self._run, name="queen", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.loop.run_until_complete(self._serve())
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.started.set()
+            self.loop.close()
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        fleet = InventoryFleet.from_inventory(self.inventory)
+        async with serve_queen(fleet, api_key=CLIENT_KEY, admin_key=ADMIN_KEY) as queen:
+            self.url = queen.url
+            self.started.set()
+            await self._stop.wait()
+
+    def start(self) -> str:
+        self.thread.start()
+        assert self.started.wait(60), "the queen did not start"
+        assert self.url is not None, f"the queen failed to start: {self.error!r}"
+        return self.url
+
+    def stop(self) -> None:
+        if self._stop is not None and self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self._stop.set)
+        self.thread.join(60)
+        assert not self.thread.is_alive(), "the queen did not stop"
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Served]:
     base = tmp_path_factory.mktemp("ui")
     inventory = base / "inventory.yaml"
     inventory.write_text(f"nodes:\n  {NODE}:\n    transport: local\n    home: {base / 'home'}\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RBEE_")}
-    env |= {
-        "RBEE_QUEEN_API_KEY": CLIENT_KEY,
-        "RBEE_QUEEN_ADMIN_KEY": ADMIN_KEY,
-        "RBEE_CONFIG_DIR": str(base / "config"),
-    }
-    port = free_port()
-    argv = [sys.executable, "-m", "rbee_control.queen", "--inventory", str(inventory), "--port", str(port)]
-    url = f"http://127.0.0.1:{port}"
     worker = WorkerProcess(tiny_model, log_dir=base, ctx=2048)  # loads while the queen starts
+    queen = QueenThread(inventory)
     try:
-        with (base / "queen.log").open("wb") as log:
-            queen = subprocess.Popen(argv, env=env, cwd=base, stdout=log, stderr=subprocess.STDOUT)
-    except BaseException:
-        worker.kill()
-        raise
-    try:
-        for _ in range(300):
-            assert queen.poll() is None, (base / "queen.log").read_text()
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        url = queen.start()
         worker.wait_ready()
         body = {"url": worker.url, "api_key": worker.api_key, "model": MODEL, "node": NODE}
         headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -75,13 +100,10 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterat
         assert registered.status_code == 201, registered.text
         yield Served(url, worker, registered.json()["id"])
     finally:
-        queen.terminate()
         try:
-            queen.wait(30)
-        except subprocess.TimeoutExpired:
-            queen.kill()
-            queen.wait(10)
-        worker.kill()
+            queen.stop()
+        finally:
+            worker.kill()
 
 
 @pytest.fixture(scope="module")
