@@ -163,9 +163,12 @@ def test_the_page_shows_the_fleet_and_streams_a_playground_answer(page: Page, se
     assert response.headers["content-type"].startswith("text/event-stream")
     expect(page.locator("#chat-status")).to_contain_text("done:")
     assert page.locator("#chat-answer").text_content()
+    done = re.search(r"done: (\d+) tokens", page.locator("#chat-status").text_content() or "")
+    assert done is not None and 0 < int(done.group(1)) <= 12  # the stream's usage chunk
     request_row = page.locator("#requests tbody tr").first
     expect(request_row).to_contain_text(served.worker_id)
-    expect(request_row).to_contain_text("ok")
+    expect(request_row.locator("td").nth(5)).to_have_text("ok")
+    expect(request_row.locator("td").nth(6)).to_have_text(done.group(1))  # what the queen counted
 
     page.reload()  # the tab keeps its key: no second prompt
     expect(page.locator(f"#workers tr[data-worker='{served.worker_id}']")).to_be_visible()

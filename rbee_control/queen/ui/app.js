@@ -98,7 +98,7 @@ function renderWorkers(workers) {
     cell(tr, w.tokens_per_s === null ? "–" : w.tokens_per_s.toFixed(1), "num");
     cell(tr, w.busy ? "busy" : seconds(w.idle_s), "num");
     cell(tr, String(w.served), "num");
-    cell(tr, w.backend ? w.backend + ":" + num(w.device) : "–");
+    cell(tr, w.backend ? w.backend + (w.device === null ? "" : ":" + w.device) : "–");
   }, "no workers");
 }
 
@@ -233,6 +233,7 @@ async function chat(event) {
         messages: [{ role: "user", content: $("chat-prompt").value }],
         max_tokens: Number($("chat-max").value) || 128,
         stream: true,
+        stream_options: { include_usage: true },
       }),
       signal: chatAbort.signal,
     });
@@ -251,8 +252,9 @@ async function chat(event) {
         if (data === "[DONE]") return;
         const chunk = JSON.parse(data);
         if (chunk.error) { failed = chunk.error.message || "error"; return; }
+        if (chunk.usage) tokens = chunk.usage.completion_tokens;
         const piece = chunk.choices && chunk.choices[0] && chunk.choices[0].delta && chunk.choices[0].delta.content;
-        if (piece) { answer.textContent += piece; tokens += 1; }
+        if (piece) answer.textContent += piece;
       });
     }
     const secs = (performance.now() - started) / 1000;
