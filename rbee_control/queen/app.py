@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
-from . import native_routes, ollama_routes, openai_routes
+from . import embeddings, native_routes, ollama_routes, openai_routes
 from .access import HostGuard, JsonOnly, PlaneAuth
 from .errors import error_response
 from .fleet import Fleet
@@ -66,6 +66,7 @@ ROUTES = [
     Route("/v1/models", openai_routes.list_models, methods=["GET"]),
     Route("/v1/chat/completions", openai_routes.chat_completions, methods=["POST"]),
     Route("/v1/completions", openai_routes.completions, methods=["POST"]),
+    Route("/v1/embeddings", embeddings.embeddings, methods=["POST"]),
     Route("/v1/inference", native_routes.inference, methods=["POST"]),
     Route("/v1/inference/{request_id}", native_routes.cancel_inference, methods=["DELETE"]),
     *ollama_routes.ROUTES,

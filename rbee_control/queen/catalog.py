@@ -37,6 +37,8 @@ class Target:
     node: str | None
     nodes: tuple[str, ...]
     entry: ModelEntry
+    #: routed to workers that serve embeddings (and cold-started with `embedding`), not generation
+    embedding: bool = False
 
 
 @dataclass(frozen=True, slots=True)

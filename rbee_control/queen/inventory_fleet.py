@@ -128,9 +128,9 @@ class InventoryFleet:
                 self._hives_started.add(node)
             self._hive_checked.add(node)
 
-    async def spawn(self, model: str, node: str) -> WorkerEntry:
+    async def spawn(self, model: str, node: str, *, embedding: bool = False) -> WorkerEntry:
         client = self._client(node)
-        req = SpawnRequest(model, wait=True)
+        req = SpawnRequest(model, wait=True, embedding=embedding)
         await self._ensure_hive(node, client)
         try:
             info = await client.worker_spawn(req)
