@@ -64,6 +64,7 @@ ROUTES = [
     Route("/health", health, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
     Route("/v1/models", openai_routes.list_models, methods=["GET"]),
+    Route("/v1/models/{model_id:path}", openai_routes.retrieve_model, methods=["GET"]),
     Route("/v1/chat/completions", openai_routes.chat_completions, methods=["POST"]),
     Route("/v1/completions", openai_routes.completions, methods=["POST"]),
     Route("/v1/embeddings", embeddings.embeddings, methods=["POST"]),
@@ -117,6 +118,7 @@ def create_app(
             for task in background:
                 task.cancel()
             await state.table.close()
+            await state.catalog.close()
             await state.router.close()
             await shutdown_fleet(fleet, settings.shutdown_timeout)
             await state.client.aclose()

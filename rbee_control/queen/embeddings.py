@@ -23,7 +23,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from rbee_worker.app.body import read_json
-from rbee_worker.protocol.embeddings import EmbeddingRequest
+from rbee_worker.protocol.embeddings import EmbeddingRequest, decode_vector, parse_input
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from rbee_worker.protocol.wire import invalid
 
@@ -114,4 +114,59 @@ def _generation_only(state: QueenState, target: Target, error: RbeeError) -> Rbe
         details={"field": "model", "model": target.public_id},
         hint="start a worker with --embedding (rbee-worker serve --embedding, or rbee-keeper worker spawn "
         "--embedding) and register it",
+    )
+
+
+# --- Ollama's /api/embed and /api/embeddings ----------------------------------------
+
+
+def ollama_request(body: dict[str, Any], legacy: bool) -> EmbeddingRequest:
+    """Ollama's body as rbee's request: `input` (or the older route's one `prompt`), `truncate`
+    (Ollama's default is true: cut to the context), `dimensions`; `options` and `keep_alive` are
+    accepted and have no effect (the worker's pooling is fixed when it starts)."""
+    texts = parse_input(body.get("prompt") if legacy else body.get("input"), "prompt" if legacy else "input")
+    if legacy and len(texts) != 1:
+        raise invalid("prompt", "expected one string")
+    truncate = body.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise invalid("truncate", "expected true or false")
+    dimensions = body.get("dimensions")
+    if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(dimensions, int)):
+        raise invalid("dimensions", "expected an integer")
+    return EmbeddingRequest(
+        input=texts, encoding_format="float", dimensions=dimensions or None, truncate=truncate
+    )
+
+
+async def ollama_embed(
+    request: Request, state: QueenState, target: Target, name: str, body: dict[str, Any]
+) -> Response:
+    """Ollama's answer: `{"model", "embeddings": [[...]], durations, "prompt_eval_count"}`,
+    or `{"embedding": [...]}` on the older `/api/embeddings`."""
+    legacy = request.url.path.endswith("/embeddings")
+    req = ollama_request(body, legacy)
+    record = RequestRecord(state, "ollama_embed", target.model, time.perf_counter())
+    try:
+        answer = await until_disconnect(request, embed(state, target, req, uuid.uuid4().hex, record))
+    except ClientDisconnect:
+        record.commit()
+        return Response(status_code=499)
+    except RbeeError as exc:
+        record.error(exc.code)
+        record.commit()
+        raise
+    record.commit()
+    data = sorted(answer["data"], key=lambda item: int(item.get("index", 0)))
+    vectors = [decode_vector(item.get("embedding")) for item in data]
+    if legacy:
+        return JSONResponse({"embedding": vectors[0]})
+    elapsed = round((time.perf_counter() - record.started) * 1e9)
+    return JSONResponse(
+        {
+            "model": name,
+            "embeddings": vectors,
+            "total_duration": elapsed,
+            "load_duration": 0,
+            "prompt_eval_count": record.tokens,
+        }
     )
