@@ -139,12 +139,10 @@ def ollama_request(body: dict[str, Any], legacy: bool) -> EmbeddingRequest:
 
 
 async def ollama_embed(
-    request: Request, state: QueenState, target: Target, name: str, body: dict[str, Any]
+    request: Request, state: QueenState, target: Target, name: str, req: EmbeddingRequest, legacy: bool
 ) -> Response:
     """Ollama's answer: `{"model", "embeddings": [[...]], durations, "prompt_eval_count"}`,
     or `{"embedding": [...]}` on the older `/api/embeddings`."""
-    legacy = request.url.path.endswith("/embeddings")
-    req = ollama_request(body, legacy)
     record = RequestRecord(state, "ollama_embed", target.model, time.perf_counter())
     try:
         answer = await until_disconnect(request, embed(state, target, req, uuid.uuid4().hex, record))

@@ -199,7 +199,9 @@ async def embed(request: Request) -> Response:
     state = _state(request)
     body = await read_json(request)
     name = parse_model(body)
-    return await embeddings.ollama_embed(request, state, await _resolve(state, name), name, body)
+    legacy = request.url.path.endswith("/embeddings")
+    req = embeddings.ollama_request(body, legacy)  # a bad body is a 400 whatever the model
+    return await embeddings.ollama_embed(request, state, await _resolve(state, name), name, req, legacy)
 
 
 @ollama_errors
