@@ -87,6 +87,8 @@ class SpawnRequest:
         for name, value, minimum in checks:
             if value is not None and value < minimum:
                 raise invalid(name, f"expected >= {minimum}, got {value!r}")
+        if self.embedding and self.runtime == "ctransformers":
+            raise invalid("runtime", "ctransformers cannot compute embeddings; use llama-cpp")
 
     # --- JSON: the hive API body ------------------------------------------------
 

@@ -148,6 +148,8 @@ def test_embedding_travels_in_every_spawn_form_and_the_ready_report() -> None:
     assert "--embedding" in req.to_argv()
     assert SpawnRequest.from_args(parser.parse_args(req.to_argv())) == req
     assert _field_error(lambda: SpawnRequest.from_json({"model": "tiny", "embedding": "yes"})) == "embedding"
+    both = {"model": "tiny", "embedding": True, "runtime": "ctransformers"}
+    assert _field_error(lambda: SpawnRequest.from_json(both)) == "runtime"
     no_flag = argparse.ArgumentParser()
     add_spawn_arguments(no_flag, model=False, wait=False, embedding=False)
     assert not hasattr(no_flag.parse_args([]), "embedding")
