@@ -113,6 +113,8 @@ class Embedder:
                     raise RuntimeError(f"llama.cpp gave no pooled embedding for sequence {seq}")
                 array = ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float * self.dimensions)).contents
                 vector = np.array(array, dtype=np.float32)
+                if not np.isfinite(vector).all():  # JSON has no NaN: say so instead of failing to encode
+                    raise RuntimeError(f"llama.cpp gave a non-finite embedding for sequence {seq}")
                 norm = float(np.linalg.norm(vector))
                 vectors.append(vector / norm if norm > 0 else vector)
             return vectors
