@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
-from . import dashboard, native_routes, ollama_routes, openai_routes, ui_routes
+from . import dashboard, embeddings, native_routes, ollama_routes, openai_routes, ui_routes
 from .access import HostGuard, JsonOnly, PlaneAuth
 from .errors import error_response
 from .fleet import Fleet
@@ -64,8 +64,10 @@ ROUTES = [
     Route("/health", health, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
     Route("/v1/models", openai_routes.list_models, methods=["GET"]),
+    Route("/v1/models/{model_id:path}", openai_routes.retrieve_model, methods=["GET"]),
     Route("/v1/chat/completions", openai_routes.chat_completions, methods=["POST"]),
     Route("/v1/completions", openai_routes.completions, methods=["POST"]),
+    Route("/v1/embeddings", embeddings.embeddings, methods=["POST"]),
     Route("/v1/inference", native_routes.inference, methods=["POST"]),
     Route("/v1/inference/{request_id}", native_routes.cancel_inference, methods=["DELETE"]),
     *ollama_routes.ROUTES,
@@ -120,6 +122,7 @@ def create_app(
                 task.cancel()
             await app.state.node_status.close()
             await state.table.close()
+            await state.catalog.close()
             await state.router.close()
             await shutdown_fleet(fleet, settings.shutdown_timeout)
             await state.client.aclose()

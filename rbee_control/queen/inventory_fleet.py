@@ -85,6 +85,8 @@ class InventoryFleet:
         self._hives_started: set[str] = set()
         self._hive_locks = {name: asyncio.Lock() for name in self._clients}
         self._hive_checked: set[str] = set()
+        #: each node's last successful listing, served while the node is asleep or unreachable
+        self._last_listing: dict[str, list[ModelEntry]] = {}
         #: what the queen verifies https workers with: the usual CAs plus each hive certificate read
         #: over SSH (a hive's certificate names the host in its workers' URLs)
         self.tls_context = ssl.create_default_context()
@@ -115,9 +117,13 @@ class InventoryFleet:
                 async with asyncio.timeout(self._list_timeout):
                     rows = await client.models_list(templates=True)
             except Exception as exc:
-                log.warning("node %s: listing models failed: %s", node, exc)
-                return []
-            return [model_entry(node, row) for row in rows]
+                known = self._last_listing.get(node, [])
+                kept = f"serving its last listing ({len(known)} models)" if known else "no listing known"
+                log.warning("node %s: listing models failed (%s); %s", node, exc, kept)
+                return known
+            listing = [model_entry(node, row) for row in rows]
+            self._last_listing[node] = listing
+            return listing
 
         listings = await asyncio.gather(*(one(n, c) for n, c in self._clients.items()))
         return [entry for listing in listings for entry in listing]
@@ -147,9 +153,9 @@ class InventoryFleet:
                 self._hives_started.add(node)
             self._hive_checked.add(node)
 
-    async def spawn(self, model: str, node: str) -> WorkerEntry:
+    async def spawn(self, model: str, node: str, *, embedding: bool = False) -> WorkerEntry:
         client = self._client(node)
-        req = SpawnRequest(model, wait=True)
+        req = SpawnRequest(model, wait=True, embedding=embedding)
         await self._ensure_hive(node, client)
         try:
             info = await client.worker_spawn(req)

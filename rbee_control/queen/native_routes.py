@@ -85,6 +85,7 @@ async def register_worker(request: Request) -> Response:
         backend=reg.backend or ready.backend,
         device=reg.device if reg.device is not None else ready.device,
         vram_bytes=reg.vram_bytes if reg.vram_bytes is not None else ready.vram_bytes,
+        embedding=ready.embedding,
     )
     state.table.add(worker)
     return JSONResponse(worker.public().to_json(), status_code=201)

@@ -9,6 +9,7 @@ import httpx
 from .access import HostPolicy
 from .catalog import ModelCatalog
 from .fleet import Fleet
+from .keepalive import DEFAULT_INTERVAL
 from .metrics import QueenMetrics
 from .recent import RecentRequests
 from .registration import RegistrationPolicy
@@ -38,6 +39,9 @@ class QueenSettings:
     cors_origins: tuple[str, ...] = ()
     #: Which addresses registration may probe, and how many workers the table holds.
     registration: RegistrationPolicy = field(default_factory=RegistrationPolicy)
+    #: Seconds between `: ping` comments on an OpenAI stream still waiting for a worker (and the
+    #: silence before the first, after which the stream is answered and errors come in-stream).
+    sse_keepalive: float = DEFAULT_INTERVAL
 
 
 @dataclass(eq=False)
