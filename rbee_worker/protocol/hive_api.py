@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import ErrorCode, RbeeError
-from .wire import invalid, opt_int, opt_str, reject_unknown, req_str, require_object
+from .wire import invalid, opt_bool, opt_int, opt_str, reject_unknown, req_str, require_object
 
 WORKER_STATES = ("loading", "idle", "busy", "draining")
 #: set by the keeper on every hive command: a hive of another release refuses with VERSION_MISMATCH
@@ -79,6 +79,8 @@ class WorkerInfo:
     last_activity: float | None = None
     idle_seconds: float = 0.0
     failed_probes: int = 0
+    #: serves embeddings, not generation
+    embedding: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -219,6 +221,8 @@ class ReadyReport:
     vram_bytes: int | None = None
     pid: int | None = None
     error: RbeeError | None = field(default=None, compare=False)
+    #: it serves `/v1/embeddings` (spawned with `--embedding`), not generation
+    embedding: bool = False
 
     @property
     def ready(self) -> bool:
@@ -250,4 +254,5 @@ class ReadyReport:
             vram_bytes=opt_int(body, "vram_bytes", 0),
             pid=opt_int(body, "pid", 1),
             error=RbeeError.from_body({"error": error}) if error is not None else None,
+            embedding=opt_bool(body, "embedding"),
         )
