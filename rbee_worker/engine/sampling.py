@@ -82,14 +82,16 @@ class SamplerChain:
             self.close()
             raise
 
-    def _build(self, chain: llama_cpp.llama_sampler_p, s: SamplerSettings, vocab: object) -> None:
+    def _build(
+        self, chain: llama_cpp.llama_sampler_p, s: SamplerSettings, vocab: llama_cpp.llama_vocab_p | None
+    ) -> None:
         add = llama_cpp.llama_sampler_chain_add
         n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab)) if vocab is not None else 0
         if s.logit_bias and vocab is not None:
             entries = [(t, b) for t, b in s.logit_bias.items() if 0 <= t < n_vocab]
             biases = (llama_cpp.llama_logit_bias * len(entries))()
             for i, (token, bias) in enumerate(entries):
-                biases[i].token, biases[i].bias = token, bias
+                biases[i].token, biases[i].bias = token, bias  # type: ignore[assignment]
             add(chain, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(entries), biases))
         if s.repeat_penalty != 1.0 or s.presence_penalty or s.frequency_penalty:
             # The binding declares (n_vocab, last_n, repeat, freq, present), llama.cpp's header has
