@@ -65,9 +65,10 @@ async def test_logprobs_come_with_each_token(shared_tiny_worker: WorkerProcess) 
         # greedy: the chosen token is the most likely one
         assert math.isclose(entry["logprob"], top[0], abs_tol=1e-5)
         assert bytes(entry["bytes"]).decode(errors="replace") == entry["token"]
-    assert "".join(e.data["t"] for e in tokens).encode() == b"".join(
-        bytes(entry["bytes"]) for entry in entries
-    ).decode(errors="replace").encode()
+    assert (
+        "".join(e.data["t"] for e in tokens).encode()
+        == b"".join(bytes(entry["bytes"]) for entry in entries).decode(errors="replace").encode()
+    )
 
 
 async def test_logit_bias_and_penalties_change_the_greedy_text(shared_tiny_worker: WorkerProcess) -> None:
