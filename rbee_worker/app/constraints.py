@@ -34,6 +34,13 @@ async def prepare_constraints(request: InferenceRequest, runtime: Runtime) -> In
             raise invalid(
                 name, f"the {runtime.name} runtime cannot honour it; run this model with --runtime llama-cpp"
             )
+    if c.logit_bias and isinstance(runtime, GrammarRuntime):
+        outside = [token for token in c.logit_bias if token >= runtime.vocab_size]
+        if outside:
+            raise invalid(
+                "logit_bias",
+                f"token {outside[0]} is not in the model's {runtime.vocab_size}-token vocabulary",
+            )
     if c.grammar is None and c.json_schema is None:
         return request
     if not isinstance(runtime, GrammarRuntime):

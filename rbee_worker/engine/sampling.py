@@ -88,7 +88,7 @@ class SamplerChain:
         add = llama_cpp.llama_sampler_chain_add
         n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab)) if vocab is not None else 0
         if s.logit_bias and vocab is not None:
-            entries = [(t, b) for t, b in s.logit_bias.items() if 0 <= t < n_vocab]
+            entries = [(t, b) for t, b in s.logit_bias.items() if 0 <= t < n_vocab]  # the worker checked
             biases = (llama_cpp.llama_logit_bias * len(entries))()
             for i, (token, bias) in enumerate(entries):
                 biases[i].token, biases[i].bias = token, bias  # type: ignore[assignment]

@@ -77,7 +77,10 @@ class SequenceRunner(Protocol):
 
 @runtime_checkable
 class GrammarRuntime(Protocol):
-    """A runtime that constrains output with llama.cpp grammars."""
+    """A runtime that constrains output with llama.cpp grammars (and knows its vocabulary's size)."""
+
+    @property
+    def vocab_size(self) -> int: ...
 
     def grammar_for(self, grammar: str | None, json_schema: dict[str, Any] | None) -> str | None:
         """The checked GBNF for a request's grammar or JSON schema; a 400 naming the field if unusable."""

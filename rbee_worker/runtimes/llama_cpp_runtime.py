@@ -78,6 +78,10 @@ class LlamaCppRuntime:
     def is_eos(self, token: int) -> bool:
         return self._model.is_eos(token)
 
+    @property
+    def vocab_size(self) -> int:
+        return self._model.vocab_size
+
     def grammar_for(self, grammar: str | None, json_schema: dict[str, Any] | None) -> str | None:
         """The GBNF a request constrains its output with, checked by llama.cpp; a 400 naming the field."""
         field_name = "json_schema" if json_schema is not None else "grammar"
@@ -162,6 +166,10 @@ class LlamaCppSeat:
 
     def is_eos(self, token: int) -> bool:
         return self.runtime.is_eos(token)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.runtime.vocab_size
 
     def grammar_for(self, grammar: str | None, json_schema: dict[str, Any] | None) -> str | None:
         return self.runtime.grammar_for(grammar, json_schema)

@@ -99,6 +99,7 @@ async def test_logit_bias_and_penalties_change_the_greedy_text(shared_tiny_worke
         ({"grammar": 'root ::= "a"', "json_schema": {}}, "grammar"),
         ({"logit_bias": {"abc": 1}}, "logit_bias"),
         ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"logit_bias": {"999999": 5}}, "logit_bias"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"presence_penalty": 3}, "presence_penalty"),
