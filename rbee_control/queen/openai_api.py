@@ -126,6 +126,9 @@ def parse_request(kind: Kind, body: Any) -> OpenAIRequest:
                     "response_format", "a JSON response format and a required tool call exclude each other"
                 )
             field_names["json_schema"] = "tools"
+        if request.tools is not None and stream and request.logprobs:
+            # streamed text is held back while it may become a call, so chunks and tokens part ways
+            raise _invalid("logprobs", "not with tools in a stream; ask without stream for both")
     else:
         if body.get("tools") is not None or body.get("tool_choice") is not None:
             raise _invalid("tools", "tools are for chat completions")

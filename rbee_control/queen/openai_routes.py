@@ -143,7 +143,7 @@ async def _stream(
                 if shapes.include_usage:
                     out.append(shapes.usage_chunk(item.prompt_tokens, item.tokens_out))
             else:
-                out.append(sse_error(item))
+                out.append(sse_error(parsed.renamed(item)))
         yield b"".join(out)
     yield events.encode_done()
 

@@ -195,6 +195,7 @@ BAD_SCHEMA_TOOL = {
         ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "gone"}}},
          "tool_choice"),
         ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [WEATHER], "logprobs": True, "stream": True}, "logprobs"),
         ({"n": 2}, "n"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logit_bias": {"x": 1}}, "logit_bias"),
