@@ -12,6 +12,12 @@ from .sampling import GrammarError, check_grammar
 __all__ = ["GrammarError", "check_grammar", "schema_grammar"]
 
 
+#: The converter's string character admits control characters, which JSON forbids unescaped (a strict
+#: parser such as Python's `json.loads` refuses them); llama.cpp's own converter has since excluded them.
+_LOOSE_CHAR = r'char ::= [^"\\] |'
+_JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] |'
+
+
 def schema_grammar(schema: dict[str, Any]) -> str:
     """The GBNF for `schema`; GrammarError when the converter cannot express it.
 
@@ -20,7 +26,7 @@ def schema_grammar(schema: dict[str, Any]) -> str:
     means the schema is not one it understands.
     """
     try:
-        return json_schema_to_gbnf(json.dumps(schema))
+        return json_schema_to_gbnf(json.dumps(schema)).replace(_LOOSE_CHAR, _JSON_CHAR)
     except RecursionError:
         raise GrammarError("the schema nests or refers to itself too deeply") from None
     except Exception as exc:

@@ -1,10 +1,14 @@
 """A per-sequence llama.cpp sampler chain built from a request's sampling settings.
 
-Order, as llama.cpp's own common sampler: logit bias → penalties → grammar →
-top-k → top-p → temperature → seeded draw (greedy at temperature 0). The
-grammar sits before the truncating samplers so that it masks the whole
-vocabulary: a weak model's favourite tokens may all be forbidden, and the
-allowed one must still be drawable.
+Order, as llama.cpp's own common sampler: logit bias → penalties → top-k →
+top-p → temperature → seeded draw (greedy at temperature 0). A grammar is
+checked the way llama.cpp's common sampler does it: draw without it, and only
+if the grammar rejects the token, mask the whole vocabulary with the grammar
+and draw again. Masking every step costs a walk over the whole vocabulary
+(49k tokens for SmolLM2, 150k for Qwen) per token; most tokens of a
+constrained answer are ones the model would have written anyway. Masking the
+whole vocabulary (not the top-k) on a rejection keeps an allowed token
+drawable even when a weak model's favourites are all forbidden.
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ class SamplerChain:
     ) -> None:
         s = settings or SamplerSettings(temperature, top_p, top_k, seed)
         self.top_logprobs = s.top_logprobs
+        self._grammar: llama_cpp.llama_sampler_p | None = None
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         self._chain = chain
         try:
@@ -105,7 +110,8 @@ class SamplerChain:
         if s.grammar is not None:
             if vocab is None:
                 raise GrammarError("a grammar needs the model's vocabulary")
-            add(chain, grammar_sampler(vocab, s.grammar))
+            self._grammar = grammar_sampler(vocab, s.grammar)
+            self._candidates = _Candidates(n_vocab)
         if s.temperature <= 0:
             add(chain, llama_cpp.llama_sampler_init_greedy())
             return
@@ -120,12 +126,20 @@ class SamplerChain:
 
     def sample(self, ctx: llama_cpp.llama_context_p, index: int) -> int:
         """Draw from the logits at batch `index` and record the choice in the chain."""
-        return int(llama_cpp.llama_sampler_sample(self._chain, ctx, index))
+        if self._grammar is None:
+            return int(llama_cpp.llama_sampler_sample(self._chain, ctx, index))
+        grammar, candidates = self._grammar, self._candidates
+        logits = _logits(ctx, index, candidates.size)
+        token = candidates.draw(self._chain, logits)
+        if not candidates.allows(grammar, token):
+            token = candidates.draw(self._chain, logits, grammar)
+        llama_cpp.llama_sampler_accept(grammar, token)
+        llama_cpp.llama_sampler_accept(self._chain, token)
+        return token
 
     def logprobs(self, ctx: llama_cpp.llama_context_p, index: int, token: int, n_vocab: int) -> TokenLogprob:
         """From the model's logits at `index`, before any sampler changed them (as OpenAI reports)."""
-        raw = llama_cpp.llama_get_logits_ith(ctx, index)
-        logits = np.ctypeslib.as_array(ctypes.cast(raw, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,))
+        logits = _logits(ctx, index, n_vocab)
         peak = float(logits.max())
         log_total = peak + float(np.log(np.exp(logits - peak, dtype=np.float64).sum()))
         top: tuple[tuple[int, float], ...] = ()
@@ -140,3 +154,51 @@ class SamplerChain:
         if self._chain is not None:
             llama_cpp.llama_sampler_free(self._chain)
             self._chain = None
+        if self._grammar is not None:
+            llama_cpp.llama_sampler_free(self._grammar)
+            self._grammar = None
+
+
+def _logits(ctx: llama_cpp.llama_context_p, index: int, n_vocab: int) -> np.ndarray:
+    raw = llama_cpp.llama_get_logits_ith(ctx, index)
+    return np.ctypeslib.as_array(ctypes.cast(raw, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,))
+
+
+_TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+
+
+class _Candidates:
+    """A reusable `llama_token_data_array` over the whole vocabulary, filled from logits with numpy."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._data = (llama_cpp.llama_token_data * size)()
+        self._view = np.frombuffer(memoryview(self._data), dtype=_TOKEN_DATA)
+        self._ids = np.arange(size, dtype=np.int32)
+        self._one = (llama_cpp.llama_token_data * 1)()
+
+    def draw(
+        self,
+        chain: llama_cpp.llama_sampler_p,
+        logits: np.ndarray,
+        grammar: llama_cpp.llama_sampler_p | None = None,
+    ) -> int:
+        """Apply (the grammar, then) the chain to fresh candidates; the chosen token, nothing accepted."""
+        view = self._view
+        view["id"] = self._ids  # samplers sort and truncate in place
+        view["logit"] = logits
+        view["p"] = 0.0
+        array = llama_cpp.llama_token_data_array(self._data, self.size, -1, False)
+        if grammar is not None:
+            llama_cpp.llama_sampler_apply(grammar, ctypes.byref(array))
+        llama_cpp.llama_sampler_apply(chain, ctypes.byref(array))
+        if not 0 <= array.selected < array.size:
+            raise RuntimeError("the sampler chain selected no token")
+        return int(array.data[array.selected].id)
+
+    def allows(self, grammar: llama_cpp.llama_sampler_p, token: int) -> bool:
+        one = self._one
+        one[0].id, one[0].logit, one[0].p = token, 0.0, 0.0  # type: ignore[assignment]
+        array = llama_cpp.llama_token_data_array(one, 1, -1, False)
+        llama_cpp.llama_sampler_apply(grammar, ctypes.byref(array))
+        return bool(np.isfinite(one[0].logit))

@@ -17,27 +17,29 @@ from .sse import collect, text_of
 
 pytest.importorskip("llama_cpp")
 
-#: Only numbers, booleans and enums: the tiny model's random bytes cannot break a string's UTF-8.
+#: The tiny model's random bytes in `name` test that no control character gets into a JSON string
+#: (invalid UTF-8 becomes U+FFFD, which JSON allows).
 SCHEMA = {
     "type": "object",
     "properties": {
         "count": {"type": "integer"},
         "ok": {"type": "boolean"},
         "colour": {"enum": ["red", "green", "blue"]},
+        "name": {"type": "string", "maxLength": 12},
     },
-    "required": ["count", "ok", "colour"],
+    "required": ["count", "ok", "colour", "name"],
     "additionalProperties": False,
 }
 
 
 async def test_json_schema_output_parses_and_matches(shared_tiny_worker: WorkerProcess) -> None:
     async with shared_tiny_worker.async_client() as client:
-        for seed in (1, 2, 3):
+        for seed in (1, 2, 3, 4, 5, 6):
             body = {"prompt": "the bee", "max_tokens": 400, "seed": seed, "json_schema": SCHEMA}
             events = await collect(client, body)
             assert events[-1].name == "end" and events[-1].data["stop_reason"] == "eos", events[-1]
             value = json.loads(text_of(events))
-            assert set(value) == {"count", "ok", "colour"}
+            assert set(value) == {"count", "ok", "colour", "name"} and isinstance(value["name"], str)
             assert isinstance(value["count"], int) and isinstance(value["ok"], bool)
             assert value["colour"] in ("red", "green", "blue")
 
