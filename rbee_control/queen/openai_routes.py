@@ -21,8 +21,11 @@ from .openai_api import Kind, Shapes, parse_request
 from .relay import Upstream
 from .responses import RelayResponse, until_disconnect
 from .state import QueenState
+from .upstream_relay import relay
+from .upstreams import UpstreamTarget
 
 ROUTE_NAMES: dict[Kind, str] = {"chat": "chat", "completion": "completions"}
+UPSTREAM_PATHS: dict[Kind, str] = {"chat": "chat/completions", "completion": "completions"}
 
 
 def _state(request: Request) -> QueenState:
@@ -34,6 +37,12 @@ async def list_models(request: Request) -> Response:
     models = await state.catalog.public_models()
     created = int(state.started_at)
     data = [{"id": m.id, "object": "model", "created": created, "owned_by": m.owned_by} for m in models]
+    if state.upstreams is not None:
+        local = {m.id for m in models}
+        data += [
+            {"id": model, "object": "model", "created": created, "owned_by": owner}
+            for model, owner in state.upstreams.public_models(local)
+        ]
     return JSONResponse({"object": "list", "data": data})
 
 
@@ -49,7 +58,12 @@ async def _complete(request: Request, kind: Kind) -> Response:
     state = _state(request)
     record = RequestRecord(state, ROUTE_NAMES[kind], "-", time.perf_counter())
     try:
-        parsed = parse_request(kind, await read_json(request))
+        body = await read_json(request)
+        external = await _external(state, body)
+        if external is not None:
+            assert state.upstreams is not None
+            return await relay(state.upstreams, external, UPSTREAM_PATHS[kind], body, record)
+        parsed = parse_request(kind, body)
         target = await state.catalog.resolve(parsed.model)
         record.model = target.model
         infer = worker_request(parsed, target)
@@ -73,6 +87,14 @@ async def _complete(request: Request, kind: Kind) -> Response:
         raise
     record.node = upstream.worker.node
     return RelayResponse(_stream(upstream, shapes, record), upstream, record.commit, headers)
+
+
+async def _external(state: QueenState, body: object) -> UpstreamTarget | None:
+    """The upstream engine serving the body's model, if not one of rbee's own (rbee's win a tie)."""
+    if state.upstreams is None or not isinstance(body, dict) or not isinstance(body.get("model"), str):
+        return None
+    local = {m.id for m in await state.catalog.public_models()}
+    return await state.upstreams.resolve(body["model"], local)
 
 
 async def _stream(upstream: Upstream, shapes: Shapes, record: RequestRecord) -> AsyncIterator[bytes]:

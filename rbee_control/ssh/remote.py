@@ -290,13 +290,18 @@ class SshTransport(NodeTransport):
         if path != "~" and not path.startswith("~/"):
             return path
         if self._login_dir is None:
-            try:
-                sftp = await self.open_channel(lambda conn: conn.start_sftp_client())
-                async with sftp:
-                    self._login_dir = await sftp.realpath(".")
-            except asyncssh.Error as exc:
-                raise connection_lost(self.node.name, exc) from None
+            self._login_dir = await self._realpath(".")
         return posixpath.join(self._login_dir, sftp_path(path))
+
+    async def _realpath(self, path: str) -> str:
+        resolved = ""
+        try:
+            sftp = await self.open_channel(lambda conn: conn.start_sftp_client())
+            async with sftp:
+                resolved = str(await sftp.realpath(path))
+        except asyncssh.Error as exc:
+            raise connection_lost(self.node.name, exc) from None
+        return resolved
 
     async def put(
         self,
