@@ -29,7 +29,7 @@ def section_for(result: FanoutResult) -> Section:
         )
     section.body.append(
         f"`bench/fanout.py`: {max(result.sizes)} real sshd processes on 127.0.0.2…, each node its own home "
-        "with a running hive (started with `hive start --all` in "
+        "with a running hive (started four at a time in "
         f"{result.hive_start_s:.0f} s). A running hive answers `status` on its Unix socket, read over an "
         "SSH streamlocal channel of the node's connection: one connect and one round trip per node, no "
         "process on the node. *CLI* is a whole `rbee-keeper --json status` process; *fan-out* is the same "
