@@ -1,8 +1,10 @@
-"""A handle on one node: `rbee-hive --json …` over its transport.
+"""A handle on one node: `rbee-hive --json …` over its transport, or its daemon's socket.
 
 Every method runs one node command, turns its `progress` events into callbacks
 and returns its one `result` (or raises its `error`), so the keeper and the queen
-drive a node the same way whether it is this machine or one across SSH.
+drive a node the same way whether it is this machine or one across SSH. Reads that
+a fleet fans out (status, the catalog, the worker list) ask a running daemon on its
+socket instead (`hive_socket`): one round trip, no process started on the node.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def no_answer(node: Node, timeout: float) -> RbeeError:
         ErrorCode.REQUEST_TIMEOUT,
         f"the hive on node {node.name} did not answer within {timeout:g}s",
         details={"node": node.name, "timeout": timeout},
-        hint=f"rbee-keeper hive stop --node {node.name} && rbee-keeper hive start --node {node.name}",
+        hint=f"rbee-keeper status --node {node.name} --timeout 60 (busy?), or its home's logs/hive.log",
     )
 
 
