@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import sys
 import tempfile
 import time
@@ -59,6 +60,7 @@ class FanoutResult:
     cli: dict[int, list[float]]
     fan: dict[int, list[float]]
     hive_start_s: float
+    load: tuple[float, float] = (0.0, 0.0)  # 1-minute load average at the start and at the end
 
     def ratio(self, n: int, which: str = "cli") -> float:
         series = self.cli if which == "cli" else self.fan
@@ -103,6 +105,7 @@ def log(message: str) -> None:
 
 def run(base: Path, reps: int = 5, sizes: tuple[int, ...] = SIZES) -> FanoutResult:
     largest = max(sizes)
+    load_at_start = os.getloadavg()[0]
     pool = SshdPool(base / "sshd")
     fleets = {}
     try:
@@ -136,7 +139,7 @@ def run(base: Path, reps: int = 5, sizes: tuple[int, ...] = SIZES) -> FanoutResu
                 fanned = asyncio.wait_for(fan_out_status(fleets[n].inventory, known), FAN_OUT_TIMEOUT)
                 fan[n].append(asyncio.run(fanned))
             log(f"repetition {rep + 1}/{reps}: " + ", ".join(f"{n}: {cli[n][-1]:.2f}s" for n in sizes))
-        return FanoutResult(tuple(sizes), cli, fan, hive_start)
+        return FanoutResult(tuple(sizes), cli, fan, hive_start, (load_at_start, os.getloadavg()[0]))
     finally:
         if largest in fleets:
             stop_hives(fleets[largest])
@@ -152,7 +155,10 @@ def report(result: FanoutResult) -> str:
             f"{n:>5}  {med(result.cli[n]):>7.2f}  {result.ratio(n):>7.2f}  {med(result.fan[n]):>9.2f}  "
             f"{result.ratio(n, 'fan'):>11.2f}  {', '.join(f'{s:.2f}' for s in result.cli[n])}"
         )
-    lines.append(f"({max(result.sizes)} hives started in {result.hive_start_s:.1f} s)")
+    lines.append(
+        f"({max(result.sizes)} hives started in {result.hive_start_s:.1f} s; "
+        f"load average {result.load[0]:.1f} at the start, {result.load[1]:.1f} at the end)"
+    )
     for n in result.sizes[1:]:
         lines.append(f"status {n} nodes / {one} node: {result.ratio(n):.2f}")
     return "\n".join(lines)

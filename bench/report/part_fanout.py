@@ -9,7 +9,7 @@ from bench.fanout import FanoutResult, run
 from .common import Context, Row, Section, at_most, med, spread, table
 
 TARGETS = {8: 1.2, 32: 1.5}
-TITLE = "8. `rbee-keeper status` over 1/8/32 sshd nodes (streamlocal)"
+TITLE = "9. `rbee-keeper status` over 1/8/32 sshd nodes (streamlocal)"
 
 
 def section_for(result: FanoutResult) -> Section:
@@ -27,6 +27,16 @@ def section_for(result: FanoutResult) -> Section:
                 at_most(ratio, target) if target else "—",
             )
         )
+        fan_ratio = result.ratio(n, "fan")
+        section.rows.append(
+            Row(
+                f"{n} nodes vs {one}: the fan-out alone (in process: connect + socket round trip)",
+                f"{med(result.fan[n]):.2f} vs {med(result.fan[one]):.2f} s",
+                f"{fan_ratio:.2f}×",
+                f"≤ {target}×" if target else "—",
+                at_most(fan_ratio, target) if target else "—",
+            )
+        )
     section.body.append(
         f"`bench/fanout.py`: {max(result.sizes)} real sshd processes on 127.0.0.2…, each node its own home "
         "with a running hive (started four at a time in "
@@ -35,7 +45,8 @@ def section_for(result: FanoutResult) -> Section:
         "process on the node. *CLI* is a whole `rbee-keeper --json status` process; *fan-out* is the same "
         "work in process (`TransportPool` + `NodeClient.hive_status`, connects included). Every answer "
         f"said `via: socket`. {len(result.cli[one])} repetitions, the order of N rotated; ratios are "
-        "medians of per-repetition ratios."
+        "medians of per-repetition ratios. 1-minute load average "
+        f"{result.load[0]:.1f} at the start, {result.load[1]:.1f} at the end."
     )
     section.body.append(
         table(
@@ -60,7 +71,9 @@ def section_markdown(result: FanoutResult) -> str:
     """The section as `bench.report` renders it (summary rows first), for a run of `bench/fanout.py`."""
     section = section_for(result)
     lines = ["| part | what | measured | ratio | target | met? |", "|---|---|---|---|---|---|"]
-    lines += [f"| 8 | {r.what} | {r.measured} | {r.ratio} | {r.target} | {r.verdict} |" for r in section.rows]
+    part = TITLE.split(".", 1)[0]
+    for r in section.rows:
+        lines.append(f"| {part} | {r.what} | {r.measured} | {r.ratio} | {r.target} | {r.verdict} |")
     lines += ["", f"## {section.title}", ""]
     for paragraph in section.body:
         lines += [paragraph, ""]
