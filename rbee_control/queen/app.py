@@ -45,6 +45,13 @@ async def metrics(request: Request) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+async def list_upstreams(request: Request) -> Response:
+    """`GET /v2/upstreams` (admin plane): each external engine, up or down and why, and its models."""
+    state: QueenState = request.app.state.queen
+    upstreams = [u.to_json() for u in state.upstreams] if state.upstreams is not None else []
+    return JSONResponse({"upstreams": upstreams})
+
+
 async def _rbee_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RbeeError)
     return error_response(exc)
@@ -74,6 +81,7 @@ ROUTES = [
     Route("/v2/workers/register", native_routes.register_worker, methods=["POST"]),
     Route("/v2/workers/list", native_routes.list_workers, methods=["GET"]),
     Route("/v2/workers/{worker_id}", native_routes.remove_worker, methods=["DELETE"]),
+    Route("/v2/upstreams", list_upstreams, methods=["GET"]),
 ]
 
 

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import httpx
@@ -49,6 +49,17 @@ class UpstreamState:
     @property
     def models(self) -> tuple[str, ...]:
         return self.config.models if self.config.models is not None else self.discovered
+
+    def to_json(self) -> dict[str, object]:
+        """What an operator sees (never the key)."""
+        return {
+            "name": self.name,
+            "url": self.config.url,
+            "up": self.up,
+            "error": self.error,
+            "models": list(self.models),
+            "models_from": "inventory" if self.config.models is not None else "engine",
+        }
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key}"} if self.key else {}
@@ -94,7 +105,7 @@ class Upstreams:
     def __len__(self) -> int:
         return len(self.states)
 
-    def __iter__(self) -> Iterable[UpstreamState]:
+    def __iter__(self) -> Iterator[UpstreamState]:
         return iter(self.states.values())
 
     async def check(self, state: UpstreamState) -> None:

@@ -143,6 +143,15 @@ async def test_a_down_engine_answers_a_clear_error(queen: Queen) -> None:
     message = caught.value.message
     assert "upstream gone" in message and "is down" in message and "cannot connect" in message
 
+    async with queen.admin() as admin:
+        listed = {u["name"]: u for u in (await admin.get("/v2/upstreams")).json()["upstreams"]}
+    assert listed["gone"]["up"] is False and "cannot connect" in listed["gone"]["error"]
+    assert listed["gone"]["models"] == ["ghost"] and listed["gone"]["models_from"] == "inventory"
+    assert listed["engine"]["up"] is True and listed["engine"]["models"] == ["tiny-up"]
+    assert ENGINE_KEY not in str(listed)
+    async with queen.http() as client_plane:  # the client key does not reach the admin plane
+        assert (await client_plane.get("/v2/upstreams")).status_code in (401, 403)
+
 
 async def test_the_engines_own_errors_come_back_as_they_are(queen: Queen) -> None:
     with pytest.raises(openai.APIStatusError) as caught:
