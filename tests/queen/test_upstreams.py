@@ -100,6 +100,9 @@ async def queen(inventory: Path) -> AsyncIterator[Queen]:
 async def test_models_of_the_engine_are_offered_next_to_rbees(queen: Queen) -> None:
     listing = {m.id: m.owned_by for m in (await queen.openai().models.list()).data}
     assert listing == {"tiny-up": "engine", "ghost": "gone"}
+    for name in ("tiny-up", "engine/tiny-up", "ghost"):
+        model = await queen.openai().models.retrieve(name)
+        assert (model.id, model.owned_by) == (name, "gone" if name == "ghost" else "engine")
 
 
 async def test_chat_and_completions_through_the_queen(queen: Queen) -> None:
