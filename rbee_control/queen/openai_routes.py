@@ -24,8 +24,11 @@ from .relay import Upstream
 from .responses import RelayResponse, until_disconnect
 from .state import QueenState
 from .tools import ToolCall, ToolStream
+from .upstream_relay import relay
+from .upstreams import UpstreamTarget
 
 ROUTE_NAMES: dict[Kind, str] = {"chat": "chat", "completion": "completions"}
+UPSTREAM_PATHS: dict[Kind, str] = {"chat": "chat/completions", "completion": "completions"}
 
 
 def _state(request: Request) -> QueenState:
@@ -37,6 +40,12 @@ async def list_models(request: Request) -> Response:
     models = await state.catalog.public_models()
     created = int(state.started_at)
     data = [{"id": m.id, "object": "model", "created": created, "owned_by": m.owned_by} for m in models]
+    if state.upstreams is not None:
+        local = {m.id for m in models}
+        data += [
+            {"id": model, "object": "model", "created": created, "owned_by": owner}
+            for model, owner in state.upstreams.public_models(local)
+        ]
     return JSONResponse({"object": "list", "data": data})
 
 
@@ -47,7 +56,15 @@ async def retrieve_model(request: Request) -> Response:
     model_id = request.path_params["model_id"]
     models = await state.catalog.public_models()
     found = next((m for m in models if m.id == model_id), None)
-    owned_by = found.owned_by if found else (await state.catalog.resolve(model_id)).entry.node
+    external = None
+    if found is None and state.upstreams is not None:
+        external = await state.upstreams.resolve(model_id, {m.id for m in models})
+    if found is not None:
+        owned_by = found.owned_by
+    elif external is not None:
+        owned_by = external.state.name
+    else:
+        owned_by = (await state.catalog.resolve(model_id)).entry.node
     return JSONResponse(
         {"id": model_id, "object": "model", "created": int(state.started_at), "owned_by": owned_by}
     )
@@ -66,7 +83,12 @@ async def _complete(request: Request, kind: Kind) -> Response:
     record = RequestRecord(state, ROUTE_NAMES[kind], "-", time.perf_counter())
     parsed: OpenAIRequest | None = None
     try:
-        parsed = parse_request(kind, await read_json(request))
+        body = await read_json(request)
+        external = await _external(state, body)
+        if external is not None:
+            assert state.upstreams is not None
+            return await relay(state.upstreams, external, UPSTREAM_PATHS[kind], body, record)
+        parsed = parse_request(kind, body)
         target = await state.catalog.resolve(parsed.model)
         record.model = target.model
         infer = worker_request(parsed, target)
@@ -104,6 +126,14 @@ async def _complete(request: Request, kind: Kind) -> Response:
         return keepalive.WaitingResponse(opening, interval, relay_body, failed, record.commit, headers)
     record.node = upstream.worker.node
     return RelayResponse(_stream(upstream, shapes, record, parsed), upstream, record.commit, headers)
+
+
+async def _external(state: QueenState, body: object) -> UpstreamTarget | None:
+    """The upstream engine serving the body's model, if not one of rbee's own (rbee's win a tie)."""
+    if state.upstreams is None or not isinstance(body, dict) or not isinstance(body.get("model"), str):
+        return None
+    local = {m.id for m in await state.catalog.public_models()}
+    return await state.upstreams.resolve(body["model"], local)
 
 
 async def _stream(
