@@ -20,6 +20,7 @@ import hashlib
 import shlex
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,12 +151,15 @@ class NodeInstall:
         home = await self.home()
         await self.check(home, llama)
         digest = wheel_digest(wheel)
-        link, venv = f"{home}/venv", f"{home}/venvs/rbee-{__version__}-{digest[:12]}"
+        stamp = time.strftime("%Y%m%d%H%M%S")
+        link, venv = f"{home}/venv", f"{home}/venvs/rbee-{__version__}-{digest[:12]}-{stamp}"
         result: dict[str, Any] = {"node": self.node.name, "wheel": wheel.name, "home": home}
         if await self._current(link, digest):
             self.step(f"{wheel.name} is already installed")
             result["version"] = await self._version(link)
             result["unchanged"] = True
+        elif await self._same_release(link):
+            result.update(await self._in_place(home, link, wheel, digest, extras))
         else:
             fresh = await self._fresh_venv(home, link, venv, wheel, digest, extras, options.offline, llama)
             result.update(fresh)
@@ -164,6 +168,32 @@ class NodeInstall:
     async def _current(self, link: str, digest: str) -> bool:
         marker = await self.transport.run(["cat", f"{link}/rbee-wheel.sha256"], timeout=30)
         return marker.ok and marker.stdout.strip() == digest and bool(await self._version(link, check=False))
+
+    async def _same_release(self, link: str) -> bool:
+        """The venv there holds this release (another build of it): its dependencies are right."""
+        probe = "import rbee_worker; print(rbee_worker.__version__)"
+        found = await self.transport.run([f"{link}/bin/python", "-c", probe], timeout=60)
+        return bool(found.ok) and found.stdout.strip() == __version__
+
+    async def _in_place(
+        self, home: str, link: str, wheel: Path, digest: str, extras: str | None
+    ) -> dict[str, Any]:
+        """Another build of the same release: replace rbee alone in the current venv (seconds, not
+        minutes); its dependencies are the same, so only rbee's own files change."""
+        target = f"{home}/incoming/{wheel.name}"
+        await self.transport.run(["mkdir", "-p", f"{home}/incoming"], timeout=30)
+        await self.transport.put(wheel, target, self._bar(wheel.name), resume=False)
+        spec = f"{target}[{extras}]" if extras else target
+        self.step(f"replacing rbee in {link} (same release {__version__})")
+        pip = [f"{link}/bin/python", "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+        done = await self.transport.run([*pip, "--force-reinstall", "--no-deps", spec], timeout=900)
+        if not done.ok:
+            raise RbeeError(
+                ErrorCode.INTERNAL_ERROR, f"pip install on {self.node.name} failed: {done.stderr[-600:]}"
+            )
+        version = await self._version(link)
+        await self.transport.run(["sh", "-c", f"echo {digest} > {shlex.quote(link)}/rbee-wheel.sha256"])
+        return {"version": version, "offline": False}
 
     async def _version(self, venv: str, check: bool = True) -> str:
         found = await self.transport.run(
