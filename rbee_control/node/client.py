@@ -75,6 +75,7 @@ class NodeClient:
         self.node = node
         self._via = via
         self._version_env = {KEEPER_VERSION_ENV: HIVE_VERSION} if same_version else {}
+        self._socket_checked = not same_version
 
     async def transport(self) -> NodeTransport:
         if isinstance(self._via, NodeTransport):
@@ -165,6 +166,12 @@ class NodeClient:
         transport = await self.transport()
         try:
             async with asyncio.timeout(timeout):
+                if not self._socket_checked and path not in ("/v1/health", "/v1/status"):
+                    # the socket skips the hive's own release check: ask once per client
+                    version = (await hive_get(transport, "/v1/health")).get("version")
+                    if isinstance(version, str):
+                        check_version(self.node.name, version)
+                    self._socket_checked = True
                 return await hive_get(transport, path)
         except TimeoutError:
             raise no_answer(self.node, timeout) from None
