@@ -22,6 +22,28 @@ def _gpu_layers(text: str) -> GpuLayers:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _endpoints(text: str) -> tuple[str, ...]:
+    from .protocol.rpc import parse_endpoint
+
+    items = tuple(part.strip() for part in text.split(",") if part.strip())
+    try:
+        for item in items:
+            parse_endpoint(item)
+    except RbeeError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+    return items
+
+
+def _weights(text: str) -> tuple[float, ...]:
+    try:
+        weights = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+    if any(not w >= 0 for w in weights) or not any(w > 0 for w in weights):  # `not >=` also refuses nan
+        raise argparse.ArgumentTypeError(f"weights must be >= 0 and not all 0, got {text!r}")
+    return weights
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rbee-worker", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +95,19 @@ def _parser() -> argparse.ArgumentParser:
         "--head-timeout", type=float, default=10.0, help="seconds a client has to send a request head"
     )
     serve.add_argument("--max-connections", type=int, default=1024, help="open client connections at most")
+
+    serve.add_argument(
+        "--rpc",
+        type=_endpoints,
+        default=(),
+        help="host:port,... of llama.cpp RPC servers to place layers on (a split worker; llama-cpp only)",
+    )
+    serve.add_argument(
+        "--tensor-split",
+        type=_weights,
+        default=(),
+        help="layer share per device, e.g. 1,1 (default: by each device's free memory)",
+    )
 
     tiny = sub.add_parser("tiny-model", help="write a tiny random-weight llama GGUF for tests")
     tiny.add_argument("path")
@@ -131,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         ssl_keyfile=args.ssl_keyfile,
         head_timeout_s=args.head_timeout,
         max_connections=args.max_connections,
+        rpc_servers=args.rpc,
+        tensor_split=args.tensor_split,
     )
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         print("rbee-worker: --ssl-certfile and --ssl-keyfile go together", file=sys.stderr)

@@ -107,6 +107,8 @@ class WorkerFile:
     planned_bytes: int = 0
     #: what the worker reported it holds on its GPU
     vram_bytes: int = 0
+    #: a split worker's RPC servers (`host:port`)
+    rpc_servers: list[str] = field(default_factory=list)
 
     def save(self, paths: HivePaths) -> None:
         write_private(paths.worker_file(self.id), json.dumps(asdict(self), indent=1))

@@ -135,6 +135,10 @@ async def launch(
         cmd += ["--device", str(placement.device)]
     if req.threads:
         cmd += ["--threads", str(req.threads)]
+    if req.rpc_servers:
+        cmd += ["--rpc", ",".join(req.rpc_servers)]
+    if req.tensor_split:
+        cmd += ["--tensor-split", ",".join(f"{w:g}" for w in req.tensor_split)]
     scheme = "http"
     if tls.needs_tls(config.address, config.tls):  # the keys, prompts and answers would cross the LAN
         cert = tls.ensure_certificate(paths.tls_dir, certificate_hosts(config))
@@ -173,6 +177,7 @@ async def launch(
         device=placement.device,
         gpu_layers=plan.gpu_layers,
         planned_bytes=plan.total_bytes,
+        rpc_servers=list(req.rpc_servers),
     )
     record.save(paths)
     return record, proc

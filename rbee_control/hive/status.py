@@ -68,6 +68,7 @@ async def hive_status(paths: HivePaths) -> dict[str, Any]:
         async with HiveClient(paths) as hive:
             health = await hive.health()
             workers = await hive.list_workers()
+            rpc_servers = await hive.rpc_list()
     except RbeeError as exc:
         if exc.code == ErrorCode.HIVE_NOT_RUNNING:  # pid alive but socket silent: starting or wedged
             raise hive_not_running(paths) from None
@@ -75,6 +76,7 @@ async def hive_status(paths: HivePaths) -> dict[str, Any]:
     return {
         "running": True,
         "workers": [w.to_json() for w in workers],
+        "rpc_servers": [s.to_json() for s in rpc_servers],
         "node": node_facts(paths),
         **base_info(paths, health.pid or pid),
     }
