@@ -281,7 +281,24 @@ async def cmd_status(args: argparse.Namespace, ctx: KeeperContext) -> int:
     if not display.json_mode:
         columns = ["node", "hive", "workers", "models", "RAM", "devices (free)"]
         display.out.print(table("rbee fleet", columns, rows))
+        replicas = _replica_rows(inventory, outcomes)
+        if replicas:
+            display.out.print(table("replicas", ["model", "workers", "nodes", "min..max", "split"], replicas))
     return report_outcomes(display, outcomes)
+
+
+def _replica_rows(inventory: Inventory, outcomes: dict[str, NodeOutcome[Any]]) -> list[list[str]]:
+    """Per model: how many workers run where, against the inventory's `replicas` range."""
+    where: dict[str, list[str]] = {}
+    for name, outcome in outcomes.items():
+        for worker in (outcome.value or {}).get("workers", []) if outcome.ok else []:
+            where.setdefault(str(worker.get("model")), []).append(name)
+    rows = []
+    for model, nodes in sorted(where.items()):
+        p = inventory.placement(model)
+        split = ", ".join(p.split) or "-"
+        rows.append([model, str(len(nodes)), ", ".join(nodes), f"{p.min_replicas}..{p.max_replicas}", split])
+    return rows
 
 
 def _worker_cell(worker: dict[str, Any], node: str, rpc_owners: dict[str, str]) -> str:

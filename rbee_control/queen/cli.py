@@ -39,6 +39,7 @@ from .fleet import Fleet, StaticFleet
 from .keys import ADMIN_KEY_ENV, API_KEY_ENV, KINDS, read_or_create, resolve_keys
 from .options import access_options, add_access_arguments
 from .registration import RegistrationPolicy
+from .replicas import ReplicaSettings
 from .router import RouterSettings
 from .state import QueenSettings
 
@@ -237,13 +238,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--cold-start-timeout", type=float, default=600.0, help="longest wait for a new worker, s"
     )
     parser.add_argument("--health-interval", type=float, default=15.0, help="seconds between worker probes")
+    parser.add_argument(
+        "--scale-after",
+        type=float,
+        default=2.0,
+        help="seconds a request waits for a slot before another replica starts (replicas.max > 1)",
+    )
+    parser.add_argument(
+        "--replica-idle-timeout",
+        type=float,
+        default=300.0,
+        help="seconds an extra replica idles before it stops",
+    )
+    parser.add_argument(
+        "--replica-interval",
+        type=float,
+        default=5.0,
+        help="seconds between checks of replicas.min and idle extras",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.queue_limit < 1 or args.queue_timeout <= 0 or args.cold_start_timeout <= 0:
+    replica_knobs = (args.scale_after, args.replica_idle_timeout, args.replica_interval)
+    if (
+        args.queue_limit < 1
+        or args.queue_timeout <= 0
+        or args.cold_start_timeout <= 0
+        or min(replica_knobs) <= 0
+    ):
         print("queen-rbee: queue limit and timeouts must be positive", file=sys.stderr)
         return 2
     try:
@@ -252,7 +277,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"queen-rbee: {exc}", file=sys.stderr)
         return 2
     settings = QueenSettings(
-        router=RouterSettings(args.queue_limit, args.queue_timeout, args.cold_start_timeout),
+        router=RouterSettings(
+            args.queue_limit,
+            args.queue_timeout,
+            args.cold_start_timeout,
+            ReplicaSettings(args.scale_after, args.replica_idle_timeout, args.replica_interval),
+        ),
         health_interval=args.health_interval,
     )
     options = QueenOptions(

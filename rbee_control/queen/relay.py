@@ -190,6 +190,8 @@ class Relay:
                 lease.release()
                 worker, last = lease.worker, retry.error
                 exclude.add(worker.id)
+                if retry.error.code == ErrorCode.ALL_SLOTS_BUSY:
+                    self.router.replicas.pressure(target, "a worker answered ALL_SLOTS_BUSY")
                 self.table.suspect(worker, retry.error)
                 self.metrics.retries.labels(target.model).inc()
                 self.metrics.errors.labels(retry.error.code).inc()

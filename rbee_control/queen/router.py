@@ -28,6 +28,7 @@ from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from .catalog import Target
 from .fleet import Fleet
 from .metrics import QueenMetrics
+from .replicas import Replicas, ReplicaSettings, placement_of
 from .workers import RoutedWorker, WorkerTable
 
 log = logging.getLogger("rbee.queen")
@@ -41,6 +42,7 @@ class RouterSettings:
     queue_limit: int = 64
     queue_timeout: float = 120.0
     cold_start_timeout: float = 600.0
+    replicas: ReplicaSettings = field(default_factory=ReplicaSettings)
 
 
 @dataclass(eq=False)
@@ -90,6 +92,7 @@ class Router:
         self._cold_waiting: dict[str, int] = {}
         self._spawning: dict[tuple[str, str], asyncio.Task[RoutedWorker]] = {}
         self._spawn_failed: dict[tuple[str, str], tuple[float, RbeeError]] = {}
+        self.replicas = Replicas(self, settings.replicas)
         table.listener = self
 
     # --- acquiring -----------------------------------------------------------
@@ -141,7 +144,14 @@ class Router:
         self._waiters.append(waiter)
         self._update_depth(target.model)
         try:
-            await asyncio.wait_for(asyncio.shield(waiter.future), remaining)
+            scale_after = self.settings.replicas.scale_after
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter.future), min(remaining, scale_after))
+            except TimeoutError:
+                if remaining <= scale_after:
+                    raise
+                self.replicas.pressure(target, f"a request waited {scale_after:g} s")
+                await asyncio.wait_for(asyncio.shield(waiter.future), remaining - scale_after)
         except BaseException as exc:
             self._abandon(waiter)
             if isinstance(exc, TimeoutError):
@@ -210,6 +220,9 @@ class Router:
             return target.node
         if not target.nodes:
             return "-"
+        preferred = placement_of(self.fleet, target.model).node
+        if preferred in target.nodes:
+            return preferred
         load = {node: 0 for node in target.nodes}
         for worker in self.table:
             if worker.node in load:
@@ -276,8 +289,32 @@ class Router:
         self.table.add(worker)
         return worker
 
+    # --- replicas ------------------------------------------------------------------
+
+    def spawning_keys(self) -> list[tuple[str, str]]:
+        return list(self._spawning)
+
+    async def start_replica(self, model: str, node: str) -> None:
+        """One more worker for `model` on `node`, shared with a cold start there if one is under way."""
+        key = (model, node)
+        failed = self._spawn_failed.get(key)
+        if failed is not None and time.monotonic() - failed[0] < SPAWN_FAILURE_MEMORY:
+            return
+        task = self._spawning.get(key)
+        if task is None:
+            task = asyncio.create_task(self._spawn(model, node))
+            self._spawning[key] = task
+            task.add_done_callback(lambda _t: self._spawning.pop(key, None))
+        await asyncio.shield(task)
+
+    async def retire(self, worker: RoutedWorker) -> None:
+        """Out of the table first (no new request reaches it), then stopped on its node."""
+        if self.table.remove(worker, "idle replica retired"):
+            await self.fleet.stop_worker(worker.entry)
+
     async def close(self) -> None:
         """Abandon cold starts still in progress (the queen is exiting; nobody will use them)."""
+        await self.replicas.close()
         tasks = list(self._spawning.values())
         for task in tasks:
             task.cancel()
