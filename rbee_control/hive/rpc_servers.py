@@ -40,10 +40,20 @@ from rbee_worker.protocol.rpc import (
     check_versions,
     format_endpoint,
     hello,
+    parse_endpoint,
 )
 from rbee_worker.runtimes.rpc_devices import client_version, has_rpc
 
-__all__ = ["BINARY", "RpcRecord", "RpcServers", "check_rpc_servers", "find_binary", "has_rpc", "probe"]
+__all__ = [
+    "BINARY",
+    "RpcRecord",
+    "RpcServers",
+    "check_rpc_servers",
+    "find_binary",
+    "has_rpc",
+    "lost_rpc_servers",
+    "probe",
+]
 
 from .config import HiveConfig
 from .paths import HivePaths
@@ -292,8 +302,36 @@ def check_rpc_servers(endpoints: tuple[str, ...]) -> None:
             check_versions(endpoint, server, client)
 
 
-def probe(endpoint_host: str, port: int, timeout: float = 2.0) -> bool:
-    """Does anything accept connections there? (A split worker's hive asks this of its servers.)"""
-    with contextlib.suppress(OSError), socket.create_connection((endpoint_host, port), timeout=timeout):
+def probe(host: str, port: int, timeout: float = 2.0) -> bool:
+    """Does anything accept connections there? Only for a server nobody uses yet: ggml-rpc-server
+    listens with a backlog of 1 and accepts nothing while it serves its worker, so probes of a busy
+    server fill its queue and the next connection hangs."""
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout):
         return True
     return False
+
+
+def lost_rpc_servers(worker_pid: int, endpoints: list[str]) -> list[str]:
+    """The endpoints a loaded split worker no longer holds an open connection to.
+
+    Read from the worker's own sockets (no traffic to the servers): a server that
+    exited or was stopped closed its side, leaving the worker's socket in CLOSE_WAIT
+    or gone. A worker whose sockets cannot be read (it just exited) counts as losing none.
+    """
+    try:
+        conns = psutil.Process(worker_pid).net_connections(kind="tcp")
+    except psutil.Error:
+        return []
+    held: set[tuple[str, int]] = {
+        (c.raddr.ip, c.raddr.port) for c in conns if c.raddr and c.status == psutil.CONN_ESTABLISHED
+    }
+    lost = []
+    for endpoint in endpoints:
+        host, port = parse_endpoint(endpoint)
+        try:
+            ips = {str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+        except OSError:
+            ips = {host}
+        if not any((ip, port) in held for ip in ips):
+            lost.append(endpoint)
+    return lost

@@ -22,7 +22,6 @@ from rbee_worker.model_shape import read_model_shape
 from rbee_worker.protocol.client import WorkerClient
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from rbee_worker.protocol.hive_api import ReadyReport
-from rbee_worker.protocol.rpc import parse_endpoint
 from rbee_worker.protocol.spawn import SpawnRequest
 
 from . import spawn, tls
@@ -34,7 +33,7 @@ from .pidfiles import WorkerFile, read_worker_files
 from .placement import Placement, choose_device, place, reserve_loading, runtime_request
 from .process import is_alive, terminate, wait_gone
 from .registry import Registry, Worker, WorkerState
-from .rpc_servers import RpcRecord, RpcServers, check_rpc_servers, probe
+from .rpc_servers import RpcRecord, RpcServers, check_rpc_servers, lost_rpc_servers
 
 log = logging.getLogger("rbee.hive")
 
@@ -372,19 +371,17 @@ class Supervisor:
                 self._background(self.stop_worker(worker.id, reason, ask=False))
 
     async def _rpc_lost(self, worker: Worker) -> bool:
-        """A split worker whose RPC server stopped listening is stopped now, before a request aborts it."""
-        for endpoint in worker.file.rpc_servers:
-            host, port = parse_endpoint(endpoint)
-            if not await asyncio.to_thread(probe, host, port):
-                why = f"RPC server {endpoint} is gone"
-                worker.error = {
-                    "code": ErrorCode.RPC_SERVER_UNREACHABLE,
-                    "message": f"split worker stopped: {why}",
-                }
-                log.warning("%s: %s; stopping the split worker", worker.id, why)
-                self._background(self.stop_worker(worker.id, why, ask=False))
-                return True
-        return False
+        """A loaded split worker whose RPC server closed its connection is stopped now, not mid-request."""
+        if not worker.file.rpc_servers or worker.state not in (WorkerState.IDLE, WorkerState.BUSY):
+            return False
+        lost = await asyncio.to_thread(lost_rpc_servers, worker.file.pid, worker.file.rpc_servers)
+        if not lost:
+            return False
+        why = f"RPC server {', '.join(lost)} is gone"
+        worker.error = {"code": ErrorCode.RPC_SERVER_UNREACHABLE, "message": f"split worker stopped: {why}"}
+        log.warning("%s: %s; stopping the split worker", worker.id, why)
+        self._background(self.stop_worker(worker.id, why, ask=False))
+        return True
 
     async def _probe(self, worker: Worker) -> bool:
         return await self.client(worker).health(timeout=min(5.0, max(0.2, self.config.health_interval)))

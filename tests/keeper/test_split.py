@@ -153,3 +153,28 @@ def test_a_split_over_a_dead_or_unknown_endpoint_is_refused(split_fleet: tuple[K
     run = keeper.run("worker", "spawn", "--node", "a", "--model", "tiny", "--split", "b,b")
     assert run.rc == 1 and "named twice" in run.err, run
     assert rpc_servers(homes / "b") == []
+
+
+def test_the_queen_fleet_honours_a_split_placement(split_fleet: tuple[Keeper, Path], tmp_path: Path) -> None:
+    """Inventory `models: {tiny: {node: a, split: [b]}}`: the queen's cold start makes a split worker."""
+    from rbee_control.queen.inventory_fleet import InventoryFleet
+
+    keeper, homes = split_fleet
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text(keeper.inventory.read_text() + "models:\n  tiny: {node: a, split: [b]}\n")
+    fleet = InventoryFleet.from_inventory(inventory)
+
+    async def cold_start() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        try:
+            entry = await fleet.spawn("tiny", "a")
+            worker = hive_workers(homes / "a")[entry.id]
+            servers = rpc_servers(homes / "b")
+            assert await answer(worker, "hello")
+        finally:
+            await fleet.close()  # the worker first, then its RPC server
+        return worker, servers
+
+    worker, servers = asyncio.run(cold_start())
+    assert worker["rpc_servers"] == [servers[0]["endpoint"]], (worker, servers)
+    assert hive_workers(homes / "a") == {} and rpc_servers(homes / "b") == []
+    assert not alive(servers[0]["pid"]) and not alive(worker["pid"])
