@@ -262,8 +262,8 @@ class RpcServers:
                     "%s on %s exited: %s", record.id, record.endpoint, _tail(self.log_path(record.id), 2)
                 )
                 continue
-            record.clients = await asyncio.to_thread(connected_clients, record)
-            if record.clients:
+            before, record.clients = record.clients, await asyncio.to_thread(connected_clients, record)
+            if record.clients and before:  # seen twice running: a worker, not a version check passing by
                 record.client_seen_at = now
             elif record.client_seen_at and now - record.client_seen_at > self.config.rpc_grace:
                 await self.stop(record.id, "its split worker disconnected")
