@@ -31,6 +31,7 @@ from .config import HiveConfig
 from .paths import HivePaths
 from .pidfiles import claim_hive_pid, read_worker_files, release_hive_pid, running_hive
 from .process import is_alive, terminate, wait_gone
+from .rpc_servers import RpcServers
 from .spawn import certificate_hosts
 from .status import base_info
 from .supervisor import Supervisor, stop_worker_process
@@ -178,6 +179,7 @@ async def stop_hive(paths: HivePaths, grace: float = 30.0) -> dict[str, Any]:
         await asyncio.gather(*(stop_worker_process(http, f, 10.0) for f in leftovers))
     for f in read_worker_files(paths):
         f.remove(paths)
+    await RpcServers(paths, HiveConfig()).clean_leftovers()  # after the workers that used them
     if pid is None:
         paths.socket.unlink(missing_ok=True)
     return {

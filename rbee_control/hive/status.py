@@ -59,6 +59,16 @@ def node_facts(paths: HivePaths) -> dict[str, Any]:
     }
 
 
+async def _rpc_servers(hive: HiveClient) -> list[Any]:
+    """A daemon older than this CLI has no RPC servers to list (404): none, not a failed status."""
+    try:
+        return list(await hive.rpc_list())
+    except RbeeError as exc:
+        if exc.status == 404:
+            return []
+        raise
+
+
 async def hive_status(paths: HivePaths) -> dict[str, Any]:
     paths.ensure()
     pid = running_hive(paths)
@@ -68,7 +78,7 @@ async def hive_status(paths: HivePaths) -> dict[str, Any]:
         async with HiveClient(paths) as hive:
             health = await hive.health()
             workers = await hive.list_workers()
-            rpc_servers = await hive.rpc_list()
+            rpc_servers = await _rpc_servers(hive)
     except RbeeError as exc:
         if exc.code == ErrorCode.HIVE_NOT_RUNNING:  # pid alive but socket silent: starting or wedged
             raise hive_not_running(paths) from None
