@@ -29,7 +29,7 @@ sshd_factory = sshd.sshd_factory
 QUEEN_KEY = "queen-test-key"
 ADMIN_KEY = "queen-admin-key"
 BURSTS = 6  # bound on bursts sent while waiting for the second replica
-BURST = 8
+BURST = 6
 
 
 @dataclass
@@ -92,7 +92,7 @@ def burst(queen: Queen) -> list[str]:
     client = queen.client()
 
     def one(i: int) -> str:
-        reply = client.completions.create(model="tiny", prompt=f"burst {i}", max_tokens=96, seed=i)
+        reply = client.completions.create(model="tiny", prompt=f"burst {i}", max_tokens=48, seed=i)
         return reply.choices[0].text
 
     with ThreadPoolExecutor(BURST) as pool:
