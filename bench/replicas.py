@@ -43,6 +43,9 @@ async def one(client: httpx.AsyncClient, i: int, tokens: int, t0: float) -> tupl
     body = {"model": "m", "prompt": f"request {i}:", "max_tokens": tokens, "stream": True, "seed": i}
     first = None
     async with client.stream("POST", "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            await response.aread()
+            raise RuntimeError(f"queen answered {response.status_code}: {response.text[:300]}")
         async for line in response.aiter_lines():
             if first is None and line.startswith("data: {"):
                 first = time.monotonic() - t0 - start
@@ -87,7 +90,7 @@ async def bench(args: argparse.Namespace, tmp: Path) -> int:
                 time.sleep(0.1)
         headers = {"Authorization": f"Bearer {KEY}"}
         async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600) as client:
-            await one(client, -1, 4, time.monotonic())  # the cold start of the first worker
+            await one(client, 999, 4, time.monotonic())  # the cold start of the first worker
             t0 = time.monotonic()
             joined: list[float] = []
             stop = asyncio.Event()
