@@ -123,7 +123,7 @@ async def load_model(app: Starlette) -> None:
         log.info(
             "ready: %s on %s with %s on %s, %d layers offloaded, %d MB VRAM, %d slot(s), "
             "%d-token context each",
-            info.name, state.url, backend, where.backend, where.n_gpu_layers, state.vram_bytes >> 20,
+            info.name, state.url, backend, where.backend, state.gpu_layers, state.vram_bytes >> 20,
             config.slots, ctx,
         )  # fmt: skip
     except RbeeError as exc:

@@ -9,7 +9,6 @@ and every way the split ends leaves no process behind.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 from collections.abc import Iterator
@@ -21,6 +20,8 @@ import psutil
 import pytest
 
 from rbee_control.hive.rpc_servers import find_binary
+from rbee_control.node.split import check_split
+from rbee_worker.protocol.errors import RbeeError
 from rbee_worker.protocol.client import WorkerClient
 from rbee_worker.protocol.request import InferenceRequest
 from rbee_worker.runtimes.rpc_devices import has_rpc
@@ -51,7 +52,8 @@ def split_fleet(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> I
         lines += [f"  {name}:", "    transport: local", f"    home: '{homes / name}'"]
     inventory = base / "inventory.yaml"
     inventory.write_text("\n".join(lines) + "\n")
-    keeper = make_keeper(base, inventory, **FAST)
+    binary = {"RBEE_RPC_SERVER": os.environ["RBEE_RPC_SERVER"]} if os.environ.get("RBEE_RPC_SERVER") else {}
+    keeper = make_keeper(base, inventory, **FAST, **binary)
     added = keeper.run("models", "add", f"file:{tiny_model}", "--node", "a", "--name", "tiny")
     assert added.rc == 0, added
     try:
@@ -84,8 +86,8 @@ async def answer(worker: dict[str, Any], prompt: str) -> str:
         await client.stream(request) as stream,
     ):
         events = [e async for e in stream.events()]
-    assert events[-1].event == "end", events
-    return "".join(e.data["t"] for e in events if e.event == "token")
+    assert events[-1].name == "end", events
+    return "".join(e.data["t"] for e in events if e.name == "token")
 
 
 def spawn(keeper: Keeper, *extra: str) -> dict[str, Any]:
@@ -140,19 +142,16 @@ def test_a_lost_rpc_server_stops_the_split_worker_clean(split_fleet: tuple[Keepe
     assert rpc_servers(homes / "c") == []
 
 
-def test_a_split_over_a_dead_or_unknown_endpoint_is_refused(split_fleet: tuple[Keeper, Path]) -> None:
+def test_a_split_over_unknown_or_repeated_nodes_is_refused(split_fleet: tuple[Keeper, Path]) -> None:
+    """Refused before any connection (a dead endpoint is the hive's refusal: tests/hive/test_rpc_refusals.py)."""
     keeper, homes = split_fleet
-    with contextlib.closing(__import__("socket").socket()) as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    run = keeper.run("worker", "spawn", "--node", "a", "--model", "tiny", "--rpc", f"127.0.0.1:{port}")
-    assert run.rc == 1 and "RPC server 127.0.0.1:" in run.err and "unreachable" in run.err, run
-    assert hive_workers(homes / "a") == {}
     run = keeper.run("worker", "spawn", "--node", "a", "--model", "tiny", "--split", "b,nowhere")
     assert run.rc == 1 and "unknown node 'nowhere'" in run.err, run
-    run = keeper.run("worker", "spawn", "--node", "a", "--model", "tiny", "--split", "b,b")
-    assert run.rc == 1 and "named twice" in run.err, run
-    assert rpc_servers(homes / "b") == []
+    with pytest.raises(RbeeError, match="named twice"):
+        check_split("a", ["b", "b"])
+    with pytest.raises(RbeeError, match="at least one helper"):
+        check_split("a", [])
+    assert rpc_servers(homes / "b") == [] and hive_workers(homes / "a") == {}
 
 
 def test_the_queen_fleet_honours_a_split_placement(split_fleet: tuple[Keeper, Path], tmp_path: Path) -> None:
