@@ -21,8 +21,8 @@ import pytest
 
 from rbee_control.hive.rpc_servers import find_binary
 from rbee_control.node.split import check_split
-from rbee_worker.protocol.errors import RbeeError
 from rbee_worker.protocol.client import WorkerClient
+from rbee_worker.protocol.errors import RbeeError
 from rbee_worker.protocol.request import InferenceRequest
 from rbee_worker.runtimes.rpc_devices import has_rpc
 
