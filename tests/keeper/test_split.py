@@ -143,7 +143,7 @@ def test_a_lost_rpc_server_stops_the_split_worker_clean(split_fleet: tuple[Keepe
 
 
 def test_a_split_over_unknown_or_repeated_nodes_is_refused(split_fleet: tuple[Keeper, Path]) -> None:
-    """Refused before any connection (a dead endpoint is the hive's refusal: tests/hive/test_rpc_refusals.py)."""
+    """Refused before any connection (a dead endpoint: the hive refuses it, test_rpc_refusals.py)."""
     keeper, homes = split_fleet
     run = keeper.run("worker", "spawn", "--node", "a", "--model", "tiny", "--split", "b,nowhere")
     assert run.rc == 1 and "unknown node 'nowhere'" in run.err, run
