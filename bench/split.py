@@ -109,9 +109,12 @@ def native_supports_rpc(binary: Path | None) -> str | None:
         return "no --llama-server given"
     if not binary.is_file():
         return f"{binary} does not exist"
-    out = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=30)
-    if "--rpc" not in out.stdout + out.stderr:
-        return f"{binary} was built without GGML_RPC (no --rpc option)"
+    # its --help lists --rpc either way; a build without GGML_RPC refuses the option itself
+    out = subprocess.run(
+        [str(binary), "--rpc", f"{HOST}:1", "--version"], capture_output=True, text=True, timeout=30
+    )
+    if "RPC not supported" in out.stdout + out.stderr:
+        return f"{binary} was built without GGML_RPC"
     return None
 
 
