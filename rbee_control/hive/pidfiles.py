@@ -109,6 +109,8 @@ class WorkerFile:
     vram_bytes: int = 0
     #: a split worker's RPC servers (`host:port`)
     rpc_servers: list[str] = field(default_factory=list)
+    #: serves embeddings (`--embedding`), not generation
+    embedding: bool = False
 
     def save(self, paths: HivePaths) -> None:
         write_private(paths.worker_file(self.id), json.dumps(asdict(self), indent=1))

@@ -139,6 +139,8 @@ async def launch(
         cmd += ["--rpc", ",".join(req.rpc_servers)]
     if req.tensor_split:
         cmd += ["--tensor-split", ",".join(f"{w:g}" for w in req.tensor_split)]
+    if req.embedding:
+        cmd.append("--embedding")
     scheme = "http"
     if tls.needs_tls(config.address, config.tls):  # the keys, prompts and answers would cross the LAN
         cert = tls.ensure_certificate(paths.tls_dir, certificate_hosts(config))
@@ -178,6 +180,7 @@ async def launch(
         gpu_layers=plan.gpu_layers,
         planned_bytes=plan.total_bytes,
         rpc_servers=list(req.rpc_servers),
+        embedding=req.embedding,
     )
     record.save(paths)
     return record, proc

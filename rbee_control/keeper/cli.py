@@ -58,7 +58,7 @@ def _add_infer(sub: Any) -> None:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--top-k", type=int, default=40)
     p.add_argument("--seed", type=int)
-    add_spawn_arguments(p, model=False, wait=False)
+    add_spawn_arguments(p, model=False, wait=False, embedding=False)  # infer generates text
     p.add_argument("--raw", action="store_true", help="send the prompt as is, not as a chat turn")
     p.set_defaults(handler=cmd_infer)
 

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -21,14 +21,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from rbee_control.inventory.upstreams import Upstream
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
-from . import native_routes, ollama_routes, openai_routes
+from . import dashboard, embeddings, native_routes, ollama_routes, openai_routes, ui_routes
 from .access import HostGuard, JsonOnly, PlaneAuth
 from .errors import error_response
 from .fleet import Fleet
 from .metrics import CONTENT_TYPE_LATEST
 from .state import QueenSettings, QueenState
+from .upstreams import Upstreams
 
 log = logging.getLogger("rbee.queen")
 
@@ -41,6 +43,13 @@ async def health(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     state: QueenState = request.app.state.queen
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def list_upstreams(request: Request) -> Response:
+    """`GET /v2/upstreams` (admin plane): each external engine, up or down and why, and its models."""
+    state: QueenState = request.app.state.queen
+    upstreams = [u.to_json() for u in state.upstreams] if state.upstreams is not None else []
+    return JSONResponse({"upstreams": upstreams})
 
 
 async def _rbee_error(request: Request, exc: Exception) -> Response:
@@ -64,14 +73,19 @@ ROUTES = [
     Route("/health", health, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
     Route("/v1/models", openai_routes.list_models, methods=["GET"]),
+    Route("/v1/models/{model_id:path}", openai_routes.retrieve_model, methods=["GET"]),
     Route("/v1/chat/completions", openai_routes.chat_completions, methods=["POST"]),
     Route("/v1/completions", openai_routes.completions, methods=["POST"]),
+    Route("/v1/embeddings", embeddings.embeddings, methods=["POST"]),
     Route("/v1/inference", native_routes.inference, methods=["POST"]),
     Route("/v1/inference/{request_id}", native_routes.cancel_inference, methods=["DELETE"]),
     *ollama_routes.ROUTES,
     Route("/v2/workers/register", native_routes.register_worker, methods=["POST"]),
     Route("/v2/workers/list", native_routes.list_workers, methods=["GET"]),
     Route("/v2/workers/{worker_id}", native_routes.remove_worker, methods=["DELETE"]),
+    Route("/v2/upstreams", list_upstreams, methods=["GET"]),
+    Route("/v2/dashboard", dashboard.dashboard, methods=["GET"]),
+    *ui_routes.ROUTES,
 ]
 
 
@@ -81,12 +95,15 @@ def create_app(
     api_key: str | None = None,
     admin_key: str | None = None,
     settings: QueenSettings | None = None,
+    upstreams: Sequence[Upstream] = (),
+    upstream_keys: Mapping[str, str | None] | None = None,
 ) -> Starlette:
     """The queen app over `fleet`; its lifespan owns the HTTP client and stops the fleet on exit.
 
     `api_key` guards the client plane and `admin_key` the admin plane (`/v2/*`); `None`
     leaves that plane open, which only embedding and tests do (`queen-rbee` always has an
-    admin key, and a client key unless `--insecure-no-auth` on loopback).
+    admin key, and a client key unless `--insecure-no-auth` on loopback). `upstreams` are
+    external engines whose models the queen offers too (`upstream_keys`: their API keys).
     """
     settings = settings or QueenSettings()
     middleware = [Middleware(HostGuard, policy=settings.hosts)]
@@ -106,20 +123,30 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state = QueenState.build(fleet, settings, api_key, time.time())
         app.state.queen = state
+        app.state.node_status = dashboard.NodeStatusCache(fleet)
         background = [
             asyncio.create_task(state.table.health_loop(settings.health_interval)),
             asyncio.create_task(state.catalog.entries()),  # warm the model list
             asyncio.create_task(state.router.replicas.loop(state.catalog.resolve, lambda: _kept_warm(fleet))),
         ]
+        if upstreams:
+            state.upstreams = Upstreams(
+                upstreams, upstream_keys or {}, state.metrics, read_timeout=settings.upstream_read_timeout
+            )
+            background.append(asyncio.create_task(state.upstreams.health_loop(settings.upstream_interval)))
         try:
             yield
         finally:
             for task in background:
                 task.cancel()
+            await app.state.node_status.close()
             await state.table.close()
+            await state.catalog.close()
             await state.router.close()
             await shutdown_fleet(fleet, settings.shutdown_timeout)
             await state.client.aclose()
+            if state.upstreams is not None:
+                await state.upstreams.aclose()
 
     return Starlette(
         routes=ROUTES,

@@ -28,6 +28,7 @@ from types import FrameType
 
 import uvicorn
 
+from rbee_control.inventory.upstreams import Upstream
 from rbee_worker.app import event_loop
 from rbee_worker.app.connections import ConnectionLimits, guarded_protocol
 from rbee_worker.app.server import KEEP_ALIVE_S, bind_socket
@@ -113,6 +114,20 @@ def build_fleet(inventory: Path | None) -> Fleet:
     return InventoryFleet.from_inventory(inventory)
 
 
+def load_upstreams(inventory: Path | None) -> tuple[list[Upstream], dict[str, str | None]]:
+    """The inventory's external engines, and each one's key from the secrets file (None: no key)."""
+    if inventory is None:
+        return [], {}
+    from rbee_control.inventory.loader import load_inventory
+    from rbee_control.inventory.secrets import SecretStore
+
+    upstreams = load_inventory(inventory).upstreams
+    store = SecretStore.beside(inventory)
+    for upstream in upstreams.values():
+        log.info("upstream %s: %s", upstream.name, upstream.url)
+    return list(upstreams.values()), {name: store.upstream_key(name) for name in upstreams}
+
+
 def node_addresses(inventory: Path | None) -> list[str]:
     if inventory is None:
         return []
@@ -174,6 +189,7 @@ def run_queen(options: QueenOptions) -> int:
         )
         settings = secure_settings(options, inventory)
         fleet = build_fleet(inventory)
+        upstreams, upstream_keys = load_upstreams(inventory)
         sock = bind_socket(options.host, options.port)
     except RbeeError as exc:
         return _fail(exc)
@@ -184,7 +200,14 @@ def run_queen(options: QueenOptions) -> int:
         print(f"queen-rbee: {notice}", file=sys.stderr)
     if keys.client is None:
         log.warning("--insecure-no-auth: the client plane takes requests without a key (loopback only)")
-    app = create_app(fleet, api_key=keys.client, admin_key=keys.admin, settings=settings)
+    app = create_app(
+        fleet,
+        api_key=keys.client,
+        admin_key=keys.admin,
+        settings=settings,
+        upstreams=upstreams,
+        upstream_keys=upstream_keys,
+    )
     server = QueenServer(
         uvicorn.Config(
             app,
@@ -239,6 +262,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--health-interval", type=float, default=15.0, help="seconds between worker probes")
     parser.add_argument(
+        "--sse-keepalive",
+        type=float,
+        default=10.0,
+        help="seconds between ': ping' comments on a stream still waiting for a worker (default 10)",
+    )
+    parser.add_argument(
+        "--catalog-ttl",
+        type=float,
+        default=30.0,
+        help="seconds the model listing is served before it is refreshed in the background (default 30)",
+    )
+    parser.add_argument(
         "--scale-after",
         type=float,
         default=2.0,
@@ -271,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     ):
         print("queen-rbee: queue limit and timeouts must be positive", file=sys.stderr)
         return 2
+    if args.sse_keepalive <= 0 or args.catalog_ttl < 0:
+        print("queen-rbee: --sse-keepalive must be positive and --catalog-ttl not negative", file=sys.stderr)
+        return 2
     try:
         access = access_options(args)
     except ValueError as exc:
@@ -284,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
             ReplicaSettings(args.scale_after, args.replica_idle_timeout, args.replica_interval),
         ),
         health_interval=args.health_interval,
+        sse_keepalive=args.sse_keepalive,
+        catalog_ttl=args.catalog_ttl,
     )
     options = QueenOptions(
         inventory=args.inventory,

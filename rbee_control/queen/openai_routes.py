@@ -1,7 +1,8 @@
-"""`GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`."""
+"""`GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/chat/completions`, `POST /v1/completions`."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ from rbee_worker.protocol import events
 from rbee_worker.protocol.errors import RbeeError
 from rbee_worker.protocol.request import InferenceRequest
 
+from . import keepalive
 from .catalog import Target
 from .errors import sse_error
 from .generation import Finished, RequestRecord, collect, outputs, worker_request
@@ -21,8 +23,11 @@ from .openai_api import Kind, Shapes, parse_request
 from .relay import Upstream
 from .responses import RelayResponse, until_disconnect
 from .state import QueenState
+from .upstream_relay import relay
+from .upstreams import UpstreamTarget
 
 ROUTE_NAMES: dict[Kind, str] = {"chat": "chat", "completion": "completions"}
+UPSTREAM_PATHS: dict[Kind, str] = {"chat": "chat/completions", "completion": "completions"}
 
 
 def _state(request: Request) -> QueenState:
@@ -34,7 +39,34 @@ async def list_models(request: Request) -> Response:
     models = await state.catalog.public_models()
     created = int(state.started_at)
     data = [{"id": m.id, "object": "model", "created": created, "owned_by": m.owned_by} for m in models]
+    if state.upstreams is not None:
+        local = {m.id for m in models}
+        data += [
+            {"id": model, "object": "model", "created": created, "owned_by": owner}
+            for model, owner in state.upstreams.public_models(local)
+        ]
     return JSONResponse({"object": "list", "data": data})
+
+
+async def retrieve_model(request: Request) -> Response:
+    """`GET /v1/models/{id}`: a listed id, or any name a request may use (`node/name` pins);
+    an unknown one is 404 in OpenAI's error shape (`param: model`)."""
+    state = _state(request)
+    model_id = request.path_params["model_id"]
+    models = await state.catalog.public_models()
+    found = next((m for m in models if m.id == model_id), None)
+    external = None
+    if found is None and state.upstreams is not None:
+        external = await state.upstreams.resolve(model_id, {m.id for m in models})
+    if found is not None:
+        owned_by = found.owned_by
+    elif external is not None:
+        owned_by = external.state.name
+    else:
+        owned_by = (await state.catalog.resolve(model_id)).entry.node
+    return JSONResponse(
+        {"id": model_id, "object": "model", "created": int(state.started_at), "owned_by": owned_by}
+    )
 
 
 async def chat_completions(request: Request) -> Response:
@@ -49,7 +81,12 @@ async def _complete(request: Request, kind: Kind) -> Response:
     state = _state(request)
     record = RequestRecord(state, ROUTE_NAMES[kind], "-", time.perf_counter())
     try:
-        parsed = parse_request(kind, await read_json(request))
+        body = await read_json(request)
+        external = await _external(state, body)
+        if external is not None:
+            assert state.upstreams is not None
+            return await relay(state.upstreams, external, UPSTREAM_PATHS[kind], body, record)
+        parsed = parse_request(kind, body)
         target = await state.catalog.resolve(parsed.model)
         record.model = target.model
         infer = worker_request(parsed, target)
@@ -66,13 +103,34 @@ async def _complete(request: Request, kind: Kind) -> Response:
                 return Response(status_code=499)
             record.commit()
             return JSONResponse(body, headers=headers)
-        upstream = await state.relay.open(target, infer, request_id)
+        opening = asyncio.ensure_future(state.relay.open(target, infer, request_id))
+        upstream = await keepalive.first_wait(opening, state.settings.sse_keepalive)
     except RbeeError as exc:
         record.error(exc.code)
         record.commit()
         raise
+    if upstream is None:  # still queued or cold-starting: answer now, ping until the worker commits
+
+        def relay_body(upstream: Upstream) -> AsyncIterator[bytes]:
+            record.node = upstream.worker.node
+            return _stream(upstream, shapes, record)
+
+        def failed(error: RbeeError) -> bytes:
+            record.error(error.code)
+            return sse_error(error) + events.encode_done()
+
+        interval = state.settings.sse_keepalive
+        return keepalive.WaitingResponse(opening, interval, relay_body, failed, record.commit, headers)
     record.node = upstream.worker.node
     return RelayResponse(_stream(upstream, shapes, record), upstream, record.commit, headers)
+
+
+async def _external(state: QueenState, body: object) -> UpstreamTarget | None:
+    """The upstream engine serving the body's model, if not one of rbee's own (rbee's win a tie)."""
+    if state.upstreams is None or not isinstance(body, dict) or not isinstance(body.get("model"), str):
+        return None
+    local = {m.id for m in await state.catalog.public_models()}
+    return await state.upstreams.resolve(body["model"], local)
 
 
 async def _stream(upstream: Upstream, shapes: Shapes, record: RequestRecord) -> AsyncIterator[bytes]:

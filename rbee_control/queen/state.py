@@ -9,10 +9,13 @@ import httpx
 from .access import HostPolicy
 from .catalog import ModelCatalog
 from .fleet import Fleet
+from .keepalive import DEFAULT_INTERVAL
 from .metrics import QueenMetrics
+from .recent import RecentRequests
 from .registration import RegistrationPolicy
 from .relay import Relay, RelaySettings, Upstream
 from .router import Router, RouterSettings
+from .upstreams import Upstreams
 from .workers import WorkerTable
 
 
@@ -22,6 +25,8 @@ class QueenSettings:
     relay: RelaySettings = field(default_factory=RelaySettings)
     #: Seconds between health probes of every worker (failures are probed at once anyway).
     health_interval: float = 15.0
+    #: Seconds between probes of each upstream engine (`GET <url>/models`).
+    upstream_interval: float = 15.0
     #: How long the fleet's model list is reused before asking the nodes again.
     catalog_ttl: float = 30.0
     #: Longest silence from a worker (time to first token included); long prompts on CPUs are slow.
@@ -37,6 +42,9 @@ class QueenSettings:
     cors_origins: tuple[str, ...] = ()
     #: Which addresses registration may probe, and how many workers the table holds.
     registration: RegistrationPolicy = field(default_factory=RegistrationPolicy)
+    #: Seconds between `: ping` comments on an OpenAI stream still waiting for a worker (and the
+    #: silence before the first, after which the stream is answered and errors come in-stream).
+    sse_keepalive: float = DEFAULT_INTERVAL
 
 
 @dataclass(eq=False)
@@ -52,8 +60,12 @@ class QueenState:
     api_key: str | None = None
     started_at: float = 0.0
     running: dict[str, Upstream] = field(default_factory=dict)
+    #: External engines from the inventory's `upstreams:` (None: the inventory lists none).
+    upstreams: Upstreams | None = None
     #: Who started each running native request (`access.CLIENT`, `ADMIN`...): only they may cancel it.
     owners: dict[str, str] = field(default_factory=dict)
+    #: the last finished requests, for the dashboard
+    recent: RecentRequests = field(default_factory=RecentRequests)
 
     @classmethod
     def build(

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import ErrorCode, RbeeError
-from .wire import invalid, opt_int, opt_str, reject_unknown, req_str, require_object
+from .wire import invalid, opt_bool, opt_int, opt_str, reject_unknown, req_str, require_object
 
 WORKER_STATES = ("loading", "idle", "busy", "draining")
 WORKER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -79,6 +79,8 @@ class WorkerInfo:
     failed_probes: int = 0
     #: a split worker's llama.cpp RPC servers (`host:port`), holding its layers
     rpc_servers: list[str] = field(default_factory=list)
+    #: serves embeddings, not generation
+    embedding: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -219,6 +221,8 @@ class ReadyReport:
     vram_bytes: int | None = None
     pid: int | None = None
     error: RbeeError | None = field(default=None, compare=False)
+    #: it serves `/v1/embeddings` (spawned with `--embedding`), not generation
+    embedding: bool = False
 
     @property
     def ready(self) -> bool:
@@ -250,4 +254,5 @@ class ReadyReport:
             vram_bytes=opt_int(body, "vram_bytes", 0),
             pid=opt_int(body, "pid", 1),
             error=RbeeError.from_body({"error": error}) if error is not None else None,
+            embedding=opt_bool(body, "embedding"),
         )

@@ -74,6 +74,8 @@ class SpawnRequest:
     rpc_servers: tuple[str, ...] = ()
     #: layer share per device (llama.cpp's --tensor-split); empty: by each device's free memory
     tensor_split: tuple[float, ...] = ()
+    #: a worker for `/v1/embeddings` (llama.cpp pooling) instead of generation
+    embedding: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -96,17 +98,21 @@ class SpawnRequest:
         for name, value, minimum in checks:
             if value is not None and value < minimum:
                 raise invalid(name, f"expected >= {minimum}, got {value!r}")
+        if self.embedding and self.runtime == "ctransformers":
+            raise invalid("runtime", "ctransformers cannot compute embeddings; use llama-cpp")
 
     # --- JSON: the hive API body ------------------------------------------------
 
     def to_json(self) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
-        for name in ("rpc_servers", "tensor_split"):
-            if data[name]:
-                data[name] = list(data[name])
+        body = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        if not self.embedding:  # a hive that predates embeddings takes the body unchanged
+            body.pop("embedding")
+        for name in ("rpc_servers", "tensor_split"):  # and one that predates split workers, too
+            if body[name]:
+                body[name] = list(body[name])
             else:
-                del data[name]
-        return data
+                del body[name]
+        return body
 
     @classmethod
     def from_json(cls, body: Any) -> SpawnRequest:
@@ -119,6 +125,9 @@ class SpawnRequest:
         wait = body.get("wait", False)
         if not isinstance(wait, bool):
             raise invalid("wait", "expected true or false")
+        embedding = body.get("embedding", False)
+        if not isinstance(embedding, bool):
+            raise invalid("embedding", "expected true or false")
         model = opt_str(body, "model")
         if model is None:
             raise invalid("model", "required: a catalog name")
@@ -137,6 +146,7 @@ class SpawnRequest:
             timeout=opt_float(body, "timeout", 0),
             rpc_servers=body.get("rpc_servers") or (),
             tensor_split=body.get("tensor_split") or (),
+            embedding=embedding,
         )
 
     # --- flags: the keeper's and the hive's command lines -------------------------
@@ -163,6 +173,8 @@ class SpawnRequest:
             argv += ["--tensor-split", ",".join(f"{w:g}" for w in self.tensor_split)]
         if self.wait:
             argv.append("--wait")
+        if self.embedding:
+            argv.append("--embedding")
         return argv
 
     @classmethod
@@ -175,7 +187,9 @@ class SpawnRequest:
         return cls(**{k: v for k, v in values.items() if v is not None})
 
 
-def add_spawn_arguments(parser: argparse.ArgumentParser, *, model: bool = True, wait: bool = True) -> None:
+def add_spawn_arguments(
+    parser: argparse.ArgumentParser, *, model: bool = True, wait: bool = True, embedding: bool = True
+) -> None:
     """The spawn flags, defined once for every command line that starts a worker."""
     if model:
         parser.add_argument("--model", required=True, help="a catalog name on the node")
@@ -210,6 +224,12 @@ def add_spawn_arguments(parser: argparse.ArgumentParser, *, model: bool = True, 
         type=_split_flag,
         help="layer share per device, e.g. 1,1 (default: by each device's free memory)",
     )
+    if embedding:
+        parser.add_argument(
+            "--embedding",
+            action="store_true",
+            help="serve embeddings (POST /v1/embeddings, llama.cpp pooling) instead of text generation",
+        )
     if wait:
         parser.add_argument("--wait", action="store_true", help="return when the model is loaded (or failed)")
         parser.add_argument("--timeout", type=float, help="seconds to wait for --wait (default: hive's)")

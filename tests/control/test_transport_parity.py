@@ -218,3 +218,34 @@ async def test_put_reports_progress_and_resumes(transport: NodeTransport, tmp_pa
 async def test_put_of_a_missing_file_is_a_clear_error(transport: NodeTransport, tmp_path: Path) -> None:
     with pytest.raises(RbeeError, match="cannot read"):
         await transport.put(tmp_path / "nope.gguf", str(tmp_path / "dst"))
+
+
+async def test_unix_exchange_talks_to_a_socket_on_the_node(transport: NodeTransport, tmp_path: Path) -> None:
+    """One streamlocal channel over SSH, a plain connection locally; `~/` is the node user's home."""
+    path = tmp_path / "echo.sock"
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"got " + request)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_unix_server(answer, str(path))
+    try:
+        reply = await transport.unix_exchange(str(path), b"ping\r\n\r\n")
+        assert reply == b"got ping\r\n\r\n"
+        # the same socket through the login directory: `~/` + a path relative to it
+        relative = os.path.relpath(path, os.path.expanduser("~"))
+        assert await transport.unix_exchange(f"~/{relative}", b"pong\r\n\r\n") == b"got pong\r\n\r\n"
+        with pytest.raises(RbeeError) as too_much:
+            await transport.unix_exchange(str(path), b"x" * 64 + b"\r\n\r\n", limit=16)
+        assert (
+            too_much.value.code == ErrorCode.INTERNAL_ERROR
+            and "larger than 16 bytes" in too_much.value.message
+        )
+    finally:
+        server.close()
+        await server.wait_closed()
+    with pytest.raises(RbeeError) as nobody:
+        await transport.unix_exchange(str(path), b"ping\r\n\r\n")  # nobody listens there any more
+    assert nobody.value.code == ErrorCode.HIVE_NOT_RUNNING and str(path) in nobody.value.message

@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -87,6 +88,58 @@ def test_status_with_a_node_down(fleet: Fleet) -> None:
 
     back = keeper.run("status", "--node", "n3", json_mode=True)
     assert back.rc == 0 and back.json()["n3"]["running"] is False
+
+
+def _hive_pid(fleet: Fleet, node: str) -> int:
+    return int((fleet.homes / node / "hive.pid").read_text().split()[0])
+
+
+def test_a_running_hive_answers_over_streamlocal_without_a_process(fleet: Fleet) -> None:
+    """status, models list and worker list read n2's daemon over its socket: no `rbee-hive` runs."""
+    keeper, venv = fleet.keeper, fleet.homes / "n2" / "venv"
+    assert keeper.run("hive", "start", "--node", "n2").rc == 0
+    hidden = venv.with_name("venv.away")
+    venv.rename(hidden)  # `rbee-hive` can no longer be started on n2
+    try:
+        status = keeper.run("status", json_mode=True)
+        listings = keeper.run("models", "list", "--node", "n2", json_mode=True)
+    finally:
+        hidden.rename(venv)
+    assert status.rc == 0, status
+    info = status.json()
+    assert info["n2"]["running"] is True and info["n2"]["via"] == "socket"
+    assert info["n2"]["home"] == str(fleet.homes / "n2") and info["n2"]["node"]["ram_total"] > 0
+    assert info["n2"]["pid"] == _hive_pid(fleet, "n2")
+    # no daemon on these: the command path, saying what it always said
+    assert info["n3"]["via"] == "command" and info["n3"]["running"] is False
+    assert info["local"]["via"] == "command" and info["local"]["running"] is False
+    assert listings.rc == 0 and listings.json() == {"n2": []}, listings
+
+
+def test_a_stopped_node_and_a_silent_hive_do_not_hold_the_table(fleet: Fleet) -> None:
+    keeper, n3 = fleet.keeper, fleet.nodes["n3"]
+    assert keeper.run("hive", "start", "--node", "n2").rc == 0
+    pid = _hive_pid(fleet, "n2")
+    n3.stop()
+    os.kill(pid, signal.SIGSTOP)  # n2's daemon accepts nothing: its socket stays silent
+    try:
+        run = keeper.run("status", "--timeout", "1", json_mode=True)
+        human = keeper.run("status", "--timeout", "1")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        n3.start()
+    assert run.rc == 1, run
+    status = run.json()
+    assert status["n2"]["error"]["code"] == "REQUEST_TIMEOUT", run
+    assert "n2" in status["n2"]["error"]["message"] and "1s" in status["n2"]["error"]["message"]
+    assert status["n3"]["error"]["code"] == "CONNECTION_FAILED"
+    assert status["local"]["running"] is False
+    rows = {line.split("│")[1].strip(): line for line in human.out.splitlines() if line.count("│") > 3}
+    assert "no answer in 1s" in rows["n2"] and "unreachable" in rows["n3"], human.out
+    assert "stopped" in rows["local"], human.out
+
+    bad = keeper.run("status", "--timeout", "0")
+    assert bad.rc == 2 and "--timeout" in bad.err, bad
 
 
 def test_models_add_pushes_over_sftp_then_is_cached(fleet: Fleet, tiny_model: Path) -> None:
