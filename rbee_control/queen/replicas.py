@@ -75,7 +75,9 @@ class Replicas:
             return
         log.info("%s is busy (%s): starting replica %d of at most %d on %s",
                  target.model, why, count + 1, placement.max_replicas, node)  # fmt: skip
-        self._background(self.router.start_replica(target.model, node, target.embedding))
+        task = self.router.start_replica(target.model, node, target.embedding)
+        if task is not None:
+            self._background(task)
 
     def _free_node(self, target: Target) -> str | None:
         used = {w.node for w in self.serving(target.model)}

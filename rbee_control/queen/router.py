@@ -303,18 +303,24 @@ class Router:
         """(model, node) of every start under way."""
         return [(model, node) for model, node, _embedding in self._spawning]
 
-    async def start_replica(self, model: str, node: str, embedding: bool = False) -> None:
-        """One more worker for `model` on `node`, shared with a cold start there if one is under way."""
+    def start_replica(
+        self, model: str, node: str, embedding: bool = False
+    ) -> asyncio.Task[RoutedWorker] | None:
+        """One more worker for `model` on `node` (joining a start there already under way).
+
+        Registered at once, so the next waiter that asks sees it counted; None when a
+        start there failed moments ago.
+        """
         key = (model, node, embedding)
         failed = self._spawn_failed.get(key)
         if failed is not None and time.monotonic() - failed[0] < SPAWN_FAILURE_MEMORY:
-            return
+            return None
         task = self._spawning.get(key)
         if task is None:
             task = asyncio.create_task(self._spawn(model, node, embedding))
             self._spawning[key] = task
             task.add_done_callback(lambda _t: self._spawning.pop(key, None))
-        await asyncio.shield(task)
+        return task
 
     async def retire(self, worker: RoutedWorker) -> None:
         """Out of the table first (no new request reaches it), then stopped on its node."""

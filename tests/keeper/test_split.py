@@ -92,7 +92,7 @@ async def answer(worker: dict[str, Any], prompt: str) -> str:
 
 def spawn(keeper: Keeper, *extra: str) -> dict[str, Any]:
     run = keeper.run("worker", "spawn", "--node", "a", "--model", "tiny", *extra, json_mode=True, timeout=120)
-    assert run.rc == 0, run
+    assert run.rc == 0, str(run)
     return dict(run.json())
 
 
