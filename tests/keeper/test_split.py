@@ -34,7 +34,7 @@ pytestmark = pytest.mark.llama
 FAST = {
     "RBEE_HIVE_HEALTH_INTERVAL": "0.3",
     "RBEE_HIVE_POLL_INTERVAL": "0.2",
-    "RBEE_HIVE_RPC_GRACE": "1",
+    "RBEE_HIVE_RPC_GRACE": "3",
     "RBEE_HIVE_STOP_TIMEOUT": "2",
 }
 
