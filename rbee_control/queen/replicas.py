@@ -110,24 +110,31 @@ class Replicas:
         self.retire_idle()
 
     def retire_idle(self) -> None:
+        """Stop extras idle past the timeout, newest first.
+
+        Idle counts from a worker's last request, and at the earliest from the
+        model's latest new replica: one that was just paid for with a cold start
+        keeps its siblings too, or the burst that asked for it would lose a worker.
+        """
         now = time.monotonic()
-        models = {w.model for w in self.router.table}
-        for model in models:
+        for model in {w.model for w in self.router.table}:
             placement = placement_of(self.router.fleet, model)
-            keep = max(placement.min_replicas, 1)
             workers = self.serving(model)
-            extra = len(workers) - keep
-            idle = [
-                w
-                for w in workers
-                if w.owned
-                and w.in_flight == 0
-                and now - max(w.last_used, w.joined_at) > self.settings.idle_timeout
+            extra = len(workers) - max(placement.min_replicas, 1)
+            if extra <= 0:
+                continue
+            newest = max(w.joined_at for w in workers)
+            idle = {w.id: now - max(w.last_used, newest) for w in workers}
+            retirable = [
+                w for w in workers if w.owned and w.in_flight == 0 and idle[w.id] > self.settings.idle_timeout
             ]
-            for worker in sorted(idle, key=lambda w: -w.joined_at)[: max(0, extra)]:
-                idle_s = now - max(worker.last_used, worker.joined_at)
+            for worker in sorted(retirable, key=lambda w: -w.joined_at)[:extra]:
                 log.info(
-                    "retiring replica %s of %s on %s: idle %.0f s", worker.id, model, worker.node, idle_s
+                    "retiring replica %s of %s on %s: idle %.0f s",
+                    worker.id,
+                    model,
+                    worker.node,
+                    idle[worker.id],
                 )
                 self._background(self.router.retire(worker))
 

@@ -64,7 +64,7 @@ def queen(
     env = {**fleet.keeper.env, "RBEE_QUEEN_API_KEY": QUEEN_KEY, "RBEE_QUEEN_ADMIN_KEY": ADMIN_KEY}
     argv = [
         sys.executable, "-m", "rbee_control.queen.cli", "--inventory", str(fleet.keeper.inventory),
-        "--port", str(port), "--scale-after", "0.05", "--replica-idle-timeout", "3",
+        "--port", str(port), "--scale-after", "0.05", "--replica-idle-timeout", "5",
         "--replica-interval", "0.3",
     ]  # fmt: skip
     with log.open("wb") as out:
