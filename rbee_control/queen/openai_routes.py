@@ -18,11 +18,12 @@ from rbee_worker.protocol.request import InferenceRequest
 from . import keepalive
 from .catalog import Target
 from .errors import sse_error
-from .generation import Finished, RequestRecord, collect, outputs, worker_request
-from .openai_api import Kind, Shapes, parse_request
+from .generation import Finished, Piece, RequestRecord, collect, outputs, worker_request
+from .openai_api import Kind, OpenAIRequest, Shapes, parse_request
 from .relay import Upstream
 from .responses import RelayResponse, until_disconnect
 from .state import QueenState
+from .tools import ToolCall, ToolStream
 from .upstream_relay import relay
 from .upstreams import UpstreamTarget
 
@@ -80,6 +81,7 @@ async def completions(request: Request) -> Response:
 async def _complete(request: Request, kind: Kind) -> Response:
     state = _state(request)
     record = RequestRecord(state, ROUTE_NAMES[kind], "-", time.perf_counter())
+    parsed: OpenAIRequest | None = None
     try:
         body = await read_json(request)
         external = await _external(state, body)
@@ -96,7 +98,7 @@ async def _complete(request: Request, kind: Kind) -> Response:
         if not parsed.stream:
             try:
                 body = await until_disconnect(
-                    request, _collect(state, target, infer, request_id, shapes, record)
+                    request, _collect(state, target, infer, request_id, shapes, record, parsed)
                 )
             except ClientDisconnect:
                 record.commit()
@@ -108,21 +110,22 @@ async def _complete(request: Request, kind: Kind) -> Response:
     except RbeeError as exc:
         record.error(exc.code)
         record.commit()
-        raise
+        raise parsed.renamed(exc) if parsed is not None else exc from None
     if upstream is None:  # still queued or cold-starting: answer now, ping until the worker commits
+        opened_for: OpenAIRequest = parsed
 
         def relay_body(upstream: Upstream) -> AsyncIterator[bytes]:
             record.node = upstream.worker.node
-            return _stream(upstream, shapes, record)
+            return _stream(upstream, shapes, record, opened_for)
 
         def failed(error: RbeeError) -> bytes:
             record.error(error.code)
-            return sse_error(error) + events.encode_done()
+            return sse_error(opened_for.renamed(error)) + events.encode_done()
 
         interval = state.settings.sse_keepalive
         return keepalive.WaitingResponse(opening, interval, relay_body, failed, record.commit, headers)
     record.node = upstream.worker.node
-    return RelayResponse(_stream(upstream, shapes, record), upstream, record.commit, headers)
+    return RelayResponse(_stream(upstream, shapes, record, parsed), upstream, record.commit, headers)
 
 
 async def _external(state: QueenState, body: object) -> UpstreamTarget | None:
@@ -133,22 +136,44 @@ async def _external(state: QueenState, body: object) -> UpstreamTarget | None:
     return await state.upstreams.resolve(body["model"], local)
 
 
-async def _stream(upstream: Upstream, shapes: Shapes, record: RequestRecord) -> AsyncIterator[bytes]:
-    """OpenAI chunks, one write per batch of worker events (each token still its own chunk)."""
+async def _stream(
+    upstream: Upstream, shapes: Shapes, record: RequestRecord, parsed: OpenAIRequest
+) -> AsyncIterator[bytes]:
+    """OpenAI chunks, one write per batch of worker events (each token still its own chunk).
+
+    With tools, text that may still turn out to be a call is held back (`ToolStream`)."""
     first = shapes.first_chunk()
     if first is not None:
         yield first
+    tools = ToolStream(parsed.tools) if parsed.tools is not None else None
+    sent = 0
     async for batch in outputs(upstream, record):
         out: list[bytes] = []
         for item in batch:
-            if isinstance(item, str):
-                out.append(shapes.text_chunk(item))
+            if isinstance(item, str | Piece):
+                text = item if isinstance(item, str) else item.text
+                if tools is not None:
+                    text = tools.feed(text)
+                    if text:
+                        out.append(shapes.text_chunk(text))
+                elif isinstance(item, Piece):
+                    out.append(shapes.logprob_chunk(text, item.logprobs, sent))
+                else:
+                    out.append(shapes.text_chunk(text))
+                sent += len(text)
             elif isinstance(item, Finished):
-                out.append(shapes.final_chunk(item.stop_reason))
+                calls: list[ToolCall] | None = None
+                if tools is not None:
+                    held, calls = tools.finish()
+                    if held:
+                        out.append(shapes.text_chunk(held))
+                    if calls:
+                        out.append(shapes.tool_calls_chunk(calls))
+                out.append(shapes.final_chunk(item.stop_reason, tool_calls=bool(calls)))
                 if shapes.include_usage:
                     out.append(shapes.usage_chunk(item.prompt_tokens, item.tokens_out))
             else:
-                out.append(sse_error(item))
+                out.append(sse_error(parsed.renamed(item)))
         yield b"".join(out)
     yield events.encode_done()
 
@@ -160,6 +185,11 @@ async def _collect(
     request_id: str,
     shapes: Shapes,
     record: RequestRecord,
+    parsed: OpenAIRequest,
 ) -> dict[str, object]:
-    text, finished = await collect(state, target, infer, request_id, record)
-    return shapes.completion(text, finished.stop_reason, finished.prompt_tokens, finished.tokens_out)
+    logprobs: list[dict[str, object]] | None = [] if parsed.logprobs else None
+    text, finished = await collect(state, target, infer, request_id, record, logprobs)
+    calls = parsed.tools.calls(text) if parsed.tools is not None else None
+    return shapes.completion(
+        text, finished.stop_reason, finished.prompt_tokens, finished.tokens_out, logprobs, calls
+    )

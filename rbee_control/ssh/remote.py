@@ -22,7 +22,7 @@ import asyncssh
 
 from rbee_control.inventory.model import Node
 from rbee_control.ssh.command import check_argv, remote_command_line, signal_exit_status
-from rbee_control.ssh.connect import ATTEMPTS, BACKOFF, CONNECT_TIMEOUT, open_connection
+from rbee_control.ssh.connect import ATTEMPTS, BACKOFF, default_connect_timeout, open_connection
 from rbee_control.ssh.failures import connection_lost
 from rbee_control.ssh.known_hosts import KnownHosts
 from rbee_control.ssh.stream import CommandStream, StderrCallback
@@ -184,7 +184,7 @@ class SshTransport(NodeTransport):
         node: Node,
         *,
         known_hosts: KnownHosts | None = None,
-        connect_timeout: float = CONNECT_TIMEOUT,
+        connect_timeout: float | None = None,
         attempts: int = ATTEMPTS,
         backoff: Sequence[float] = BACKOFF,
         max_channels: int = MAX_CHANNELS,
@@ -194,7 +194,7 @@ class SshTransport(NodeTransport):
             raise RbeeError(ErrorCode.INTERNAL_ERROR, f"node {node.name} is not an ssh node")
         self.known_hosts = known_hosts or KnownHosts()
         self.channels = asyncio.Semaphore(max_channels)
-        self._timeout = connect_timeout
+        self._timeout = default_connect_timeout() if connect_timeout is None else connect_timeout
         self._attempts = attempts
         self._backoff = tuple(backoff)
         self._conn: asyncssh.SSHClientConnection | None = None
