@@ -133,7 +133,7 @@ def install_llama(paths: HivePaths, forced: str, out: Emitter, dry_run: bool = F
     plan = {**build.to_json(), "version": LLAMA_VERSION, "command": argv, "dry_run": dry_run}
     out.log(
         f"llama-cpp-python {LLAMA_VERSION} for {build.backend} ({build.reason}): "
-        f"CMAKE_ARGS={build.cmake_args}"
+        f"CMAKE_ARGS={env['CMAKE_ARGS']}"
     )
     same = installed_version() == LLAMA_VERSION and build.backend in node.llama_cpp_backends and rpc_installed
     if same and (build.backend != "cpu" or node.llama_cpp_backends == ["cpu"]):
