@@ -47,10 +47,16 @@ def _not_built(why: str) -> RbeeError:
 def client_version() -> RpcVersion | None:
     """The RPC protocol this node's llama-cpp-python speaks, from the header installed with it."""
     try:
-        header = _lib_dir().parent / "include" / "ggml-rpc.h"
-        return RpcVersion.from_header(header.read_text())
-    except (ImportError, OSError):
+        package = _lib_dir().parent
+    except ImportError:
         return None
+    # the wheel puts its headers in site-packages/include; a source install may keep them in the package
+    for header in (package.parent / "include" / "ggml-rpc.h", package / "include" / "ggml-rpc.h"):
+        try:
+            return RpcVersion.from_header(header.read_text())
+        except OSError:
+            continue
+    return None
 
 
 def has_rpc() -> bool:
