@@ -98,7 +98,7 @@ def choose(quants: Sequence[Quant], ref: str, tag: str | None = None) -> tuple[Q
         if len(matches) == 1:
             return matches[0], f"quantization {matches[0].tag} as asked"
         what = "names more than one file" if matches else "matches no file"
-        raise _listing_error(ref, quants if not matches else matches, f"{ref}: tag {tag!r} {what}")
+        raise _listing_error(ref, matches or quants, f"{ref}: tag {tag!r} {what}")
     if len(quants) == 1:
         return quants[0], "the only GGUF model in the repo"
     by_tag: dict[str, list[Quant]] = {}

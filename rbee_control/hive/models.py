@@ -15,10 +15,10 @@ import fcntl
 import hashlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rbee_worker.gguf_info import read_gguf_info
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
@@ -38,6 +38,8 @@ from .refs import (
     name_from_filename,
     parse_ref,
 )
+
+T = TypeVar("T")
 
 
 @contextmanager
@@ -150,10 +152,18 @@ def _say_choice(emitter: Emitter, ref: ModelRef, resolution: Resolution) -> None
 
 
 async def _resolve_with_retries(ref: ModelRef, policy: RetryPolicy) -> Resolution:
+    return await resolve_retried(ref, lambda: hf_source(ref), policy)
+
+
+async def resolve_retried(
+    ref: ModelRef, call: Callable[[], Awaitable[T]], policy: RetryPolicy | None = None
+) -> T:
+    """A hub call with the download's retries: the hub too has bad seconds."""
+    policy = policy or RetryPolicy.from_env()
     attempt = 1
     while True:
         try:
-            return await hf_source(ref)
+            return await call()
         except TransientError as exc:
             if attempt >= policy.attempts:
                 raise RbeeError(

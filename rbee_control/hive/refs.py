@@ -1,6 +1,6 @@
 """Model references: what the operator typed, and the download source it resolves to.
 
-    hf:owner/repo[@revision]                     a Hugging Face repo: Q4_K_M, else closest 4-bit, else smallest
+    hf:owner/repo[@revision]                     a repo: Q4_K_M, else nearest 4-bit, else smallest
     hf:owner/repo[@revision]:Q8_0                one quantization of it, by tag (case-insensitive)
     hf:owner/repo[@revision]:path/file.gguf      one file of it (also hf:owner/repo/path/file.gguf)
     https://host/path/file.gguf                  any HTTP(S) URL (http:// too, for a LAN mirror)
@@ -20,8 +20,8 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
 from rbee_worker.protocol.errors import ErrorCode, RbeeError

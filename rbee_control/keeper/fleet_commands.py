@@ -248,6 +248,12 @@ async def cmd_status(args: argparse.Namespace, ctx: KeeperContext) -> int:
     return report_outcomes(display, outcomes)
 
 
+async def _search(args: argparse.Namespace, ctx: KeeperContext) -> int:
+    from .model_search import cmd_models_search
+
+    return await cmd_models_search(args, ctx)
+
+
 def register(sub: Any) -> None:
     def nodes(p: argparse.ArgumentParser) -> None:
         group = p.add_mutually_exclusive_group()
@@ -269,6 +275,9 @@ def register(sub: Any) -> None:
     p.add_argument("--max-bytes", type=int, help="refuse a download larger than this (node default 256 GiB)")
     p = msub.add_parser("list")
     nodes(p)
+    p = msub.add_parser("search", help="a Hugging Face repo's quantizations and sizes (asked from here)")
+    p.add_argument("ref", help="hf:owner/repo")
+    p.set_defaults(handler=_search)
     p = msub.add_parser("rm")
     p.add_argument("name")
     p.add_argument("--node", required=True)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,7 +98,7 @@ def sha256(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def hub_repos(tmp_path_factory: pytest.TempPathFactory, file_server: FileServer) -> dict[str, Path]:
-    """A TinyLlama-style repo (three quantizations, three different files), a split model, a repo of no GGUF."""
+    """A TinyLlama-style repo (three quantizations, three files), a split model, a repo without GGUF."""
     d = tmp_path_factory.mktemp("hub")
     files = {}
     for seed, q in enumerate(QUANTS):
@@ -150,6 +154,10 @@ def test_a_split_model_downloads_as_a_set_verifies_and_is_removed_whole(
     verify = [e for e in run.events if e.event == "progress" and e.data["phase"] == "verify"]
     assert verify and verify[-1].data["bytes"] == verify[-1].data["total"], "the verify row ends full"
     assert hive.run("models", "verify", row["name"]).result["ok"] is True
+    hive.start("--port-min", "8700", "--port-max", "8799")
+    worker = hive.run("worker", "spawn", "--model", row["name"], "--wait").result
+    assert worker["state"] == "idle", "the worker opens the first part and llama.cpp finds the rest"
+    hive.stop()
     assert hive.run("models", "rm", row["name"]).result["freed_bytes"] == row["size"]
     assert hive.model_files() == []
     again = hive.run("models", "add", "hf:rbee/split-GGUF/tiny-split-Q8_0-00001-of-00003.gguf")
@@ -159,3 +167,35 @@ def test_a_split_model_downloads_as_a_set_verifies_and_is_removed_whole(
     assert broken["code"] == "INVALID_MODEL_FILE" and names[1] in broken["message"]
     assert hive.run("models", "rm", again.result["name"]).result["removed"] is True
     assert hive.model_files() == []
+
+
+def keeper(file_server: FileServer, tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RBEE_", "HF_"))}
+    env.update(HF_ENDPOINT=file_server.url, HF_HOME=str(tmp / "hf"), RBEE_HIVE_DOWNLOAD_BACKOFF="0.01")
+    argv = [str(Path(sys.prefix) / "bin" / "rbee-keeper"), *args]
+    return subprocess.run(
+        argv, env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL
+    )
+
+
+def test_keeper_models_search_lists_quantizations_with_sizes(
+    file_server: FileServer, hub_repos: dict[str, Path], tmp_path: Path
+) -> None:
+    found = keeper(file_server, tmp_path, "--json", "models", "search", f"hf:{TINYLLAMA}")
+    assert found.returncode == 0, found.stderr
+    payload = json.loads(found.stdout)
+    assert [q["tag"] for q in payload["quantizations"]] == list(QUANTS)
+    assert [q["size"] for q in payload["quantizations"]] == [hub_repos[q].stat().st_size for q in QUANTS]
+    assert payload["default"] == "tinyllama-1.1b-chat-v1.0.Q4_K_M.gguf"
+    split = json.loads(
+        keeper(file_server, tmp_path, "--json", "models", "search", "hf:rbee/split-GGUF").stdout
+    )
+    assert len(split["quantizations"][0]["files"]) == 3
+    human = keeper(file_server, tmp_path, "models", "search", f"hf:{TINYLLAMA}")
+    assert "Q4_K_M" in human.stdout and "default" in human.stdout
+    none = keeper(file_server, tmp_path, "models", "search", "hf:rbee/safetensors-only")
+    assert none.returncode == 1 and "no .gguf files" in none.stdout
+    missing = keeper(file_server, tmp_path, "--json", "models", "search", "hf:nobody/nothing")
+    assert missing.returncode == 1 and json.loads(missing.stdout)["error"]["code"] == "MODEL_NOT_FOUND"
+    bad = keeper(file_server, tmp_path, "models", "search", "https://example.invalid/x.gguf")
+    assert bad.returncode == 1 and "Hugging Face repo" in bad.stderr
