@@ -88,7 +88,7 @@ def _add_serve(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import chat, fleet_commands, setup_commands
+    from . import chat, fleet_commands, logs_command, setup_commands
 
     parser = argparse.ArgumentParser(prog="rbee-keeper", description="drive your rbee fleet")
     parser.add_argument(
@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_infer(sub)
     _add_serve(sub)
     chat.register(sub)
+    logs_command.register(sub)
     setup_commands.register(sub)
     fleet_commands.register(sub)
     return parser

@@ -111,3 +111,37 @@ def test_a_busy_worker_is_asked_again_three_times(busy_worker: tuple[str, list[i
     assert busy.value.code == "ALL_SLOTS_BUSY" and "still busy after 3 retries" in busy.value.message
     assert busy.value.details["attempts"] == 4 and len(calls) == 4
     assert delays == [0.01, 0.02, 0.04], "doubling from the worker's retry_after"
+
+
+def test_logs_over_ssh_hive_worker_and_follow(fleet: Fleet, tiny_model: Path) -> None:
+    keeper = fleet.keeper
+    ask = ("infer", "--node", "n2", "--model", f"file:{tiny_model}", "--name", "tiny", "--prompt", "hi")
+    first = keeper.run(*ask, "--max-tokens", "5")
+    assert first.rc == 0, first
+    (worker,) = keeper.run("worker", "list", "--node", "n2", json_mode=True).json()["n2"]
+    hive = keeper.run("logs", "--node", "n2", "--hive", "--lines", "200")
+    assert hive.rc == 0 and "rbee.hive" in hive.out, hive
+    logs = keeper.run("logs", "--node", "n2", "--worker", worker["id"])
+    assert logs.rc == 0, logs
+    (access,) = [line for line in logs.out.splitlines() if "rbee.access" in line]
+    assert "tokens_out=5" in access and "status=ok" in access and "cancelled=false" in access
+    assert "model=tiny" in access and "ttft_ms=" in access and "request_id=" in access
+    assert keeper.run("logs", "--node", "n2", "--worker", worker["id"], "--lines", "1").out.count("\n") == 1
+
+    evil = keeper.run("logs", "--node", "n2", "--worker", "../../.ssh/authorized_keys", json_mode=True)
+    assert evil.rc == 1 and evil.json()["error"]["code"] == "INVALID_REQUEST"
+    absent = keeper.run("logs", "--node", "n2", "--worker", "worker-" + "0" * 12, json_mode=True)
+    assert absent.rc == 1 and absent.json()["error"]["code"] == "NOT_FOUND", absent
+
+    tail = keeper.popen("logs", "--node", "n2", "--worker", worker["id"], "--follow", "--lines", "0")
+    try:
+        second = keeper.run(*ask, "--max-tokens", "3")
+        assert second.rc == 0, second
+        seen = b""
+        while b"tokens_out=3" not in seen:  # bounded by read_some's timeout
+            seen += read_some(tail, 1, timeout=60)
+        tail.send_signal(signal.SIGINT)
+        tail.communicate(timeout=30)
+    finally:
+        tail.kill()
+    assert tail.returncode == 130
