@@ -125,7 +125,7 @@ def test_logs_over_ssh_hive_worker_and_follow(fleet: Fleet, tiny_model: Path) ->
     assert logs.rc == 0, logs
     (access,) = [line for line in logs.out.splitlines() if "rbee.access" in line]
     assert "tokens_out=5" in access and "status=ok" in access and "cancelled=false" in access
-    assert "model=tiny" in access and "ttft_ms=" in access and "request_id=" in access
+    assert "model=rbee-tiny" in access and "ttft_ms=" in access and "request_id=" in access
     assert keeper.run("logs", "--node", "n2", "--worker", worker["id"], "--lines", "1").out.count("\n") == 1
 
     evil = keeper.run("logs", "--node", "n2", "--worker", "../../.ssh/authorized_keys", json_mode=True)
@@ -133,11 +133,13 @@ def test_logs_over_ssh_hive_worker_and_follow(fleet: Fleet, tiny_model: Path) ->
     absent = keeper.run("logs", "--node", "n2", "--worker", "worker-" + "0" * 12, json_mode=True)
     assert absent.rc == 1 and absent.json()["error"]["code"] == "NOT_FOUND", absent
 
-    tail = keeper.popen("logs", "--node", "n2", "--worker", worker["id"], "--follow", "--lines", "0")
+    tail = keeper.popen("logs", "--node", "n2", "--worker", worker["id"], "--follow", "--lines", "1")
     try:
+        seen = b""
+        while b"tokens_out=5" not in seen:  # the last old line is shown: the follow has started
+            seen += read_some(tail, 1, timeout=60)
         second = keeper.run(*ask, "--max-tokens", "3")
         assert second.rc == 0, second
-        seen = b""
         while b"tokens_out=3" not in seen:  # bounded by read_some's timeout
             seen += read_some(tail, 1, timeout=60)
         tail.send_signal(signal.SIGINT)
