@@ -59,7 +59,7 @@ def last_lines(path: Path, count: int, end: int | None = None) -> bytes:
 def follow(
     path: Path, write: Callable[[bytes], None], stop: Callable[[], bool] = lambda: False, start: int = 0
 ) -> None:
-    """Write what `path` holds from byte `start` on, as it grows; a rotated file is reopened from its start."""
+    """Write what `path` holds from byte `start` on, as it grows; a rotated file is read from its start."""
     f: BinaryIO = path.open("rb")
     f.seek(start)
     try:
