@@ -74,6 +74,23 @@ def _parser() -> argparse.ArgumentParser:
         "--head-timeout", type=float, default=10.0, help="seconds a client has to send a request head"
     )
     serve.add_argument("--max-connections", type=int, default=1024, help="open client connections at most")
+    serve.add_argument(
+        "--embedding",
+        action="store_true",
+        help="serve POST /v1/embeddings (llama.cpp pooling) instead of text generation",
+    )
+    serve.add_argument(
+        "--pooling",
+        default="auto",
+        choices=["auto", "mean", "cls", "last"],
+        help="with --embedding: how token states become one vector (auto: the model's own, else mean)",
+    )
+    serve.add_argument(
+        "--sse-keepalive",
+        type=float,
+        default=10.0,
+        help="seconds between ': ping' comments on a stream waiting for a slot",
+    )
 
     tiny = sub.add_parser("tiny-model", help="write a tiny random-weight llama GGUF for tests")
     tiny.add_argument("path")
@@ -104,8 +121,11 @@ def main(argv: list[str] | None = None) -> int:
             flag = "ctx-size" if name == "ctx" else name
             print(f"rbee-worker: --{flag} must be positive", file=sys.stderr)
             return 2
-    if args.head_timeout <= 0 or args.max_connections < 1:
-        print("rbee-worker: --head-timeout and --max-connections must be positive", file=sys.stderr)
+    if args.head_timeout <= 0 or args.max_connections < 1 or args.sse_keepalive <= 0:
+        print(
+            "rbee-worker: --head-timeout, --max-connections and --sse-keepalive must be positive",
+            file=sys.stderr,
+        )
         return 2
     runtime, backend = args.runtime, args.backend
     if backend in BACKENDS:  # before --runtime existed, --backend named the runtime
@@ -134,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         ssl_keyfile=args.ssl_keyfile,
         head_timeout_s=args.head_timeout,
         max_connections=args.max_connections,
+        embedding=args.embedding,
+        pooling=args.pooling,
+        keepalive_s=args.sse_keepalive,
     )
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         print("rbee-worker: --ssl-certfile and --ssl-keyfile go together", file=sys.stderr)

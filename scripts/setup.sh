@@ -18,6 +18,8 @@ command -v gcc >/dev/null || need_apt+=(build-essential)
 "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv python3-dev)
 command -v tmux >/dev/null || need_apt+=(tmux)
 command -v curl >/dev/null || need_apt+=(curl)
+# the dashboard's browser tests drive this Chromium through Playwright (tests/queen/test_dashboard_ui.py)
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}" >&2
   $SUDO apt-get update -qq

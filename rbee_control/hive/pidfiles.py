@@ -107,6 +107,8 @@ class WorkerFile:
     planned_bytes: int = 0
     #: what the worker reported it holds on its GPU
     vram_bytes: int = 0
+    #: serves embeddings (`--embedding`), not generation
+    embedding: bool = False
 
     def save(self, paths: HivePaths) -> None:
         write_private(paths.worker_file(self.id), json.dumps(asdict(self), indent=1))

@@ -136,6 +136,8 @@ async def launch(
         cmd += ["--device", str(placement.device)]
     if req.threads:
         cmd += ["--threads", str(req.threads)]
+    if req.embedding:
+        cmd.append("--embedding")
     scheme = "http"
     if tls.needs_tls(config.address, config.tls):  # the keys, prompts and answers would cross the LAN
         cert = tls.ensure_certificate(paths.tls_dir, certificate_hosts(config))
@@ -175,6 +177,7 @@ async def launch(
         device=placement.device,
         gpu_layers=plan.gpu_layers,
         planned_bytes=plan.total_bytes,
+        embedding=req.embedding,
     )
     record.save(paths)
     return record, proc

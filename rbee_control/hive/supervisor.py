@@ -224,6 +224,7 @@ class Supervisor:
                 worker.file.runtime = report.runtime
             if report.vram_bytes is not None:
                 worker.file.vram_bytes = report.vram_bytes
+            worker.file.embedding = report.embedding  # what it serves, in its own words
             log.info(
                 "%s ready (%s, %s on %s, %d MB VRAM) after %.2f s",
                 worker.id,

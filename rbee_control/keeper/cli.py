@@ -59,7 +59,7 @@ def _add_infer(sub: Any) -> None:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--top-k", type=int, default=40)
     p.add_argument("--seed", type=int)
-    add_spawn_arguments(p, model=False, wait=False)
+    add_spawn_arguments(p, model=False, wait=False, embedding=False)  # infer generates text
     p.add_argument("--raw", action="store_true", help="send the prompt as is, not as a chat turn")
     p.add_argument("--retry", type=int, default=3, help="busy worker: ask again N times (1, 2, 4 s…)")
     p.add_argument("--timeout", type=float, help="give up (and cancel the request) after this many seconds")

@@ -8,9 +8,10 @@ Plain ASGI middleware (streams stay unbuffered). Outermost first:
 3. `JsonOnly`: a request with a body must say `application/json` (else 415), so a
    page cannot send a "simple" `text/plain` POST that needs no CORS preflight.
 4. `PlaneAuth`: `/v2/*` is the admin plane and takes only the admin key; every other
-   route but `/health` is the client plane and takes the client key (or the admin
-   key: the operator may use the service). The accepted principal is put in
-   `scope["state"]["principal"]`, so a running request can be tied to its caller.
+   route but `/health` and the dashboard's files (`/ui/`, which hold no data) is the
+   client plane and takes the client key (or the admin key: the operator may use the
+   service). The accepted principal is put in `scope["state"]["principal"]`, so a
+   running request can be tied to its caller.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from .errors import queen_error_body
 
 PUBLIC_PATHS = frozenset({"/health"})
+#: the dashboard's files: a page load carries no bearer token, and they hold no data (ui_routes.py)
+PUBLIC_PREFIX = "/ui/"
 ADMIN_PREFIX = "/v2/"
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -149,7 +152,8 @@ class PlaneAuth:
         return expected is not None and hmac.compare_digest(given, expected)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in PUBLIC_PATHS or path == "/ui" or path.startswith(PUBLIC_PREFIX):
             await self.app(scope, receive, send)
             return
         given = _header(scope, b"authorization") or b""

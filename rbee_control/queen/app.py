@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
-from . import native_routes, ollama_routes, openai_routes
+from . import dashboard, embeddings, native_routes, ollama_routes, openai_routes, ui_routes
 from .access import HostGuard, JsonOnly, PlaneAuth
 from .errors import error_response
 from .fleet import Fleet
@@ -64,14 +64,18 @@ ROUTES = [
     Route("/health", health, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
     Route("/v1/models", openai_routes.list_models, methods=["GET"]),
+    Route("/v1/models/{model_id:path}", openai_routes.retrieve_model, methods=["GET"]),
     Route("/v1/chat/completions", openai_routes.chat_completions, methods=["POST"]),
     Route("/v1/completions", openai_routes.completions, methods=["POST"]),
+    Route("/v1/embeddings", embeddings.embeddings, methods=["POST"]),
     Route("/v1/inference", native_routes.inference, methods=["POST"]),
     Route("/v1/inference/{request_id}", native_routes.cancel_inference, methods=["DELETE"]),
     *ollama_routes.ROUTES,
     Route("/v2/workers/register", native_routes.register_worker, methods=["POST"]),
     Route("/v2/workers/list", native_routes.list_workers, methods=["GET"]),
     Route("/v2/workers/{worker_id}", native_routes.remove_worker, methods=["DELETE"]),
+    Route("/v2/dashboard", dashboard.dashboard, methods=["GET"]),
+    *ui_routes.ROUTES,
 ]
 
 
@@ -106,6 +110,7 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state = QueenState.build(fleet, settings, api_key, time.time())
         app.state.queen = state
+        app.state.node_status = dashboard.NodeStatusCache(fleet)
         background = [
             asyncio.create_task(state.table.health_loop(settings.health_interval)),
             asyncio.create_task(state.catalog.entries()),  # warm the model list
@@ -115,7 +120,9 @@ def create_app(
         finally:
             for task in background:
                 task.cancel()
+            await app.state.node_status.close()
             await state.table.close()
+            await state.catalog.close()
             await state.router.close()
             await shutdown_fleet(fleet, settings.shutdown_timeout)
             await state.client.aclose()

@@ -15,6 +15,7 @@ gets MODEL_NOT_FOUND with the list of what is available.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Iterable
@@ -37,6 +38,8 @@ class Target:
     node: str | None
     nodes: tuple[str, ...]
     entry: ModelEntry
+    #: routed to workers that serve embeddings (and cold-started with `embedding`), not generation
+    embedding: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,16 +90,17 @@ class ModelCatalog:
         self._refreshing: asyncio.Task[list[ModelEntry]] | None = None
 
     async def _fleet_models(self, force: bool) -> list[ModelEntry]:
+        """The cached listing; past its `ttl` it is still served while a refresh runs behind it (a
+        node asleep or unreachable costs the client nothing). Only the first listing, and a forced
+        refresh for a name nobody knows, wait for the nodes."""
         age = time.monotonic() - self._fetched_at
         if age < (self._min_refresh if force else self._ttl):
             return self._cached
-        if self._refreshing is None:
+        if self._refreshing is None or self._refreshing.done():
             self._refreshing = asyncio.create_task(self._fetch())
-        try:
-            return await asyncio.shield(self._refreshing)
-        finally:
-            if self._refreshing is not None and self._refreshing.done():
-                self._refreshing = None
+        if not force and self._fetched_at > float("-inf"):
+            return self._cached
+        return await asyncio.shield(self._refreshing)
 
     async def _fetch(self) -> list[ModelEntry]:
         try:
@@ -119,6 +123,14 @@ class ModelCatalog:
 
     async def public_models(self) -> list[PublicModel]:
         return public_models(await self.entries())
+
+    async def close(self) -> None:
+        """Stop a background refresh (the queen is exiting)."""
+        task, self._refreshing = self._refreshing, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
 
     async def resolve(self, requested: str) -> Target:
         entries = await self.entries()

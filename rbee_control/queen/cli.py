@@ -239,6 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--cold-start-timeout", type=float, default=600.0, help="longest wait for a new worker, s"
     )
     parser.add_argument("--health-interval", type=float, default=15.0, help="seconds between worker probes")
+    parser.add_argument(
+        "--sse-keepalive",
+        type=float,
+        default=10.0,
+        help="seconds between ': ping' comments on a stream still waiting for a worker (default 10)",
+    )
+    parser.add_argument(
+        "--catalog-ttl",
+        type=float,
+        default=30.0,
+        help="seconds the model listing is served before it is refreshed in the background (default 30)",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument(
         "--log-format", default="text", choices=["text", "json"], help="json: one object a line"
@@ -251,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.queue_limit < 1 or args.queue_timeout <= 0 or args.cold_start_timeout <= 0:
         print("queen-rbee: queue limit and timeouts must be positive", file=sys.stderr)
         return 2
+    if args.sse_keepalive <= 0 or args.catalog_ttl < 0:
+        print("queen-rbee: --sse-keepalive must be positive and --catalog-ttl not negative", file=sys.stderr)
+        return 2
     try:
         access = access_options(args)
     except ValueError as exc:
@@ -259,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = QueenSettings(
         router=RouterSettings(args.queue_limit, args.queue_timeout, args.cold_start_timeout),
         health_interval=args.health_interval,
+        sse_keepalive=args.sse_keepalive,
+        catalog_ttl=args.catalog_ttl,
     )
     options = QueenOptions(
         inventory=args.inventory,

@@ -7,11 +7,11 @@ to guess, and every route (OpenAI, native, registration) renders errors here.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from starlette.responses import JSONResponse
 
+from rbee_worker.protocol import jsontext
 from rbee_worker.protocol.errors import RbeeError
 
 _TYPES = {
@@ -51,4 +51,4 @@ def error_response(error: RbeeError, headers: dict[str, str] | None = None) -> J
 
 def sse_error(error: RbeeError) -> bytes:
     """An in-stream error for OpenAI streams: `data: {"error": {...}}` (the SDK raises on it)."""
-    return f"data: {json.dumps(queen_error_body(error), ensure_ascii=False)}\n\n".encode()
+    return b"data: " + jsontext.dumps_bytes(queen_error_body(error)) + b"\n\n"

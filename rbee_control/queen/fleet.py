@@ -66,8 +66,9 @@ class Fleet(Protocol):
         """Every model the fleet could serve (loaded or not)."""
         ...
 
-    async def spawn(self, model: str, node: str) -> WorkerEntry:
-        """Start a worker for `model` on `node` and return it once it answers `/v1/ready`."""
+    async def spawn(self, model: str, node: str, *, embedding: bool = False) -> WorkerEntry:
+        """Start a worker for `model` on `node` (one for embeddings with `embedding`); return it once
+        it answers `/v1/ready`. The router passes `embedding` only when it is true."""
         ...
 
     async def stop_worker(self, entry: WorkerEntry) -> None:
@@ -85,7 +86,7 @@ class StaticFleet:
     async def list_models(self) -> list[ModelEntry]:
         return []
 
-    async def spawn(self, model: str, node: str) -> WorkerEntry:
+    async def spawn(self, model: str, node: str, *, embedding: bool = False) -> WorkerEntry:
         raise RbeeError(
             ErrorCode.WORKER_NOT_FOUND,
             f"no worker serves {model!r} and this queen has no inventory to start one",

@@ -21,6 +21,7 @@ from rbee_worker.protocol.request import InferenceRequest
 
 from .catalog import Target
 from .openai_api import OpenAIRequest
+from .recent import RecentSeen
 from .relay import Upstream
 from .state import QueenState
 
@@ -39,21 +40,40 @@ class RequestRecord:
     first_token: bool = False
     #: `perf_counter()` when a worker's stream committed: what came before was queueing or a cold start.
     committed: float = 0.0
+    #: for the recent-requests ring: which worker ran it, its decode time, the first token's delay
+    worker: str = "-"
+    decode_ms: float = 0.0
+    ttft: float | None = None
+    error_code: str | None = None
 
     def token(self) -> None:
         if not self.first_token:
             self.first_token = True
-            self.state.metrics.ttft.labels(self.model, self.node).observe(time.perf_counter() - self.started)
+            self.ttft = time.perf_counter() - self.started
+            self.state.metrics.ttft.labels(self.model, self.node).observe(self.ttft)
 
     def error(self, code: str) -> None:
         self.outcome = "error"
+        self.error_code = code
         self.state.metrics.errors.labels(code).inc()
+
+    def finished(self, upstream: Upstream, finished: Finished) -> None:
+        self.worker = upstream.worker.id
+        self.tokens = finished.tokens_out
+        self.decode_ms = finished.decode_ms
 
     def commit(self) -> None:
         metrics = self.state.metrics
         metrics.requests.labels(self.route, self.model, self.node, self.outcome).inc()
         if self.tokens:
             metrics.tokens.labels(self.model, self.node).inc(self.tokens)
+        seen = RecentSeen(self.tokens, self.decode_ms, self.ttft, self.error_code)
+        recent = self.state.recent
+        recent.add(
+            seen.request(
+                recent.next_seq(), self.route, self.model, self.node, self.worker, self.outcome, self.started
+            )
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +120,7 @@ def _event_error(data: dict[str, Any]) -> RbeeError:
 async def outputs(upstream: Upstream, record: RequestRecord) -> AsyncIterator[list[Output]]:
     """One list per worker batch (each token its own piece), so a route writes once per network read."""
     count = 0
+    record.worker = upstream.worker.id
     async for batch in upstream.batches():
         out: list[Output] = []
         for _raw, event in batch:
@@ -109,7 +130,7 @@ async def outputs(upstream: Upstream, record: RequestRecord) -> AsyncIterator[li
                 out.append(event.data["t"])
             elif event.name == events.END:
                 finished = Finished.from_event(event.data, count)
-                record.tokens = finished.tokens_out
+                record.finished(upstream, finished)
                 if finished.stop_reason == events.STOP_CANCELLED:
                     record.error(ErrorCode.REQUEST_CANCELED)
                     out.append(cancelled_error())
@@ -133,7 +154,7 @@ async def collect(
     for attempt in range(2):
         attempt_id = request_id if attempt == 0 else f"{request_id}-{attempt}"
         upstream = await state.relay.open(target, infer, attempt_id)
-        record.node = upstream.worker.node
+        record.node, record.worker = upstream.worker.node, upstream.worker.id
         record.committed = time.perf_counter()
         parts: list[str] = []
         try:
@@ -145,7 +166,7 @@ async def collect(
                     finished = Finished.from_event(event.data, len(parts))
                     if finished.stop_reason == events.STOP_CANCELLED:
                         raise cancelled_error()
-                    record.tokens = finished.tokens_out
+                    record.finished(upstream, finished)
                     record.outcome = "ok"
                     return "".join(parts), finished
                 elif event.name == events.ERROR:

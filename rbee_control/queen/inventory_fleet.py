@@ -42,6 +42,8 @@ class NodeControl(Protocol):
 
     async def hive_stop(self) -> Any: ...
 
+    async def hive_status(self) -> dict[str, Any]: ...
+
     async def models_list(self, templates: bool = False) -> list[ModelInfo]: ...
 
     async def worker_spawn(self, req: SpawnRequest) -> WorkerInfo: ...
@@ -83,6 +85,8 @@ class InventoryFleet:
         self._hives_started: set[str] = set()
         self._hive_locks = {name: asyncio.Lock() for name in self._clients}
         self._hive_checked: set[str] = set()
+        #: each node's last successful listing, served while the node is asleep or unreachable
+        self._last_listing: dict[str, list[ModelEntry]] = {}
         #: what the queen verifies https workers with: the usual CAs plus each hive certificate read
         #: over SSH (a hive's certificate names the host in its workers' URLs)
         self.tls_context = ssl.create_default_context()
@@ -113,12 +117,33 @@ class InventoryFleet:
                 async with asyncio.timeout(self._list_timeout):
                     rows = await client.models_list(templates=True)
             except Exception as exc:
-                log.warning("node %s: listing models failed: %s", node, exc)
-                return []
-            return [model_entry(node, row) for row in rows]
+                known = self._last_listing.get(node, [])
+                kept = f"serving its last listing ({len(known)} models)" if known else "no listing known"
+                log.warning("node %s: listing models failed (%s); %s", node, exc, kept)
+                return known
+            listing = [model_entry(node, row) for row in rows]
+            self._last_listing[node] = listing
+            return listing
 
         listings = await asyncio.gather(*(one(n, c) for n, c in self._clients.items()))
         return [entry for listing in listings for entry in listing]
+
+    async def node_status(self) -> dict[str, dict[str, Any] | str]:
+        """Every node's `rbee-hive status` (devices, free memory, its hive's workers), asked at once;
+        for a node that fails or is slow, why, instead of its status."""
+
+        async def one(node: str, client: NodeControl) -> dict[str, Any] | str:
+            try:
+                async with asyncio.timeout(self._list_timeout):
+                    return await client.hive_status()
+            except TimeoutError:
+                return f"no answer within {self._list_timeout:g} s"
+            except Exception as exc:
+                return str(exc) or type(exc).__name__
+
+        names = list(self._clients)
+        results = await asyncio.gather(*(one(n, self._clients[n]) for n in names))
+        return dict(zip(names, results, strict=True))
 
     async def _ensure_hive(self, node: str, client: NodeControl) -> None:
         async with self._hive_locks[node]:
@@ -128,9 +153,9 @@ class InventoryFleet:
                 self._hives_started.add(node)
             self._hive_checked.add(node)
 
-    async def spawn(self, model: str, node: str) -> WorkerEntry:
+    async def spawn(self, model: str, node: str, *, embedding: bool = False) -> WorkerEntry:
         client = self._client(node)
-        req = SpawnRequest(model, wait=True)
+        req = SpawnRequest(model, wait=True, embedding=embedding)
         await self._ensure_hive(node, client)
         try:
             info = await client.worker_spawn(req)

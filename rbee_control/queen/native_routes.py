@@ -24,6 +24,7 @@ from rbee_worker.protocol.request import InferenceRequest
 
 from .access import ANONYMOUS
 from .fleet import ModelEntry, WorkerEntry
+from .recent import RecentSeen
 from .registration import check_model_name, check_name
 from .relay import Upstream
 from .responses import RelayResponse
@@ -84,6 +85,7 @@ async def register_worker(request: Request) -> Response:
         backend=reg.backend or ready.backend,
         device=reg.device if reg.device is not None else ready.device,
         vram_bytes=reg.vram_bytes if reg.vram_bytes is not None else ready.vram_bytes,
+        embedding=ready.embedding,
     )
     state.table.add(worker)
     return JSONResponse(worker.public().to_json(), status_code=201)
@@ -170,6 +172,7 @@ async def inference(request: Request) -> Response:
     state.running[request_id] = upstream
     state.owners[request_id] = principal
     outcome = {"value": "disconnected"}
+    seen = RecentSeen()
 
     async def relay() -> AsyncIterator[bytes]:
         first = True
@@ -177,17 +180,17 @@ async def inference(request: Request) -> Response:
             for _raw, event in batch:
                 if event.name == events.TOKEN and first:
                     first = False
-                    state.metrics.ttft.labels(target.model, upstream.worker.node).observe(
-                        time.perf_counter() - started
-                    )
+                    seen.ttft = time.perf_counter() - started
+                    state.metrics.ttft.labels(target.model, upstream.worker.node).observe(seen.ttft)
                 elif event.name == events.END:
                     outcome["value"] = "ok"
-                    state.metrics.tokens.labels(target.model, upstream.worker.node).inc(
-                        event.data.get("tokens_out", 0)
-                    )
+                    seen.tokens = int(event.data.get("tokens_out", 0))
+                    seen.decode_ms = float(event.data.get("decode_ms", 0.0))
+                    state.metrics.tokens.labels(target.model, upstream.worker.node).inc(seen.tokens)
                 elif event.name == events.ERROR:
                     outcome["value"] = "error"
-                    state.metrics.errors.labels(str(event.data.get("code"))).inc()
+                    seen.error = str(event.data.get("code"))
+                    state.metrics.errors.labels(seen.error).inc()
             yield b"".join(raw for raw, _event in batch)
         yield events.encode_done()
 
@@ -195,6 +198,17 @@ async def inference(request: Request) -> Response:
         state.running.pop(request_id, None)
         state.owners.pop(request_id, None)
         state.metrics.requests.labels("inference", target.model, upstream.worker.node, outcome["value"]).inc()
+        state.recent.add(
+            seen.request(
+                state.recent.next_seq(),
+                "inference",
+                target.model,
+                upstream.worker.node,
+                upstream.worker.id,
+                outcome["value"],
+                started,
+            )
+        )
 
     headers = {"X-Request-ID": request_id}
     if correlation is not None:

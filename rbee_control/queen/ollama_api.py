@@ -15,12 +15,11 @@ request. Option names Ollama does not know are ignored, as Ollama does.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from rbee_worker.protocol import events
+from rbee_worker.protocol import events, jsontext
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
 from .openai_api import OpenAIRequest, parse_request
@@ -248,10 +247,7 @@ def ndjson(obj: dict[str, Any]) -> bytes:
     which `str.splitlines` (and so httpx's `iter_lines`, which the Ollama client
     reads with) treats as line ends.
     """
-    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-    if "\u2028" in text or "\u2029" in text or "\x85" in text:
-        text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
-    return text.encode() + b"\n"
+    return jsontext.dumps_bytes(obj) + b"\n"
 
 
 def done_reason(stop_reason: str) -> str:

@@ -23,7 +23,7 @@ from rbee_control import __version__
 from rbee_worker.app.body import read_json
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
-from . import ollama_models
+from . import embeddings, ollama_models
 from .catalog import Target
 from .fleet import ModelEntry
 from .generation import Finished, RequestRecord, collect, outputs, worker_request
@@ -195,15 +195,13 @@ async def show(request: Request) -> Response:
 
 @ollama_errors
 async def embed(request: Request) -> Response:
-    """An unknown model is 404 as everywhere; a known one is 501: the queen does not route embeddings."""
+    """`/api/embed` and the older `/api/embeddings`: routed to embedding workers like `/v1/embeddings`."""
     state = _state(request)
-    await _resolve(state, parse_model(await read_json(request)))
-    raise RbeeError(
-        ErrorCode.INVALID_REQUEST,
-        "embeddings are not served: they need a worker started for embeddings (llama.cpp pooling), "
-        "and this queen routes text generation only",
-        status=501,
-    )
+    body = await read_json(request)
+    name = parse_model(body)
+    legacy = request.url.path.endswith("/embeddings")
+    req = embeddings.ollama_request(body, legacy)  # a bad body is a 400 whatever the model
+    return await embeddings.ollama_embed(request, state, await _resolve(state, name), name, req, legacy)
 
 
 @ollama_errors

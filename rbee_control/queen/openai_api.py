@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from rbee_worker.protocol import events
+from rbee_worker.protocol import events, jsontext
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from rbee_worker.protocol.request import InferenceRequest
 
@@ -117,7 +117,7 @@ def finish_reason(stop_reason: str) -> str:
 
 
 def _data(obj: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + jsontext.dumps_bytes(obj) + b"\n\n"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -163,7 +163,7 @@ class Shapes:
         return _data(self._chunk({"delta": {"role": "assistant", "content": ""}, "finish_reason": None}))
 
     def text_chunk(self, text: str) -> bytes:
-        return self._text_prefix + json.dumps(text, ensure_ascii=False).encode() + self._text_suffix
+        return self._text_prefix + jsontext.dumps_bytes(text) + self._text_suffix
 
     def _text_chunk_object(self, text: str) -> bytes:
         if self.kind == "chat":

@@ -1,7 +1,8 @@
-"""`GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`."""
+"""`GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/chat/completions`, `POST /v1/completions`."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ from rbee_worker.protocol import events
 from rbee_worker.protocol.errors import RbeeError
 from rbee_worker.protocol.request import InferenceRequest
 
+from . import keepalive
 from .catalog import Target
 from .errors import sse_error
 from .generation import Finished, RequestRecord, collect, outputs, worker_request
@@ -35,6 +37,19 @@ async def list_models(request: Request) -> Response:
     created = int(state.started_at)
     data = [{"id": m.id, "object": "model", "created": created, "owned_by": m.owned_by} for m in models]
     return JSONResponse({"object": "list", "data": data})
+
+
+async def retrieve_model(request: Request) -> Response:
+    """`GET /v1/models/{id}`: a listed id, or any name a request may use (`node/name` pins);
+    an unknown one is 404 in OpenAI's error shape (`param: model`)."""
+    state = _state(request)
+    model_id = request.path_params["model_id"]
+    models = await state.catalog.public_models()
+    found = next((m for m in models if m.id == model_id), None)
+    owned_by = found.owned_by if found else (await state.catalog.resolve(model_id)).entry.node
+    return JSONResponse(
+        {"id": model_id, "object": "model", "created": int(state.started_at), "owned_by": owned_by}
+    )
 
 
 async def chat_completions(request: Request) -> Response:
@@ -66,11 +81,24 @@ async def _complete(request: Request, kind: Kind) -> Response:
                 return Response(status_code=499)
             record.commit()
             return JSONResponse(body, headers=headers)
-        upstream = await state.relay.open(target, infer, request_id)
+        opening = asyncio.ensure_future(state.relay.open(target, infer, request_id))
+        upstream = await keepalive.first_wait(opening, state.settings.sse_keepalive)
     except RbeeError as exc:
         record.error(exc.code)
         record.commit()
         raise
+    if upstream is None:  # still queued or cold-starting: answer now, ping until the worker commits
+
+        def relay_body(upstream: Upstream) -> AsyncIterator[bytes]:
+            record.node = upstream.worker.node
+            return _stream(upstream, shapes, record)
+
+        def failed(error: RbeeError) -> bytes:
+            record.error(error.code)
+            return sse_error(error) + events.encode_done()
+
+        interval = state.settings.sse_keepalive
+        return keepalive.WaitingResponse(opening, interval, relay_body, failed, record.commit, headers)
     record.node = upstream.worker.node
     return RelayResponse(_stream(upstream, shapes, record), upstream, record.commit, headers)
 

@@ -67,7 +67,11 @@ class _Waiter:
 
 
 def _serves(worker: RoutedWorker, target: Target) -> bool:
-    return worker.model == target.model and (target.node is None or worker.node == target.node)
+    return (
+        worker.model == target.model
+        and (target.node is None or worker.node == target.node)
+        and worker.embedding == target.embedding
+    )
 
 
 def busy_error(target: Target, why: str) -> RbeeError:
@@ -88,8 +92,9 @@ class Router:
         self.settings = settings
         self._waiters: deque[_Waiter] = deque()
         self._cold_waiting: dict[str, int] = {}
-        self._spawning: dict[tuple[str, str], asyncio.Task[RoutedWorker]] = {}
-        self._spawn_failed: dict[tuple[str, str], tuple[float, RbeeError]] = {}
+        #: cold starts by (model, node, embedding)
+        self._spawning: dict[tuple[str, str, bool], asyncio.Task[RoutedWorker]] = {}
+        self._spawn_failed: dict[tuple[str, str, bool], tuple[float, RbeeError]] = {}
         table.listener = self
 
     # --- acquiring -----------------------------------------------------------
@@ -217,7 +222,7 @@ class Router:
         return min(target.nodes, key=lambda n: load[n])
 
     async def _cold_start(self, target: Target) -> None:
-        key = (target.model, self._pick_node(target))
+        key = (target.model, self._pick_node(target), target.embedding)
         failed = self._spawn_failed.get(key)
         if failed is not None and time.monotonic() - failed[0] < SPAWN_FAILURE_MEMORY:
             raise failed[1]
@@ -245,11 +250,14 @@ class Router:
             self._cold_waiting[target.model] -= 1
             self._update_depth(target.model)
 
-    async def _spawn(self, model: str, node: str) -> RoutedWorker:
+    async def _spawn(self, model: str, node: str, embedding: bool = False) -> RoutedWorker:
         started = time.monotonic()
-        log.info("cold start: %s on %s", model, node)
+        log.info("cold start: %s on %s%s", model, node, " for embeddings" if embedding else "")
         try:
-            entry = await self.fleet.spawn(model, node)
+            if embedding:
+                entry = await self.fleet.spawn(model, node, embedding=True)
+            else:
+                entry = await self.fleet.spawn(model, node)
             try:
                 ready = await self.table.check(entry)
             except RbeeError:
@@ -265,12 +273,12 @@ class Router:
                     f"starting {model} on {node} failed: {type(exc).__name__}: {exc}",
                 )
             )
-            self._spawn_failed[(model, node)] = (time.monotonic(), error)
+            self._spawn_failed[(model, node, embedding)] = (time.monotonic(), error)
             self.metrics.cold_starts.labels(model, node, "error").inc()
             log.error("cold start of %s on %s failed: %s", model, node, error.message)
             raise error from None
-        self._spawn_failed.pop((model, node), None)
-        worker = RoutedWorker(entry, slots=ready.slots or 1, owned=True)
+        self._spawn_failed.pop((model, node, embedding), None)
+        worker = RoutedWorker(entry, slots=ready.slots or 1, owned=True, embedding=ready.embedding)
         self.metrics.cold_starts.labels(model, node, "ok").inc()
         self.metrics.cold_start_seconds.labels(model).observe(time.monotonic() - started)
         self.table.add(worker)

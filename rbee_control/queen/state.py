@@ -9,7 +9,9 @@ import httpx
 from .access import HostPolicy
 from .catalog import ModelCatalog
 from .fleet import Fleet
+from .keepalive import DEFAULT_INTERVAL
 from .metrics import QueenMetrics
+from .recent import RecentRequests
 from .registration import RegistrationPolicy
 from .relay import Relay, RelaySettings, Upstream
 from .router import Router, RouterSettings
@@ -37,6 +39,9 @@ class QueenSettings:
     cors_origins: tuple[str, ...] = ()
     #: Which addresses registration may probe, and how many workers the table holds.
     registration: RegistrationPolicy = field(default_factory=RegistrationPolicy)
+    #: Seconds between `: ping` comments on an OpenAI stream still waiting for a worker (and the
+    #: silence before the first, after which the stream is answered and errors come in-stream).
+    sse_keepalive: float = DEFAULT_INTERVAL
 
 
 @dataclass(eq=False)
@@ -54,6 +59,8 @@ class QueenState:
     running: dict[str, Upstream] = field(default_factory=dict)
     #: Who started each running native request (`access.CLIENT`, `ADMIN`...): only they may cancel it.
     owners: dict[str, str] = field(default_factory=dict)
+    #: the last finished requests, for the dashboard
+    recent: RecentRequests = field(default_factory=RecentRequests)
 
     @classmethod
     def build(

@@ -47,6 +47,8 @@ class RoutedWorker:
     backend: str | None = None
     device: int | None = None
     vram_bytes: int | None = None
+    #: serves `/v1/embeddings`, not generation (its `/v1/ready` says)
+    embedding: bool = False
 
     @property
     def id(self) -> str:
@@ -87,6 +89,7 @@ class RoutedWorker:
             backend=self.backend,
             device=self.device,
             vram_bytes=self.vram_bytes,
+            embedding=self.embedding,
         )
 
 

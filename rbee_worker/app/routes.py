@@ -14,11 +14,13 @@ from starlette.routing import Route
 from ..protocol import events
 from ..protocol.errors import ErrorCode, RbeeError
 from ..protocol.request import InferenceRequest
+from . import embeddings
 from .body import read_json
 from .generation import Generation, GenerationStats
 from .metrics import CONTENT_TYPE_LATEST
-from .slots import RETRY_AFTER_SECONDS
+from .slots import Slot
 from .state import Phase, WorkerState
+from .state import check_serving as _check_serving
 
 access_log = logging.getLogger("rbee.access")
 
@@ -51,28 +53,11 @@ async def loading_progress(request: Request) -> Response:
     return StreamingResponse(stream(), media_type=events.SSE_MEDIA_TYPE, headers=events.SSE_HEADERS)
 
 
-def _check_serving(state: WorkerState) -> None:
-    if state.phase is Phase.READY:
-        return
-    if state.phase is Phase.LOADING:
-        raise RbeeError(
-            ErrorCode.MODEL_LOADING,
-            "model is still loading",
-            status=503,
-            details={"progress": state.progress, "retry_after": RETRY_AFTER_SECONDS},
-        )
-    if state.phase is Phase.DRAINING:
-        raise RbeeError(ErrorCode.WORKER_DRAINING, "worker is shutting down", status=503)
-    raise RbeeError(
-        ErrorCode.MODEL_LOAD_FAILED,
-        state.error.message if state.error else "model failed to load",
-        status=503,
-    )
-
-
 async def inference(request: Request) -> Response:
     state = _state(request)
     _check_serving(state)
+    if state.embedder is not None:
+        raise embeddings.generation_refused()
     infer = InferenceRequest.from_json(await read_json(request))
     if infer.messages is not None:
         assert state.chat is not None  # set before the worker is ready
@@ -92,10 +77,13 @@ async def inference(request: Request) -> Response:
 async def _stream(state: WorkerState, request_id: str, infer: InferenceRequest) -> AsyncIterator[bytes]:
     """Wait for a slot, stream one generation; the slot is released by its thread's end."""
     metrics = state.metrics
+    acquiring = asyncio.ensure_future(state.pool.acquire())
     try:
-        slot = await state.pool.acquire()
+        while not (await asyncio.wait({acquiring}, timeout=state.config.keepalive_s))[0]:
+            yield events.encode_comment()  # queued: a comment keeps proxies and read timeouts patient
+        slot = acquiring.result()
     except BaseException:
-        state.pool.unreserve()
+        _give_back(state, acquiring)
         raise
     metrics.queue_depth.set(state.pool.waiting)
     metrics.slots_busy.set(state.pool.busy)
@@ -156,6 +144,15 @@ def _access(state: WorkerState, request_id: str, stats: GenerationStats, status:
     )  # fmt: skip
 
 
+def _give_back(state: WorkerState, acquiring: asyncio.Future[Slot]) -> None:
+    """A queued request left: its slot goes back if it had just got one, else its place in the queue."""
+    if acquiring.done() and not acquiring.cancelled() and acquiring.exception() is None:
+        state.pool.release(acquiring.result())
+    else:
+        acquiring.cancel()
+        state.pool.unreserve()
+
+
 async def cancel_inference(request: Request) -> Response:
     state = _state(request)
     request_id = request.path_params["request_id"]
@@ -187,6 +184,7 @@ ROUTES = [
     Route("/v1/loading/progress", loading_progress, methods=["GET"]),
     Route("/v1/inference", inference, methods=["POST"]),
     Route("/v1/inference/{request_id}", cancel_inference, methods=["DELETE"]),
+    Route("/v1/embeddings", embeddings.embeddings, methods=["POST"]),
     Route("/v1/admin/shutdown", admin_shutdown, methods=["POST"]),
     Route("/metrics", metrics, methods=["GET"]),
 ]

@@ -32,6 +32,7 @@ from .routes import PUBLIC_PATHS, ROUTES
 from .state import Phase, WorkerConfig, WorkerState
 
 if TYPE_CHECKING:
+    from ..runtimes import Runtime
     from ..runtimes.llama_cpp_runtime import LlamaCppRuntime
 
 log = logging.getLogger("rbee.worker")
@@ -111,16 +112,19 @@ async def load_model(app: Starlette) -> None:
         )
         state.backend, state.device, state.gpu_layers = where.backend, where.device, where.n_gpu_layers
         offload = {"gpu_layers": where.n_gpu_layers, "main_gpu": where.main_gpu}  # llama-cpp only
-        await _load_slots(state, info, backend, ctx, threads, loop, offload)
+        if config.embedding:
+            await _load_embedder(state, backend, ctx, threads, loop, offload)
+        else:
+            await _load_slots(state, info, backend, ctx, threads, loop, offload)
         state.vram_bytes = await asyncio.to_thread(device_choice.vram_used, where)
         state.metrics.slots_total.set(config.slots)
         state.set_progress(1.0)
         state.set_phase(Phase.READY)
         log.info(
             "ready: %s on %s with %s on %s, %d layers offloaded, %d MB VRAM, %d slot(s), "
-            "%d-token context each",
+            "%d-token context each%s",
             info.name, state.url, backend, where.backend, where.n_gpu_layers, state.vram_bytes >> 20,
-            config.slots, ctx,
+            config.slots, ctx, ", embeddings" if config.embedding else "",
         )  # fmt: skip
     except RbeeError as exc:
         state.set_phase(Phase.FAILED, exc)
@@ -170,6 +174,44 @@ async def _load_slots(
             state.pool.add(runtime)
 
 
+async def _load_embedder(
+    state: WorkerState,
+    backend: str,
+    ctx: int,
+    threads: int,
+    loop: asyncio.AbstractEventLoop,
+    offload: dict[str, int],
+) -> None:
+    """`--embedding`: one pooling context, no generation engine; `slots` only bound concurrency."""
+    config = state.config
+    if backend != LLAMA_CPP:
+        raise RbeeError(
+            ErrorCode.BACKEND_NOT_AVAILABLE,
+            f"{backend} cannot compute embeddings; use --runtime llama-cpp",
+            status=422,
+            details={"backend": backend, "field": "runtime"},
+        )
+    from ..runtimes.llama_embedding import LlamaEmbeddingRuntime
+
+    def progress(fraction: float) -> None:
+        loop.call_soon_threadsafe(state.set_progress, fraction)
+
+    try:
+        runtime = await asyncio.to_thread(
+            LlamaEmbeddingRuntime, config.model_path, context_length=ctx, threads=threads,
+            progress=progress, pooling=config.pooling, **offload,
+        )  # fmt: skip
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise RbeeError(
+            ErrorCode.MODEL_LOAD_FAILED, f"{backend} could not load {config.model_path} for embeddings: {exc}"
+        ) from None
+    state.embedder = runtime
+    state.pool.own(cast("Runtime", runtime))
+    for _ in range(config.slots):
+        # Admission only: an embedding worker never hands a slot's runtime to a generation.
+        state.pool.add(cast("Runtime", runtime))
+
+
 async def _report(state: WorkerState) -> None:
     """Tell the hive (or whoever spawned us) the outcome of loading; never fatal."""
     config = state.config
@@ -186,6 +228,7 @@ async def _report(state: WorkerState) -> None:
         vram_bytes=state.vram_bytes,
         pid=os.getpid(),
         error=state.error,
+        embedding=state.config.embedding,
     ).to_json()
     transport = httpx.AsyncHTTPTransport(uds=config.callback_uds) if config.callback_uds else None
     try:

@@ -6,14 +6,21 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from ..chat import ChatRenderer
 from ..gguf_info import GGUFInfo
 from ..planning import GpuLayers
-from ..protocol.errors import RbeeError
+from ..protocol.errors import ErrorCode, RbeeError
 from .generation import Generation
 from .metrics import WorkerMetrics
-from .slots import SlotPool
+from .slots import RETRY_AFTER_SECONDS, SlotPool
+
+if TYPE_CHECKING:
+    from ..runtimes.llama_embedding import LlamaEmbeddingRuntime
+
+#: Seconds between SSE comments while a request waits for a slot (`--sse-keepalive`).
+DEFAULT_KEEPALIVE_S = 10.0
 
 
 class Phase(StrEnum):
@@ -50,6 +57,11 @@ class WorkerConfig:
     #: Seconds a client has to send a request head; then the connection is closed (slow clients).
     head_timeout_s: float = 10.0
     max_connections: int = 1024
+    #: serve `/v1/embeddings` (a pooling context) instead of generation
+    embedding: bool = False
+    #: embedding pooling: auto (the model's own, else mean) | mean | cls | last
+    pooling: str = "auto"
+    keepalive_s: float = DEFAULT_KEEPALIVE_S
 
 
 @dataclass(eq=False)
@@ -65,6 +77,7 @@ class WorkerState:
     gpu_layers: int = 0
     vram_bytes: int = 0
     chat: ChatRenderer | None = None
+    embedder: LlamaEmbeddingRuntime | None = None
     started_at: float = field(default_factory=time.time)
     pool: SlotPool = field(init=False)
     generations: dict[str, Generation] = field(default_factory=dict)
@@ -112,6 +125,30 @@ class WorkerState:
         }
         if self.chat is not None:
             body.update(self.chat.ready_fields())
+        body["embedding"] = self.config.embedding
+        if self.embedder is not None:
+            body["dimensions"] = self.embedder.dimensions
+            body["pooling"] = self.embedder.pooling
         if self.error is not None:
             body["error"] = self.error.body()["error"]
         return body
+
+
+def check_serving(state: WorkerState) -> None:
+    """Refuse work unless loaded: 503 while loading (with progress), draining, or after a failed load."""
+    if state.phase is Phase.READY:
+        return
+    if state.phase is Phase.LOADING:
+        raise RbeeError(
+            ErrorCode.MODEL_LOADING,
+            "model is still loading",
+            status=503,
+            details={"progress": state.progress, "retry_after": RETRY_AFTER_SECONDS},
+        )
+    if state.phase is Phase.DRAINING:
+        raise RbeeError(ErrorCode.WORKER_DRAINING, "worker is shutting down", status=503)
+    raise RbeeError(
+        ErrorCode.MODEL_LOAD_FAILED,
+        state.error.message if state.error else "model failed to load",
+        status=503,
+    )

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from .embeddings import EmbeddingRequest
 from .errors import RbeeError
 from .events import Batch, Event, iter_event_batches
 from .request import InferenceRequest
@@ -81,6 +82,8 @@ class WorkerReady:
     vram_bytes: int | None = None
     chat: bool | None = None
     error: RbeeError | None = field(default=None, compare=False)
+    #: it serves `/v1/embeddings` and nothing else
+    embedding: bool = False
 
     @property
     def ok(self) -> bool:
@@ -112,6 +115,7 @@ class WorkerReady:
             vram_bytes=typed("vram_bytes", int),
             chat=chat if isinstance(chat, bool) else None,
             error=RbeeError.from_body({"error": error}, http_status) if isinstance(error, dict) else None,
+            embedding=body.get("embedding") is True,
         )
 
 
@@ -205,6 +209,26 @@ class WorkerClient:
             raise error_from_response(response.status_code, content)
         minted = response.headers.get("x-request-id", "")
         return InferenceStream(response, minted or correlation_id or "", correlation_id)
+
+    async def embeddings(
+        self, request: EmbeddingRequest, correlation_id: str | None = None, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """`POST /v1/embeddings`: OpenAI's answer as the worker wrote it, or its refusal as `RbeeError`."""
+        headers = dict(self._auth)
+        if correlation_id is not None:
+            headers["X-Request-ID"] = check_request_id(correlation_id)
+        response = await self.http.post(
+            f"{self.url}/v1/embeddings",
+            json=request.to_json(),
+            headers=headers,
+            timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+        )
+        if response.status_code != 200:
+            raise error_from_response(response.status_code, response.content)
+        body = response.json()
+        if not isinstance(body, dict) or not isinstance(body.get("data"), list):
+            raise error_from_response(502, response.content)
+        return body
 
     async def cancel(self, request_id: str, timeout: float | None = 2.0) -> bool:
         """`DELETE /v1/inference/{id}`: true when the worker stopped it (its stream ends `cancelled`)."""

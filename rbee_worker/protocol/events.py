@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from .jsontext import dumps
+
 STARTED = "started"
 TOKEN = "token"
 END = "end"
@@ -36,7 +38,12 @@ class Event:
 
 
 def encode_event(name: str, data: dict[str, Any]) -> bytes:
-    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
+    return f"event: {name}\ndata: {dumps(data)}\n\n".encode()
+
+
+def encode_comment(text: str = "ping") -> bytes:
+    """An SSE comment: clients ignore it, proxies and read timeouts see a live stream."""
+    return f": {text}\n\n".encode()
 
 
 def encode_done() -> bytes:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import ErrorCode, RbeeError
-from .wire import invalid, opt_int, opt_str, reject_unknown, req_str, require_object
+from .wire import invalid, opt_bool, opt_int, opt_str, reject_unknown, req_str, require_object
 
 WORKER_STATES = ("loading", "idle", "busy", "draining")
 WORKER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -77,6 +77,8 @@ class WorkerInfo:
     last_activity: float | None = None
     idle_seconds: float = 0.0
     failed_probes: int = 0
+    #: serves embeddings, not generation
+    embedding: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -217,6 +219,8 @@ class ReadyReport:
     vram_bytes: int | None = None
     pid: int | None = None
     error: RbeeError | None = field(default=None, compare=False)
+    #: it serves `/v1/embeddings` (spawned with `--embedding`), not generation
+    embedding: bool = False
 
     @property
     def ready(self) -> bool:
@@ -248,4 +252,5 @@ class ReadyReport:
             vram_bytes=opt_int(body, "vram_bytes", 0),
             pid=opt_int(body, "pid", 1),
             error=RbeeError.from_body({"error": error}) if error is not None else None,
+            embedding=opt_bool(body, "embedding"),
         )

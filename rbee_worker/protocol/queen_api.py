@@ -95,6 +95,7 @@ class QueenWorker:
     backend: str | None = None
     device: int | None = None
     vram_bytes: int | None = None
+    embedding: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

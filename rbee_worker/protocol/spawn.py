@@ -67,6 +67,8 @@ class SpawnRequest:
     #: answer once the model is loaded (or failed), at most `timeout` seconds (default: the hive's)
     wait: bool = False
     timeout: float | None = None
+    #: a worker for `/v1/embeddings` (llama.cpp pooling) instead of generation
+    embedding: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -85,11 +87,16 @@ class SpawnRequest:
         for name, value, minimum in checks:
             if value is not None and value < minimum:
                 raise invalid(name, f"expected >= {minimum}, got {value!r}")
+        if self.embedding and self.runtime == "ctransformers":
+            raise invalid("runtime", "ctransformers cannot compute embeddings; use llama-cpp")
 
     # --- JSON: the hive API body ------------------------------------------------
 
     def to_json(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        body = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        if not self.embedding:  # a hive that predates embeddings takes the body unchanged
+            body.pop("embedding")
+        return body
 
     @classmethod
     def from_json(cls, body: Any) -> SpawnRequest:
@@ -102,6 +109,9 @@ class SpawnRequest:
         wait = body.get("wait", False)
         if not isinstance(wait, bool):
             raise invalid("wait", "expected true or false")
+        embedding = body.get("embedding", False)
+        if not isinstance(embedding, bool):
+            raise invalid("embedding", "expected true or false")
         model = opt_str(body, "model")
         if model is None:
             raise invalid("model", "required: a catalog name")
@@ -118,6 +128,7 @@ class SpawnRequest:
             idle_timeout=opt_float(body, "idle_timeout", 0),
             wait=wait,
             timeout=opt_float(body, "timeout", 0),
+            embedding=embedding,
         )
 
     # --- flags: the keeper's and the hive's command lines -------------------------
@@ -140,6 +151,8 @@ class SpawnRequest:
                 ]
         if self.wait:
             argv.append("--wait")
+        if self.embedding:
+            argv.append("--embedding")
         return argv
 
     @classmethod
@@ -152,7 +165,9 @@ class SpawnRequest:
         return cls(**{k: v for k, v in values.items() if v is not None})
 
 
-def add_spawn_arguments(parser: argparse.ArgumentParser, *, model: bool = True, wait: bool = True) -> None:
+def add_spawn_arguments(
+    parser: argparse.ArgumentParser, *, model: bool = True, wait: bool = True, embedding: bool = True
+) -> None:
     """The spawn flags, defined once for every command line that starts a worker."""
     if model:
         parser.add_argument("--model", required=True, help="a catalog name on the node")
@@ -176,6 +191,12 @@ def add_spawn_arguments(parser: argparse.ArgumentParser, *, model: bool = True, 
     parser.add_argument(
         "--idle-timeout", type=float, help="seconds idle before it is stopped (default: hive's)"
     )
+    if embedding:
+        parser.add_argument(
+            "--embedding",
+            action="store_true",
+            help="serve embeddings (POST /v1/embeddings, llama.cpp pooling) instead of text generation",
+        )
     if wait:
         parser.add_argument("--wait", action="store_true", help="return when the model is loaded (or failed)")
         parser.add_argument("--timeout", type=float, help="seconds to wait for --wait (default: hive's)")

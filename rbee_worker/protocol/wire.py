@@ -62,3 +62,12 @@ def opt_float(body: dict[str, Any], name: str, minimum: float | None = None) -> 
     if minimum is not None and value < minimum:
         raise invalid(name, f"expected >= {minimum:g}, got {value}")
     return float(value)
+
+
+def opt_bool(body: dict[str, Any], name: str, default: bool = False) -> bool:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise invalid(name, "expected true or false")
+    return value

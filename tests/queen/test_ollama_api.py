@@ -159,7 +159,7 @@ async def test_bad_input_is_a_clear_error_and_the_worker_is_unharmed(registered:
         ),
         (api.chat(model="alpha", messages=[{"role": "wizard", "content": "x"}]), 400, "role"),
         (api.generate(model="alpha", prompt="x", suffix="y"), 400, "suffix"),
-        (api.embed(model="alpha", input="x"), 501, "embeddings"),
+        (api.embed(model="alpha", input="x"), 400, "text generation only"),
         (api.embed(model="nope", input="x"), 404, "nope"),
         (api.pull("alpha"), 501, "rbee-keeper"),
     ]

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from rbee_worker.protocol.embeddings import EmbeddingRequest, decode_vector, encode_vector
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from rbee_worker.protocol.hive_api import ModelInfo, ReadyReport, WorkerInfo
 from rbee_worker.protocol.queen_api import WorkerRegistration
@@ -136,3 +137,40 @@ def test_registration_takes_the_seeds_names_and_normalises_the_url() -> None:
 )
 def test_registration_refuses_bad_fields_by_name(body: dict[str, Any], field: str) -> None:
     assert _field_error(lambda: WorkerRegistration.from_json(body)) == field
+
+
+def test_embedding_travels_in_every_spawn_form_and_the_ready_report() -> None:
+    req = SpawnRequest("tiny", embedding=True, wait=True)
+    assert SpawnRequest.from_json(req.to_json()) == req
+    assert "embedding" not in SpawnRequest("tiny").to_json()  # an older hive takes the body unchanged
+    parser = argparse.ArgumentParser()
+    add_spawn_arguments(parser)
+    assert "--embedding" in req.to_argv()
+    assert SpawnRequest.from_args(parser.parse_args(req.to_argv())) == req
+    assert _field_error(lambda: SpawnRequest.from_json({"model": "tiny", "embedding": "yes"})) == "embedding"
+    both = {"model": "tiny", "embedding": True, "runtime": "ctransformers"}
+    assert _field_error(lambda: SpawnRequest.from_json(both)) == "runtime"
+    no_flag = argparse.ArgumentParser()
+    add_spawn_arguments(no_flag, model=False, wait=False, embedding=False)
+    assert not hasattr(no_flag.parse_args([]), "embedding")
+    ready = ReadyReport("w1", "ready", embedding=True)
+    assert ReadyReport.from_json(ready.to_json()).embedding is True
+    assert ReadyReport.from_json({"worker_id": "w1", "state": "ready"}).embedding is False
+    body = {"worker_id": "w", "state": "ready", "embedding": 1}
+    assert _field_error(lambda: ReadyReport.from_json(body)) == "embedding"
+
+
+def test_embedding_requests_parse_once_for_worker_and_queen() -> None:
+    req = EmbeddingRequest.from_json({"input": "a", "model": "m", "encoding_format": "base64"})
+    assert req.input == ("a",) and EmbeddingRequest.from_json(req.to_json()) == req
+    assert decode_vector(encode_vector([0.5, -1.0], "base64")) == [0.5, -1.0]
+    assert encode_vector([0.5], "float") == [0.5]
+    for body, field in [
+        ({"input": None}, "input"),
+        ({"input": [True]}, "input"),
+        ({"input": "x", "dimensions": 0}, "dimensions"),
+        ({"input": "x", "user": 3}, "user"),
+        ({"input": "x", "model": ""}, "model"),
+        ([], "body"),
+    ]:
+        assert _field_error(lambda body=body: EmbeddingRequest.from_json(body)) == field
