@@ -352,6 +352,8 @@ def test_idle_shutdown_then_fresh_spawn(tmp_path: Path, tiny_model: Path) -> Non
             "tiny",
             "--prompt",
             "hi",
+            "--max-tokens",
+            "20",
             json_mode=True,
         )
         assert first.rc == 0, first
