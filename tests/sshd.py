@@ -206,6 +206,8 @@ def _sshd_config(node: SshdNode, host_key: Path, authorized: Path, skip_bashrc: 
             "PrintMotd no",
             "PrintLastLog no",
             "MaxSessions 10",
+            # the keeper reads each hive's socket over a streamlocal channel (the OpenSSH default)
+            "AllowStreamLocalForwarding yes",
             "MaxStartups 50:30:100",
             "LogLevel ERROR",
             *(_SKIP_BASHRC if skip_bashrc else []),

@@ -23,6 +23,8 @@ from .common import (
     log,
 )
 from .part_download import part_download
+from .part_fanout import TITLE as FANOUT_TITLE
+from .part_fanout import part_fanout
 from .part_infer import part_infer
 from .part_llama import part_llama
 from .part_relay import part_relay
@@ -31,7 +33,7 @@ from .part_status import part_status
 from .part_worker import part_worker
 from .render import handoff_probe, machine_line, render
 
-PARTS = ("worker", "llama", "relay", "infer", "status", "sftp", "download")
+PARTS = ("worker", "llama", "relay", "infer", "status", "sftp", "download", "fanout")
 
 
 RUNNERS: dict[str, Callable[[Context], Section]] = {
@@ -42,6 +44,7 @@ RUNNERS: dict[str, Callable[[Context], Section]] = {
     "status": part_status,
     "sftp": part_sftp,
     "download": part_download,
+    "fanout": part_fanout,
 }
 TITLES = {
     "worker": "1. Worker SSE vs the runtime in process",
@@ -51,6 +54,7 @@ TITLES = {
     "status": "5. `rbee-keeper status` fan-out over 1/2/4/8 sshd nodes",
     "sftp": "6. SFTP push vs `scp`",
     "download": "7. Hive download vs `curl`",
+    "fanout": FANOUT_TITLE,
 }
 
 

@@ -1,6 +1,8 @@
 """The hive's HTTP API, served only on its Unix socket (mode 0600: the owner is the auth).
 
 GET  /v1/health              HiveHealth
+GET  /v1/status              what `rbee-hive status` prints for a running hive (one round trip)
+GET  /v1/models              {models: [ModelInfo]} from the catalog; `?templates=1` adds chat templates
 POST /v1/workers/spawn       SpawnRequest → WorkerInfo
 POST /v1/workers/ready       ReadyReport, the callback of a worker once loaded or failed
 GET  /v1/workers/list        {workers: [WorkerInfo]}
@@ -13,6 +15,7 @@ there once; the handlers below see typed objects only.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Callable
@@ -29,7 +32,9 @@ from rbee_worker.protocol.hive_api import HiveHealth, HiveShutdown, ReadyReport,
 from rbee_worker.protocol.spawn import SpawnRequest
 
 from . import API_VERSION, __version__
+from .models import list_models
 from .paths import check_worker_id
+from .status import running_status
 from .supervisor import Supervisor
 
 
@@ -53,6 +58,17 @@ def create_app(supervisor: Supervisor, request_exit: Callable[[], None]) -> Star
     async def health(request: Request) -> JSONResponse:
         health = HiveHealth("alive", __version__, API_VERSION, os.getpid(), len(supervisor.registry))
         return JSONResponse(health.to_json())
+
+    async def status(request: Request) -> JSONResponse:
+        workers = [w.info().to_json() for w in supervisor.registry.list()]
+        # node facts read /proc, the catalog and maybe nvidia-smi: off the event loop
+        info = await asyncio.to_thread(running_status, supervisor.paths, os.getpid(), workers)
+        return JSONResponse(info)
+
+    async def models(request: Request) -> JSONResponse:
+        templates = request.query_params.get("templates") in ("1", "true")
+        rows = await asyncio.to_thread(list_models, supervisor.paths)
+        return JSONResponse({"models": [r.to_json(with_template=templates) for r in rows]})
 
     async def spawn_worker(request: Request) -> JSONResponse:
         worker = await supervisor.spawn(SpawnRequest.from_json(await _json(request)))
@@ -92,6 +108,8 @@ def create_app(supervisor: Supervisor, request_exit: Callable[[], None]) -> Star
     return Starlette(
         routes=[
             Route("/v1/health", health, methods=["GET"]),
+            Route("/v1/status", status, methods=["GET"]),
+            Route("/v1/models", models, methods=["GET"]),
             Route("/v1/workers/spawn", spawn_worker, methods=["POST"]),
             Route("/v1/workers/ready", worker_ready, methods=["POST"]),
             Route("/v1/workers/list", list_workers, methods=["GET"]),

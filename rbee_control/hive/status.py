@@ -3,7 +3,9 @@
 The daemon's modules pull in uvicorn, the GGUF reader and numpy; a status call
 over SSH pays Python start-up on every node of a fan-out, so it stays on this
 short path: the pid file, the catalog, a few system facts and, when the daemon
-runs, two requests over its Unix socket.
+runs, two requests over its Unix socket. The daemon serves the same answer itself
+(`GET /v1/status`), which the keeper reads over an SSH streamlocal channel without
+starting any process; this command is the path for a node whose daemon is not running.
 """
 
 from __future__ import annotations
@@ -72,9 +74,9 @@ async def hive_status(paths: HivePaths) -> dict[str, Any]:
         if exc.code == ErrorCode.HIVE_NOT_RUNNING:  # pid alive but socket silent: starting or wedged
             raise hive_not_running(paths) from None
         raise
-    return {
-        "running": True,
-        "workers": [w.to_json() for w in workers],
-        "node": node_facts(paths),
-        **base_info(paths, health.pid or pid),
-    }
+    return running_status(paths, health.pid or pid, [w.to_json() for w in workers])
+
+
+def running_status(paths: HivePaths, pid: int | None, workers: list[dict[str, Any]]) -> dict[str, Any]:
+    """A running hive's status: the same shape whether the CLI or the daemon answers."""
+    return {"running": True, "workers": workers, "node": node_facts(paths), **base_info(paths, pid)}

@@ -24,12 +24,13 @@ from rbee_control.inventory.model import (
 )
 from rbee_control.inventory.paths import default_inventory_path
 from rbee_control.inventory.suggest import did_you_mean
+from rbee_control.inventory.upstreams import UPSTREAM_KEYS, Upstream, check_models, check_name, check_url
 from rbee_control.inventory.yaml_source import located_error, parse_yaml, read_source
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
 Pos = tuple[int, int] | None
 
-TOP_KEYS = ("defaults", "nodes")
+TOP_KEYS = ("defaults", "nodes", "upstreams")
 DEFAULT_KEYS = ("ssh_user", "ssh_port", "ssh_key", "models_dir", "home", "python", "backends")
 NODE_KEYS = ("transport", "ssh", "address", "home", "python", "backends", "labels", "models_dir")
 SSH_KEYS = ("host", "port", "user", "key")
@@ -150,7 +151,36 @@ class _Checker:
                 self.fail(_value_pos(top, "nodes"), "nodes", "expected a mapping of node names to nodes")
             for name in raw_nodes:
                 nodes[name] = self.node(raw_nodes, name, defaults)
-        return Inventory(nodes=nodes, defaults=defaults, path=path)
+        upstreams: dict[str, Upstream] = {}
+        if top.get("upstreams") is not None:
+            upstreams = self.upstreams(top["upstreams"], _value_pos(top, "upstreams"), nodes)
+        return Inventory(nodes=nodes, defaults=defaults, path=path, upstreams=upstreams)
+
+    def upstreams(self, raw: Any, pos: Pos, nodes: Mapping[str, Node]) -> dict[str, Upstream]:
+        if not isinstance(raw, Mapping):
+            self.fail(pos, "upstreams", "expected a mapping of names to {url: http://host:port/v1}")
+        return {name: self.upstream(raw, name, nodes) for name in raw}
+
+    def upstream(self, raw: Mapping[str, Any], name: Any, nodes: Mapping[str, Node]) -> Upstream:
+        name_pos, dotted = _key_pos(raw, name), f"upstreams.{name}"
+        check_name(name, lambda message: self.fail(name_pos, "upstreams", message))
+        if name in nodes:  # `name/model` pins either a node or an upstream, never both
+            self.fail(name_pos, dotted, f"{name!r} is also a node's name; give the upstream another")
+        block = self.mapping(raw[name], dotted, _value_pos(raw, name), UPSTREAM_KEYS)
+        if "url" not in block:
+            self.fail(name_pos, dotted, "missing required key 'url' (like http://10.0.0.5:8000/v1)")
+        url_pos = _value_pos(block, "url")
+        text = self.string(block["url"], url_pos, f"{dotted}.url")
+        url = check_url(text, lambda message: self.fail(url_pos, f"{dotted}.url", message))
+        if "models" not in block:
+            return Upstream(name=name, url=url)
+        value, where = block["models"], _value_pos(block, "models")
+
+        def fail_at(index: int | None, message: str) -> None:
+            at = where if index is None else _item_pos(value, index, where)
+            self.fail(at, f"{dotted}.models" + ("" if index is None else f"[{index}]"), message)
+
+        return Upstream(name=name, url=url, models=check_models(value, fail_at))
 
     def defaults(self, raw: Any, pos: Pos) -> Defaults:
         block = self.mapping(raw, "defaults", pos, DEFAULT_KEYS)

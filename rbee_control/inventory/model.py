@@ -10,10 +10,13 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from rbee_control.inventory.suggest import did_you_mean
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
+
+if TYPE_CHECKING:
+    from rbee_control.inventory.upstreams import Upstream
 
 Transport = Literal["local", "ssh"]
 TRANSPORTS: tuple[Transport, ...] = ("local", "ssh")
@@ -88,11 +91,12 @@ class Node:
 
 @dataclass(frozen=True, slots=True)
 class Inventory:
-    """All nodes, in the order the file lists them."""
+    """All nodes, in the order the file lists them (and the external engines the queen routes to)."""
 
     nodes: Mapping[str, Node]
     defaults: Defaults = field(default_factory=Defaults)
     path: Path | None = None
+    upstreams: Mapping[str, Upstream] = field(default_factory=dict)
 
     def __iter__(self) -> Iterator[Node]:
         return iter(self.nodes.values())

@@ -67,6 +67,27 @@ class SecretStore:
         """The queen's admin-plane key (registration, the worker table), minted on first use."""
         return self._get_or_create(lambda data: data, "queen_admin_key")
 
+    def upstream_key(self, upstream: str) -> str | None:
+        """The API key an external engine (`upstreams:` in the inventory) wants, if it wants one."""
+        keys = self._read().get("upstream_keys", {})
+        if not isinstance(keys, dict):
+            raise self._error(f"secrets file {self.path}: upstream_keys must be an object of name → key")
+        key = keys.get(upstream)
+        return str(key) if key else None
+
+    def set_upstream_key(self, upstream: str, key: str | None) -> None:
+        """Store (or with None, remove) an upstream's key; the file stays 0600."""
+        with self._locked():
+            data = self._read()
+            keys = data.setdefault("upstream_keys", {})
+            if not isinstance(keys, dict):
+                raise self._error(f"secrets file {self.path}: upstream_keys must be an object of name → key")
+            if key:
+                keys[upstream] = key
+            else:
+                keys.pop(upstream, None)
+            self._write(data)
+
     def forget_node(self, node: str) -> bool:
         """Drop a removed node's token; True if there was one."""
         with self._locked():

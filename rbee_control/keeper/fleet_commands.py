@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from rbee_control.inventory.model import Inventory, Node
-from rbee_control.node.client import NodeClient
+from rbee_control.node.client import STATUS_TIMEOUT, NodeClient
 from rbee_control.ssh.transport import NodeTransport
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from rbee_worker.protocol.hive_api import DaemonInfo, WorkerInfo, check_worker_id
@@ -227,11 +227,14 @@ async def cmd_worker(args: argparse.Namespace, ctx: KeeperContext) -> int:
 
 async def cmd_status(args: argparse.Namespace, ctx: KeeperContext) -> int:
     inventory, display = ctx.inventory, ctx.display
-    outcomes = await fan_out(ctx, _targets(inventory, args), lambda c: c.hive_status(), timeout=60)
+    wait = args.timeout
+    outcomes = await fan_out(ctx, _targets(inventory, args), lambda c: c.hive_status(wait), timeout=60)
     rows = []
     for name, outcome in outcomes.items():
         if outcome.error is not None:
-            rows.append([name, f"[red]unreachable[/red] ({outcome.error.code})", "-", "-", "-", "-"])
+            silent = outcome.error.code == ErrorCode.REQUEST_TIMEOUT
+            why = f"no answer in {wait:g}s" if silent else f"unreachable ({outcome.error.code})"
+            rows.append([name, f"[red]{why}[/red]", "-", "-", "-", "-"])
             continue
         info = outcome.value or {}
         node_info = info.get("node", {})
@@ -252,6 +255,16 @@ async def _search(args: argparse.Namespace, ctx: KeeperContext) -> int:
     from .model_search import cmd_models_search
 
     return await cmd_models_search(args, ctx)
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"seconds must be more than 0 and at most 3600, not {text}")
+    return value
 
 
 def register(sub: Any) -> None:
@@ -297,4 +310,10 @@ def register(sub: Any) -> None:
 
     status = sub.add_parser("status", help="one table of every node: hive, workers, models")
     nodes(status)
+    status.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=STATUS_TIMEOUT,
+        help=f"seconds a running hive may take to answer before it shows as silent ({STATUS_TIMEOUT:g})",
+    )
     status.set_defaults(handler=cmd_status)

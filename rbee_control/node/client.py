@@ -1,8 +1,10 @@
-"""A handle on one node: `rbee-hive --json …` over its transport.
+"""A handle on one node: `rbee-hive --json …` over its transport, or its daemon's socket.
 
 Every method runs one node command, turns its `progress` events into callbacks
 and returns its one `result` (or raises its `error`), so the keeper and the queen
-drive a node the same way whether it is this machine or one across SSH.
+drive a node the same way whether it is this machine or one across SSH. Reads that
+a fleet fans out (status, the catalog, the worker list) ask a running daemon on its
+socket instead (`hive_socket`): one round trip, no process started on the node.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from rbee_control import __version__ as HIVE_VERSION
 from rbee_control.inventory.model import Node
+from rbee_control.node.hive_socket import hive_get
 from rbee_control.ssh.node_command import hive_command, node_env
 from rbee_control.ssh.transport import NodeTransport
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
@@ -29,8 +32,20 @@ ProgressCallback = Callable[[NodeEvent], None]
 #: Seconds a waited-for spawn may take when the request names no timeout.
 SPAWN_TIMEOUT = 300.0
 
+#: Seconds a node's daemon may take to answer status or its catalog before the node shows as silent.
+STATUS_TIMEOUT = 10.0
+
 #: Exit status of a shell that could not find or run the program.
 _NOT_INSTALLED = {126, 127}
+
+
+def no_answer(node: Node, timeout: float) -> RbeeError:
+    return RbeeError(
+        ErrorCode.REQUEST_TIMEOUT,
+        f"the hive on node {node.name} did not answer within {timeout:g}s",
+        details={"node": node.name, "timeout": timeout},
+        hint=f"rbee-keeper status --node {node.name} --timeout 60 (busy?), or its home's logs/hive.log",
+    )
 
 
 class NodeClient:
@@ -103,8 +118,30 @@ class NodeClient:
             )
         return info
 
-    async def hive_status(self) -> dict[str, Any]:
-        return await self.call("status", timeout=30)
+    async def hive_status(self, timeout: float = STATUS_TIMEOUT) -> dict[str, Any]:
+        """The daemon's own answer over its socket (one round trip); the `status` command if it is down.
+
+        Either way the answer has the same shape; `via` says which path gave it.
+        """
+        try:
+            info = await self.ask_hive("/v1/status", timeout)
+            return {**info, "via": "socket"}
+        except RbeeError as exc:
+            if exc.code != ErrorCode.HIVE_NOT_RUNNING:
+                raise
+        return {**await self.call("status", timeout=30), "via": "command"}
+
+    async def ask_hive(self, path: str, timeout: float = STATUS_TIMEOUT) -> Any:
+        """`GET path` on the hive daemon's socket (HIVE_NOT_RUNNING when nothing answers there).
+
+        `timeout` bounds the exchange, not the connection (which has its own connect timeout).
+        """
+        transport = await self.transport()
+        try:
+            async with asyncio.timeout(timeout):
+                return await hive_get(transport, path)
+        except TimeoutError:
+            raise no_answer(self.node, timeout) from None
 
     async def hive_stop(self) -> dict[str, Any]:
         return await self.call("stop", timeout=90)
@@ -116,8 +153,15 @@ class NodeClient:
     # --- models -----------------------------------------------------------------
 
     async def models_list(self, templates: bool = False) -> list[ModelInfo]:
-        args = ["models", "list", *(["--templates"] if templates else [])]
-        return [ModelInfo.from_json(row) for row in (await self.call(*args, timeout=30)).get("models", [])]
+        """The node's catalog: from the running daemon in one round trip, else by `models list`."""
+        try:
+            listing = await self.ask_hive("/v1/models?templates=1" if templates else "/v1/models")
+        except RbeeError as exc:
+            if exc.code != ErrorCode.HIVE_NOT_RUNNING:
+                raise
+            args = ["models", "list", *(["--templates"] if templates else [])]
+            listing = await self.call(*args, timeout=30)
+        return [ModelInfo.from_json(row) for row in listing.get("models", [])]
 
     async def models_add(
         self,
@@ -152,7 +196,12 @@ class NodeClient:
     async def worker_list(self) -> list[WorkerInfo]:
         """The hive's workers; a hive that is not running has none."""
         try:
-            listing = await self.call("worker", "list", timeout=30)
+            try:
+                listing = await self.ask_hive("/v1/workers/list")
+            except RbeeError as exc:
+                if exc.code != ErrorCode.HIVE_NOT_RUNNING:
+                    raise
+                listing = await self.call("worker", "list", timeout=30)
             return [WorkerInfo.from_json(w) for w in listing.get("workers", [])]
         except RbeeError as exc:
             if exc.code == ErrorCode.HIVE_NOT_RUNNING and "not installed" not in exc.message:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from rbee_control.inventory.upstreams import Upstream
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
 from . import dashboard, embeddings, native_routes, ollama_routes, openai_routes, ui_routes
@@ -29,6 +30,7 @@ from .errors import error_response
 from .fleet import Fleet
 from .metrics import CONTENT_TYPE_LATEST
 from .state import QueenSettings, QueenState
+from .upstreams import Upstreams
 
 log = logging.getLogger("rbee.queen")
 
@@ -41,6 +43,13 @@ async def health(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     state: QueenState = request.app.state.queen
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def list_upstreams(request: Request) -> Response:
+    """`GET /v2/upstreams` (admin plane): each external engine, up or down and why, and its models."""
+    state: QueenState = request.app.state.queen
+    upstreams = [u.to_json() for u in state.upstreams] if state.upstreams is not None else []
+    return JSONResponse({"upstreams": upstreams})
 
 
 async def _rbee_error(request: Request, exc: Exception) -> Response:
@@ -74,6 +83,7 @@ ROUTES = [
     Route("/v2/workers/register", native_routes.register_worker, methods=["POST"]),
     Route("/v2/workers/list", native_routes.list_workers, methods=["GET"]),
     Route("/v2/workers/{worker_id}", native_routes.remove_worker, methods=["DELETE"]),
+    Route("/v2/upstreams", list_upstreams, methods=["GET"]),
     Route("/v2/dashboard", dashboard.dashboard, methods=["GET"]),
     *ui_routes.ROUTES,
 ]
@@ -85,12 +95,15 @@ def create_app(
     api_key: str | None = None,
     admin_key: str | None = None,
     settings: QueenSettings | None = None,
+    upstreams: Sequence[Upstream] = (),
+    upstream_keys: Mapping[str, str | None] | None = None,
 ) -> Starlette:
     """The queen app over `fleet`; its lifespan owns the HTTP client and stops the fleet on exit.
 
     `api_key` guards the client plane and `admin_key` the admin plane (`/v2/*`); `None`
     leaves that plane open, which only embedding and tests do (`queen-rbee` always has an
-    admin key, and a client key unless `--insecure-no-auth` on loopback).
+    admin key, and a client key unless `--insecure-no-auth` on loopback). `upstreams` are
+    external engines whose models the queen offers too (`upstream_keys`: their API keys).
     """
     settings = settings or QueenSettings()
     middleware = [Middleware(HostGuard, policy=settings.hosts)]
@@ -115,6 +128,11 @@ def create_app(
             asyncio.create_task(state.table.health_loop(settings.health_interval)),
             asyncio.create_task(state.catalog.entries()),  # warm the model list
         ]
+        if upstreams:
+            state.upstreams = Upstreams(
+                upstreams, upstream_keys or {}, state.metrics, read_timeout=settings.upstream_read_timeout
+            )
+            background.append(asyncio.create_task(state.upstreams.health_loop(settings.upstream_interval)))
         try:
             yield
         finally:
@@ -126,6 +144,8 @@ def create_app(
             await state.router.close()
             await shutdown_fleet(fleet, settings.shutdown_timeout)
             await state.client.aclose()
+            if state.upstreams is not None:
+                await state.upstreams.aclose()
 
     return Starlette(
         routes=ROUTES,

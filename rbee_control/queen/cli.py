@@ -28,6 +28,7 @@ from types import FrameType
 
 import uvicorn
 
+from rbee_control.inventory.upstreams import Upstream
 from rbee_worker.app import event_loop
 from rbee_worker.app.connections import ConnectionLimits, guarded_protocol
 from rbee_worker.app.server import KEEP_ALIVE_S, bind_socket
@@ -114,6 +115,20 @@ def build_fleet(inventory: Path | None) -> Fleet:
     return InventoryFleet.from_inventory(inventory)
 
 
+def load_upstreams(inventory: Path | None) -> tuple[list[Upstream], dict[str, str | None]]:
+    """The inventory's external engines, and each one's key from the secrets file (None: no key)."""
+    if inventory is None:
+        return [], {}
+    from rbee_control.inventory.loader import load_inventory
+    from rbee_control.inventory.secrets import SecretStore
+
+    upstreams = load_inventory(inventory).upstreams
+    store = SecretStore.beside(inventory)
+    for upstream in upstreams.values():
+        log.info("upstream %s: %s", upstream.name, upstream.url)
+    return list(upstreams.values()), {name: store.upstream_key(name) for name in upstreams}
+
+
 def node_addresses(inventory: Path | None) -> list[str]:
     if inventory is None:
         return []
@@ -175,6 +190,7 @@ def run_queen(options: QueenOptions) -> int:
         )
         settings = secure_settings(options, inventory)
         fleet = build_fleet(inventory)
+        upstreams, upstream_keys = load_upstreams(inventory)
         sock = bind_socket(options.host, options.port)
     except RbeeError as exc:
         return _fail(exc)
@@ -185,7 +201,14 @@ def run_queen(options: QueenOptions) -> int:
         print(f"queen-rbee: {notice}", file=sys.stderr)
     if keys.client is None:
         log.warning("--insecure-no-auth: the client plane takes requests without a key (loopback only)")
-    app = create_app(fleet, api_key=keys.client, admin_key=keys.admin, settings=settings)
+    app = create_app(
+        fleet,
+        api_key=keys.client,
+        admin_key=keys.admin,
+        settings=settings,
+        upstreams=upstreams,
+        upstream_keys=upstream_keys,
+    )
     server = QueenServer(
         uvicorn.Config(
             app,

@@ -97,8 +97,16 @@ class Finished:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """A token's text with its log-probabilities (the worker's `lp`), when the request asked for them."""
+
+    text: str
+    logprobs: list[dict[str, Any]]
+
+
 #: What `outputs()` yields per worker batch: token texts, then at most one `Finished` or `RbeeError`.
-Output = str | Finished | RbeeError
+Output = str | Piece | Finished | RbeeError
 
 
 def worker_request(parsed: OpenAIRequest, target: Target) -> InferenceRequest:
@@ -127,7 +135,8 @@ async def outputs(upstream: Upstream, record: RequestRecord) -> AsyncIterator[li
             if event.name == events.TOKEN:
                 record.token()
                 count += 1
-                out.append(event.data["t"])
+                lp = event.data.get("lp")
+                out.append(event.data["t"] if lp is None else Piece(event.data["t"], lp))
             elif event.name == events.END:
                 finished = Finished.from_event(event.data, count)
                 record.finished(upstream, finished)
@@ -147,9 +156,16 @@ async def outputs(upstream: Upstream, record: RequestRecord) -> AsyncIterator[li
 
 
 async def collect(
-    state: QueenState, target: Target, infer: InferenceRequest, request_id: str, record: RequestRecord
+    state: QueenState,
+    target: Target,
+    infer: InferenceRequest,
+    request_id: str,
+    record: RequestRecord,
+    logprobs: list[dict[str, Any]] | None = None,
 ) -> tuple[str, Finished]:
-    """Non-streaming: the client sees nothing until the end, so a worker dying mid-way is retried once."""
+    """Non-streaming: the client sees nothing until the end, so a worker dying mid-way is retried once.
+
+    Log-probabilities, when asked for, are appended to `logprobs`."""
     error: RbeeError | None = None
     for attempt in range(2):
         attempt_id = request_id if attempt == 0 else f"{request_id}-{attempt}"
@@ -157,11 +173,15 @@ async def collect(
         record.node, record.worker = upstream.worker.node, upstream.worker.id
         record.committed = time.perf_counter()
         parts: list[str] = []
+        if logprobs is not None:
+            logprobs.clear()
         try:
             async for _raw, event in upstream.events():
                 if event.name == events.TOKEN:
                     record.token()
                     parts.append(event.data["t"])
+                    if logprobs is not None:
+                        logprobs.extend(event.data.get("lp") or [])
                 elif event.name == events.END:
                     finished = Finished.from_event(event.data, len(parts))
                     if finished.stop_reason == events.STOP_CANCELLED:

@@ -116,6 +116,10 @@ class QueenMetrics:
         self.in_flight = Gauge(
             "rbee_queen_in_flight", "Requests running on workers", ["model", "node"], registry=r
         )
+        self.upstream_up = Gauge(
+            "rbee_queen_upstream_up", "1 if the external engine answered its last probe, else 0",
+            ["upstream"], registry=r,
+        )  # fmt: skip
 
         for name in ("requests", "tokens", "ttft", "retries", "queue_depth", "cold_starts",
                      "cold_start_seconds", "workers", "in_flight"):  # fmt: skip

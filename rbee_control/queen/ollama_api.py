@@ -4,13 +4,15 @@ A body is mapped onto the queen's `OpenAIRequest`, so routing, validation of
 sampling values and the chat template are exactly those of the OpenAI routes.
 Ollama's `options` become sampling: temperature, top_p, top_k, seed (negative:
 random), num_predict → max_tokens (-1/-2 or absent: until the model stops or
-the context is full), stop. What Ollama honours and rbee cannot is refused with a
-400 naming it: a JSON `format` (needs grammars), tools, images, thinking,
-logprobs, suffix, custom templates, token contexts, and sampling options the
-worker does not have when set to anything but their neutral value. Ollama's
-load-time options (num_ctx, num_gpu, …) and `keep_alive` are accepted and
-ignored: a worker's context, devices and lifetime are fixed by the hive, not per
-request. Option names Ollama does not know are ignored, as Ollama does.
+the context is full), stop, repeat_penalty, presence_penalty,
+frequency_penalty, repeat_last_n. `format: "json"` is JSON mode and a schema
+object is a JSON schema, both enforced by the worker's grammar. What Ollama
+honours and rbee cannot is refused with a 400 naming it: tools, images,
+thinking, logprobs, suffix, custom templates, token contexts, and sampling
+options the worker does not have when set to anything but their neutral value.
+Ollama's load-time options (num_ctx, num_gpu, …) and `keep_alive` are accepted
+and ignored: a worker's context, devices and lifetime are fixed by the hive, not
+per request. Option names Ollama does not know are ignored, as Ollama does.
 """
 
 from __future__ import annotations
@@ -31,12 +33,18 @@ UNLIMITED_TOKENS = 1_000_000
 DONE_REASONS = {events.STOP_EOS: "stop", events.STOP_STOP: "stop", events.STOP_MAX_TOKENS: "length"}
 
 #: Ollama option → the queen's sampling field.
-SAMPLING_OPTIONS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "stop": "stop"}
+SAMPLING_OPTIONS = {
+    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "stop": "stop",
+    "repeat_penalty": "repeat_penalty", "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty", "repeat_last_n": "penalty_last_n",
+}  # fmt: skip
+#: Options whose Ollama default is also the worker's.
+DEFAULTS: dict[str, object] = {
+    "repeat_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repeat_last_n": 64,
+}  # fmt: skip
+_NO_DEFAULT = object()
 #: Sampling the worker does not do: refused unless set to the value that changes nothing.
 NEUTRAL_OPTIONS: dict[str, object] = {
-    "repeat_penalty": 1.0,
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
     "mirostat": 0,
     "tfs_z": 1.0,
     "typical_p": 1.0,
@@ -46,7 +54,7 @@ NEUTRAL_OPTIONS: dict[str, object] = {
 LOAD_OPTIONS = frozenset({
     "numa", "num_ctx", "num_batch", "num_gpu", "main_gpu", "low_vram", "f16_kv", "logits_all",
     "vocab_only", "use_mmap", "use_mlock", "embedding_only", "num_thread", "num_keep",
-    "repeat_last_n", "mirostat_tau", "mirostat_eta", "penalize_newline",
+    "mirostat_tau", "mirostat_eta", "penalize_newline",
 })  # fmt: skip
 #: The queen's field names as the Ollama client knows them, for error messages.
 FIELD_NAMES = {
@@ -56,6 +64,12 @@ FIELD_NAMES = {
     "top_k": "options.top_k",
     "seed": "options.seed",
     "stop": "options.stop",
+    "repeat_penalty": "options.repeat_penalty",
+    "presence_penalty": "options.presence_penalty",
+    "frequency_penalty": "options.frequency_penalty",
+    "penalty_last_n": "options.repeat_last_n",
+    "response_format": "format",
+    "json_schema": "format",
 }
 
 
@@ -95,6 +109,9 @@ def parse(kind: Kind, body: Any) -> OllamaRequest:
         raise invalid("stream", "expected a boolean")
     _refuse_unsupported(kind, body)
     sampling = _sampling(body.get("options"))
+    response_format = _format(body.get("format"))
+    if response_format is not None:
+        sampling["response_format"] = response_format
     if kind == "chat":
         messages = body.get("messages")
         if messages is None or messages == []:  # Ollama: load the model, answer `done_reason: load`
@@ -145,7 +162,13 @@ def _is_zero(keep_alive: Any) -> bool:
 def _renamed(error: RbeeError) -> RbeeError:
     """A validation error with the option's Ollama name (`options.num_predict`, not `max_tokens`)."""
     field = error.details.get("field")
-    if not isinstance(field, str) or (name := FIELD_NAMES.get(field)) is None:
+    if not isinstance(field, str):
+        return error
+    if field.startswith("response_format."):  # a part of the schema
+        name = "format" + field.removeprefix("response_format.json_schema.schema")
+    elif (known := FIELD_NAMES.get(field)) is not None:
+        name = known
+    else:
         return error
     message = error.message
     if message.startswith(f"{field}:"):
@@ -153,16 +176,18 @@ def _renamed(error: RbeeError) -> RbeeError:
     return RbeeError(error.code, message, status=error.status, details={**error.details, "field": name})
 
 
+def _format(fmt: Any) -> dict[str, Any] | None:
+    """Ollama's `format` as OpenAI's `response_format`: "json" is JSON mode, an object a JSON schema."""
+    if fmt in (None, ""):
+        return None
+    if fmt == "json":
+        return {"type": "json_object"}
+    if not isinstance(fmt, dict):
+        raise invalid("format", 'expected "json" or a JSON schema object')
+    return {"type": "json_schema", "json_schema": {"name": "format", "schema": fmt}}
+
+
 def _refuse_unsupported(kind: Kind, body: dict[str, Any]) -> None:
-    fmt = body.get("format")
-    if fmt not in (None, ""):
-        if fmt != "json" and not isinstance(fmt, dict):
-            raise invalid("format", 'expected "json" or a JSON schema object')
-        raise invalid(
-            "format",
-            "structured output (JSON mode or a JSON schema) needs grammar-constrained sampling, "
-            "which rbee's workers do not offer yet; ask for JSON in the prompt instead",
-        )
     if body.get("tools"):
         raise invalid("tools", "tool calling is not supported")
     if body.get("think") not in (None, False):
@@ -206,7 +231,8 @@ def _sampling(options: Any) -> dict[str, Any]:
         if value is None or name in LOAD_OPTIONS:
             continue
         if name in SAMPLING_OPTIONS:
-            sampling[SAMPLING_OPTIONS[name]] = value
+            if DEFAULTS.get(name, _NO_DEFAULT) != value:  # a default is the worker's own: not sent
+                sampling[SAMPLING_OPTIONS[name]] = value
         elif name == "seed":
             if isinstance(value, int) and not isinstance(value, bool) and value < 0:
                 continue  # Ollama's -1: a random seed

@@ -26,7 +26,7 @@ from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from . import embeddings, ollama_models
 from .catalog import Target
 from .fleet import ModelEntry
-from .generation import Finished, RequestRecord, collect, outputs, worker_request
+from .generation import Finished, Piece, RequestRecord, collect, outputs, worker_request
 from .ollama_api import Kind, Shapes, Timings, done_reason, error_body, ndjson, now_iso, parse, parse_model
 from .relay import Upstream
 from .responses import RelayResponse, until_disconnect
@@ -154,8 +154,8 @@ async def _stream(upstream: Upstream, shapes: Shapes, record: RequestRecord) -> 
         created_at = now_iso()
         out: list[bytes] = []
         for item in batch:
-            if isinstance(item, str):
-                out.append(ndjson(shapes.chunk(item, created_at)))
+            if isinstance(item, str | Piece):  # Ollama requests never ask for log-probabilities
+                out.append(ndjson(shapes.chunk(item if isinstance(item, str) else item.text, created_at)))
             elif isinstance(item, Finished):
                 out.append(ndjson(shapes.final("", done_reason(item.stop_reason), _timings(record, item))))
             else:

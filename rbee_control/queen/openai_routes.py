@@ -18,13 +18,17 @@ from rbee_worker.protocol.request import InferenceRequest
 from . import keepalive
 from .catalog import Target
 from .errors import sse_error
-from .generation import Finished, RequestRecord, collect, outputs, worker_request
-from .openai_api import Kind, Shapes, parse_request
+from .generation import Finished, Piece, RequestRecord, collect, outputs, worker_request
+from .openai_api import Kind, OpenAIRequest, Shapes, parse_request
 from .relay import Upstream
 from .responses import RelayResponse, until_disconnect
 from .state import QueenState
+from .tools import ToolCall, ToolStream
+from .upstream_relay import relay
+from .upstreams import UpstreamTarget
 
 ROUTE_NAMES: dict[Kind, str] = {"chat": "chat", "completion": "completions"}
+UPSTREAM_PATHS: dict[Kind, str] = {"chat": "chat/completions", "completion": "completions"}
 
 
 def _state(request: Request) -> QueenState:
@@ -36,6 +40,12 @@ async def list_models(request: Request) -> Response:
     models = await state.catalog.public_models()
     created = int(state.started_at)
     data = [{"id": m.id, "object": "model", "created": created, "owned_by": m.owned_by} for m in models]
+    if state.upstreams is not None:
+        local = {m.id for m in models}
+        data += [
+            {"id": model, "object": "model", "created": created, "owned_by": owner}
+            for model, owner in state.upstreams.public_models(local)
+        ]
     return JSONResponse({"object": "list", "data": data})
 
 
@@ -46,7 +56,15 @@ async def retrieve_model(request: Request) -> Response:
     model_id = request.path_params["model_id"]
     models = await state.catalog.public_models()
     found = next((m for m in models if m.id == model_id), None)
-    owned_by = found.owned_by if found else (await state.catalog.resolve(model_id)).entry.node
+    external = None
+    if found is None and state.upstreams is not None:
+        external = await state.upstreams.resolve(model_id, {m.id for m in models})
+    if found is not None:
+        owned_by = found.owned_by
+    elif external is not None:
+        owned_by = external.state.name
+    else:
+        owned_by = (await state.catalog.resolve(model_id)).entry.node
     return JSONResponse(
         {"id": model_id, "object": "model", "created": int(state.started_at), "owned_by": owned_by}
     )
@@ -63,8 +81,14 @@ async def completions(request: Request) -> Response:
 async def _complete(request: Request, kind: Kind) -> Response:
     state = _state(request)
     record = RequestRecord(state, ROUTE_NAMES[kind], "-", time.perf_counter())
+    parsed: OpenAIRequest | None = None
     try:
-        parsed = parse_request(kind, await read_json(request))
+        body = await read_json(request)
+        external = await _external(state, body)
+        if external is not None:
+            assert state.upstreams is not None
+            return await relay(state.upstreams, external, UPSTREAM_PATHS[kind], body, record)
+        parsed = parse_request(kind, body)
         target = await state.catalog.resolve(parsed.model)
         record.model = target.model
         infer = worker_request(parsed, target)
@@ -74,7 +98,7 @@ async def _complete(request: Request, kind: Kind) -> Response:
         if not parsed.stream:
             try:
                 body = await until_disconnect(
-                    request, _collect(state, target, infer, request_id, shapes, record)
+                    request, _collect(state, target, infer, request_id, shapes, record, parsed)
                 )
             except ClientDisconnect:
                 record.commit()
@@ -86,39 +110,70 @@ async def _complete(request: Request, kind: Kind) -> Response:
     except RbeeError as exc:
         record.error(exc.code)
         record.commit()
-        raise
+        raise parsed.renamed(exc) if parsed is not None else exc from None
     if upstream is None:  # still queued or cold-starting: answer now, ping until the worker commits
+        opened_for: OpenAIRequest = parsed
 
         def relay_body(upstream: Upstream) -> AsyncIterator[bytes]:
             record.node = upstream.worker.node
-            return _stream(upstream, shapes, record)
+            return _stream(upstream, shapes, record, opened_for)
 
         def failed(error: RbeeError) -> bytes:
             record.error(error.code)
-            return sse_error(error) + events.encode_done()
+            return sse_error(opened_for.renamed(error)) + events.encode_done()
 
         interval = state.settings.sse_keepalive
         return keepalive.WaitingResponse(opening, interval, relay_body, failed, record.commit, headers)
     record.node = upstream.worker.node
-    return RelayResponse(_stream(upstream, shapes, record), upstream, record.commit, headers)
+    return RelayResponse(_stream(upstream, shapes, record, parsed), upstream, record.commit, headers)
 
 
-async def _stream(upstream: Upstream, shapes: Shapes, record: RequestRecord) -> AsyncIterator[bytes]:
-    """OpenAI chunks, one write per batch of worker events (each token still its own chunk)."""
+async def _external(state: QueenState, body: object) -> UpstreamTarget | None:
+    """The upstream engine serving the body's model, if not one of rbee's own (rbee's win a tie)."""
+    if state.upstreams is None or not isinstance(body, dict) or not isinstance(body.get("model"), str):
+        return None
+    local = {m.id for m in await state.catalog.public_models()}
+    return await state.upstreams.resolve(body["model"], local)
+
+
+async def _stream(
+    upstream: Upstream, shapes: Shapes, record: RequestRecord, parsed: OpenAIRequest
+) -> AsyncIterator[bytes]:
+    """OpenAI chunks, one write per batch of worker events (each token still its own chunk).
+
+    With tools, text that may still turn out to be a call is held back (`ToolStream`)."""
     first = shapes.first_chunk()
     if first is not None:
         yield first
+    tools = ToolStream(parsed.tools) if parsed.tools is not None else None
+    sent = 0
     async for batch in outputs(upstream, record):
         out: list[bytes] = []
         for item in batch:
-            if isinstance(item, str):
-                out.append(shapes.text_chunk(item))
+            if isinstance(item, str | Piece):
+                text = item if isinstance(item, str) else item.text
+                if tools is not None:
+                    text = tools.feed(text)
+                    if text:
+                        out.append(shapes.text_chunk(text))
+                elif isinstance(item, Piece):
+                    out.append(shapes.logprob_chunk(text, item.logprobs, sent))
+                else:
+                    out.append(shapes.text_chunk(text))
+                sent += len(text)
             elif isinstance(item, Finished):
-                out.append(shapes.final_chunk(item.stop_reason))
+                calls: list[ToolCall] | None = None
+                if tools is not None:
+                    held, calls = tools.finish()
+                    if held:
+                        out.append(shapes.text_chunk(held))
+                    if calls:
+                        out.append(shapes.tool_calls_chunk(calls))
+                out.append(shapes.final_chunk(item.stop_reason, tool_calls=bool(calls)))
                 if shapes.include_usage:
                     out.append(shapes.usage_chunk(item.prompt_tokens, item.tokens_out))
             else:
-                out.append(sse_error(item))
+                out.append(sse_error(parsed.renamed(item)))
         yield b"".join(out)
     yield events.encode_done()
 
@@ -130,6 +185,11 @@ async def _collect(
     request_id: str,
     shapes: Shapes,
     record: RequestRecord,
+    parsed: OpenAIRequest,
 ) -> dict[str, object]:
-    text, finished = await collect(state, target, infer, request_id, record)
-    return shapes.completion(text, finished.stop_reason, finished.prompt_tokens, finished.tokens_out)
+    logprobs: list[dict[str, object]] | None = [] if parsed.logprobs else None
+    text, finished = await collect(state, target, infer, request_id, record, logprobs)
+    calls = parsed.tools.calls(text) if parsed.tools is not None else None
+    return shapes.completion(
+        text, finished.stop_reason, finished.prompt_tokens, finished.tokens_out, logprobs, calls
+    )

@@ -15,6 +15,7 @@ from .recent import RecentRequests
 from .registration import RegistrationPolicy
 from .relay import Relay, RelaySettings, Upstream
 from .router import Router, RouterSettings
+from .upstreams import Upstreams
 from .workers import WorkerTable
 
 
@@ -24,6 +25,8 @@ class QueenSettings:
     relay: RelaySettings = field(default_factory=RelaySettings)
     #: Seconds between health probes of every worker (failures are probed at once anyway).
     health_interval: float = 15.0
+    #: Seconds between probes of each upstream engine (`GET <url>/models`).
+    upstream_interval: float = 15.0
     #: How long the fleet's model list is reused before asking the nodes again.
     catalog_ttl: float = 30.0
     #: Longest silence from a worker (time to first token included); long prompts on CPUs are slow.
@@ -57,6 +60,8 @@ class QueenState:
     api_key: str | None = None
     started_at: float = 0.0
     running: dict[str, Upstream] = field(default_factory=dict)
+    #: External engines from the inventory's `upstreams:` (None: the inventory lists none).
+    upstreams: Upstreams | None = None
     #: Who started each running native request (`access.CLIENT`, `ADMIN`...): only they may cancel it.
     owners: dict[str, str] = field(default_factory=dict)
     #: the last finished requests, for the dashboard

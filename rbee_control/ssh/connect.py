@@ -10,6 +10,7 @@ a refused login; network failures get `attempts` tries with a short backoff.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 from collections.abc import Sequence
 
@@ -27,6 +28,9 @@ from rbee_control.ssh.known_hosts import KnownHosts, fingerprint
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
 CONNECT_TIMEOUT = 10.0
+#: Overrides CONNECT_TIMEOUT for every ssh node: a fleet on a slow link may need more, a test of a
+#: hung node less.
+CONNECT_TIMEOUT_ENV = "RBEE_SSH_CONNECT_TIMEOUT"
 ATTEMPTS = 3
 BACKOFF: tuple[float, ...] = (0.2, 0.4)
 KEEPALIVE_INTERVAL = 15.0
@@ -45,6 +49,25 @@ ENCRYPTION_ALGS = (
 #: fan-out promises that a down node costs its timeout once. (Host-key and login failures are turned
 #: into RbeeError before they get here.)
 RETRYABLE: tuple[type[BaseException], ...] = (OSError, asyncssh.DisconnectError)
+
+
+def default_connect_timeout() -> float:
+    """Seconds per connect attempt: $RBEE_SSH_CONNECT_TIMEOUT if set, else CONNECT_TIMEOUT."""
+    raw = os.environ.get(CONNECT_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return CONNECT_TIMEOUT
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise RbeeError(
+            ErrorCode.INVALID_REQUEST,
+            f"{CONNECT_TIMEOUT_ENV} must be a positive number of seconds, not {raw!r}",
+            details={"variable": CONNECT_TIMEOUT_ENV, "value": raw},
+            hint=f"unset it for the default of {CONNECT_TIMEOUT:g}s, or set e.g. {CONNECT_TIMEOUT_ENV}=5",
+        )
+    return seconds
 
 
 async def open_connection(

@@ -19,11 +19,14 @@ from rbee_control.inventory.model import Node
 from rbee_control.ssh.command import NodePath, check_argv, local_argv, local_env, signal_exit_status
 from rbee_control.ssh.stream import CommandStream, StderrCallback
 from rbee_control.ssh.transport import (
+    UNIX_REPLY_LIMIT,
     NodeTransport,
     ProgressCallback,
     PutResult,
     hash_prefix,
     put_failed,
+    read_reply,
+    socket_unavailable,
     source_size,
 )
 
@@ -137,6 +140,21 @@ class LocalTransport(NodeTransport):
         proc.on_done = self._streams.discard
         self._streams.add(proc)
         return proc
+
+    async def unix_exchange(self, path: str, request: bytes, *, limit: int = UNIX_REPLY_LIMIT) -> bytes:
+        target = NodePath(path).local()
+        try:
+            reader, writer = await asyncio.open_unix_connection(target)
+        except OSError as exc:  # no socket file, or nobody listening on it
+            raise socket_unavailable(self.node, path, exc.strerror or str(exc)) from None
+        try:
+            writer.write(request)
+            await writer.drain()
+            return await read_reply(self.node, path, reader.read, limit)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
 
     async def put(
         self,

@@ -18,7 +18,6 @@ from types import TracebackType
 from typing import Generic, TypeVar
 
 from rbee_control.inventory.model import Inventory, Node
-from rbee_control.ssh.connect import CONNECT_TIMEOUT
 from rbee_control.ssh.known_hosts import KnownHosts
 from rbee_control.ssh.local import LocalTransport
 from rbee_control.ssh.remote import SshTransport
@@ -30,7 +29,7 @@ FAILURE_TTL = 30.0
 
 
 def make_transport(
-    node: Node, *, known_hosts: KnownHosts | None = None, connect_timeout: float = CONNECT_TIMEOUT
+    node: Node, *, known_hosts: KnownHosts | None = None, connect_timeout: float | None = None
 ) -> NodeTransport:
     """The transport the node's inventory entry asks for (not yet connected)."""
     if node.is_local:
@@ -39,7 +38,7 @@ def make_transport(
 
 
 async def open_transport(
-    node: Node, *, known_hosts: KnownHosts | None = None, connect_timeout: float = CONNECT_TIMEOUT
+    node: Node, *, known_hosts: KnownHosts | None = None, connect_timeout: float | None = None
 ) -> NodeTransport:
     """A connected transport for one node (the caller closes it)."""
     transport = make_transport(node, known_hosts=known_hosts, connect_timeout=connect_timeout)
@@ -68,7 +67,7 @@ class TransportPool:
         inventory: Inventory,
         *,
         known_hosts: KnownHosts | None = None,
-        connect_timeout: float = CONNECT_TIMEOUT,
+        connect_timeout: float | None = None,
         failure_ttl: float = FAILURE_TTL,
     ) -> None:
         self.inventory = inventory

@@ -22,16 +22,19 @@ import asyncssh
 
 from rbee_control.inventory.model import Node
 from rbee_control.ssh.command import check_argv, remote_command_line, signal_exit_status
-from rbee_control.ssh.connect import ATTEMPTS, BACKOFF, CONNECT_TIMEOUT, open_connection
+from rbee_control.ssh.connect import ATTEMPTS, BACKOFF, default_connect_timeout, open_connection
 from rbee_control.ssh.failures import connection_lost
 from rbee_control.ssh.known_hosts import KnownHosts
 from rbee_control.ssh.stream import CommandStream, StderrCallback
 from rbee_control.ssh.transport import (
+    UNIX_REPLY_LIMIT,
     NodeTransport,
     ProgressCallback,
     PutResult,
     hash_prefix,
     put_failed,
+    read_reply,
+    socket_unavailable,
     source_size,
 )
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
@@ -181,7 +184,7 @@ class SshTransport(NodeTransport):
         node: Node,
         *,
         known_hosts: KnownHosts | None = None,
-        connect_timeout: float = CONNECT_TIMEOUT,
+        connect_timeout: float | None = None,
         attempts: int = ATTEMPTS,
         backoff: Sequence[float] = BACKOFF,
         max_channels: int = MAX_CHANNELS,
@@ -191,13 +194,14 @@ class SshTransport(NodeTransport):
             raise RbeeError(ErrorCode.INTERNAL_ERROR, f"node {node.name} is not an ssh node")
         self.known_hosts = known_hosts or KnownHosts()
         self.channels = asyncio.Semaphore(max_channels)
-        self._timeout = connect_timeout
+        self._timeout = default_connect_timeout() if connect_timeout is None else connect_timeout
         self._attempts = attempts
         self._backoff = tuple(backoff)
         self._conn: asyncssh.SSHClientConnection | None = None
         self._lock = asyncio.Lock()
         self._closed = False
         self._streams: set[CommandStream] = set()
+        self._login_dir: str | None = None
 
     async def connect(self) -> None:
         await self.connection()
@@ -262,6 +266,42 @@ class SshTransport(NodeTransport):
                 await asyncio.sleep(delay)
             except KILL_GIVE_UP:
                 return
+
+    async def unix_exchange(self, path: str, request: bytes, *, limit: int = UNIX_REPLY_LIMIT) -> bytes:
+        """One direct-streamlocal channel (sshd: `AllowStreamLocalForwarding`, on by default)."""
+        async with self.channels:
+            target = await self._absolute(path)
+            try:
+                reader, writer = await self.open_channel(lambda conn: conn.open_unix_connection(target))
+            except asyncssh.ChannelOpenError as exc:  # no socket, nobody listening, or forbidden
+                raise socket_unavailable(self.node, path, exc.reason or "channel refused") from None
+            except NETWORK_ERRORS as exc:
+                raise connection_lost(self.node.name, exc) from None
+            try:
+                writer.write(request)
+                return await read_reply(self.node, path, reader.read, limit)
+            except NETWORK_ERRORS as exc:
+                raise connection_lost(self.node.name, exc) from None
+            finally:
+                writer.close()
+
+    async def _absolute(self, path: str) -> str:
+        """sshd opens streamlocal paths as given, not from the login directory: resolve `~/` once."""
+        if path != "~" and not path.startswith("~/"):
+            return path
+        if self._login_dir is None:
+            self._login_dir = await self._realpath(".")
+        return posixpath.join(self._login_dir, sftp_path(path))
+
+    async def _realpath(self, path: str) -> str:
+        resolved = ""
+        try:
+            sftp = await self.open_channel(lambda conn: conn.start_sftp_client())
+            async with sftp:
+                resolved = str(await sftp.realpath(path))
+        except asyncssh.Error as exc:
+            raise connection_lost(self.node.name, exc) from None
+        return resolved
 
     async def put(
         self,

@@ -13,7 +13,7 @@ import hashlib
 import os
 import shlex
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -24,6 +24,8 @@ from rbee_control.ssh.stream import CommandStream, StderrCallback
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
 ProgressCallback = Callable[[int, int], None]
+#: A status or catalog answer is a few KB (chat templates a few more); anything past this is not one.
+UNIX_REPLY_LIMIT = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +76,16 @@ class NodeTransport(ABC):
         """A command to start with `async with` (see `CommandStream`)."""
 
     @abstractmethod
+    async def unix_exchange(self, path: str, request: bytes, *, limit: int = UNIX_REPLY_LIMIT) -> bytes:
+        """Send `request` to the Unix socket `path` on the node and read until the peer closes.
+
+        Over SSH this is one streamlocal channel on the open connection (no process on
+        the node). A socket nobody listens on, or an sshd that forbids streamlocal
+        forwarding, raises `socket_unavailable` (HIVE_NOT_RUNNING) so callers can fall
+        back to running a command. A `~/` path means the node user's home.
+        """
+
+    @abstractmethod
     async def put(
         self,
         local_path: str | os.PathLike[str],
@@ -110,6 +122,30 @@ class NodeTransport(ABC):
 
 
 HASH_BLOCK = 1 << 20
+
+
+def socket_unavailable(node: Node, path: str, why: str) -> RbeeError:
+    return RbeeError(
+        ErrorCode.HIVE_NOT_RUNNING,
+        f"no answer on {path} on node {node.name}: {why}",
+        details={"node": node.name, "socket": path, "reason": why},
+    )
+
+
+async def read_reply(node: Node, path: str, read: Callable[[int], Awaitable[bytes]], limit: int) -> bytes:
+    """Everything the peer sends until it closes, refusing more than `limit` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await read(65536):
+        size += len(chunk)
+        if size > limit:
+            raise RbeeError(
+                ErrorCode.INTERNAL_ERROR,
+                f"the answer on {path} on node {node.name} is larger than {limit} bytes",
+                details={"node": node.name, "socket": path},
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def hash_prefix(path: Path, length: int) -> hashlib._Hash:

@@ -18,11 +18,15 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from ..protocol import events
 from ..protocol.errors import ErrorCode, RbeeError
 from ..protocol.request import InferenceRequest
 from ..runtimes import Runtime, SamplingParams, SequenceRunner
+
+if TYPE_CHECKING:
+    from ..engine.sampling import TokenLogprob
 
 
 @dataclass(slots=True)
@@ -104,6 +108,8 @@ class Generation:
     _stopped: bool = False
     _decoder: codecs.IncrementalDecoder = field(init=False)
     _stops: StopMatcher = field(init=False)
+    #: Log-probabilities of tokens whose text has not been sent yet (held back or incomplete UTF-8).
+    _logprobs: list[dict[str, Any]] = field(default_factory=list)
 
     def start(self, run_on_thread: Callable[[Callable[[], None]], object]) -> None:
         self._loop = asyncio.get_running_loop()
@@ -123,8 +129,9 @@ class Generation:
             self._wake_scheduled = True
             self._loop.call_soon_threadsafe(self._ready.set)
 
-    async def batches(self) -> AsyncIterator[list[tuple[str, int]]]:
-        """Lists of (text, index of the last token in it); raises the runtime's error at the end."""
+    async def batches(self) -> AsyncIterator[list[tuple[str, int, list[dict[str, Any]] | None]]]:
+        """Lists of (text, index of its last token, log-probabilities of its tokens when asked for);
+        raises the runtime's error at the end."""
         next_write = 0.0
         while True:
             await self._ready.wait()
@@ -159,7 +166,12 @@ class Generation:
         runtime = self.runtime
         prompt_tokens = self._begin()
         req = self.request
-        params = SamplingParams(req.temperature, req.top_p, req.top_k, req.seed)
+        c = req.constraints
+        params = SamplingParams(
+            req.temperature, req.top_p, req.top_k, req.seed, c.repeat_penalty, c.presence_penalty,
+            c.frequency_penalty, c.penalty_last_n, c.logit_bias, c.grammar,
+            c.top_logprobs if c.logprobs else None,
+        )  # fmt: skip
         if isinstance(runtime, SequenceRunner):
             # The batching engine calls on_token from its own thread and returns at the end.
             runtime.run_sequence(prompt_tokens, params, self)
@@ -188,12 +200,30 @@ class Generation:
         self._stops = StopMatcher(req.stop)
         return prompt_tokens
 
+    def on_logprob(self, logprob: TokenLogprob) -> None:
+        """The engine's log-probabilities for the token `on_token` gets next (only when asked for)."""
+        entry = self._logprob_entry(logprob.token, logprob.logprob)
+        entry["top"] = [self._logprob_entry(t, lp) for t, lp in logprob.top]
+        self._logprobs.append(entry)
+
+    def _logprob_entry(self, token: int, logprob: float) -> dict[str, Any]:
+        data = self.runtime.token_bytes(token)
+        return {"token": data.decode(errors="replace"), "bytes": list(data), "logprob": round(logprob, 6)}
+
+    def _take_logprobs(self) -> list[dict[str, Any]] | None:
+        if not self.request.constraints.logprobs:
+            return None
+        taken, self._logprobs = self._logprobs, []
+        return taken
+
     def on_token(self, token: int) -> bool:
         """Take one sampled token; False when the generation is over (the reason is in stats)."""
         stats = self.stats
         if self._cancel.is_set():
             return self._stop(events.STOP_CANCELLED)
         if self.runtime.is_eos(token):
+            if self._logprobs:
+                self._logprobs.pop()  # the end-of-text token is not part of the answer
             return self._stop(events.STOP_EOS)
         now = time.perf_counter()
         if stats.tokens_out == 0:
@@ -203,7 +233,7 @@ class Generation:
         stats.last_token_at = time.time()
         text, hit_stop = self._stops.feed(self._decoder.decode(self.runtime.token_bytes(token)))
         if text:
-            self._put((text, stats.tokens_out - 1))
+            self._put((text, stats.tokens_out - 1, self._take_logprobs()))
         if hit_stop:
             return self._stop(events.STOP_STOP)
         if stats.tokens_out >= self._budget:
@@ -223,6 +253,6 @@ class Generation:
         if stats.stop_reason != events.STOP_STOP:
             tail = self._stops.flush() + self._decoder.decode(b"", final=True)
             if tail:
-                self._put((tail, max(stats.tokens_out - 1, 0)))
+                self._put((tail, max(stats.tokens_out - 1, 0), self._take_logprobs()))
         if self._first_at:
             stats.decode_ms = (time.perf_counter() - self._first_at) * 1000

@@ -16,6 +16,7 @@ from ..protocol.errors import ErrorCode, RbeeError
 from ..protocol.request import InferenceRequest
 from . import embeddings
 from .body import read_json
+from .constraints import prepare_constraints
 from .generation import Generation, GenerationStats
 from .metrics import CONTENT_TYPE_LATEST
 from .slots import Slot
@@ -62,6 +63,7 @@ async def inference(request: Request) -> Response:
     if infer.messages is not None:
         assert state.chat is not None  # set before the worker is ready
         infer = await state.chat.prepare(infer)
+    infer = await prepare_constraints(infer, state.pool.runtime)
     request_id = request.state.request_id
     if request_id in state.generations:
         raise RbeeError(ErrorCode.INVALID_REQUEST, f"request id {request_id} is already running", status=409)
@@ -118,7 +120,7 @@ async def _stream(state: WorkerState, request_id: str, infer: InferenceRequest) 
         yield events.encode_event(events.STARTED, {"request_id": request_id, "model": state.model_name})
         async for batch in generation.batches():
             metrics.last_token.set(time.time())
-            yield b"".join(events.token_event(text, index) for text, index in batch)
+            yield b"".join(events.token_event(text, index, logprobs) for text, index, logprobs in batch)
         stats = generation.stats
         outcome = "cancelled" if stats.stop_reason == events.STOP_CANCELLED else "ok"
         yield events.encode_event(events.END, stats.end_payload())

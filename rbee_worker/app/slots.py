@@ -54,6 +54,11 @@ class SlotPool:
         self._free.put_nowait(slot)
 
     @property
+    def runtime(self) -> Runtime:
+        """Any slot's runtime, for what does not drive generation (features, grammar checks)."""
+        return self._slots[0].runtime
+
+    @property
     def size(self) -> int:
         return len(self._slots)
 

@@ -28,7 +28,8 @@ class ChatRenderer:
         messages = request.messages
         if messages is None:
             return request
-        rendered = await self.runner.run(lambda: self.template.render(messages, request.chat_template))
+        tools = request.constraints.tools
+        rendered = await self.runner.run(lambda: self.template.render(messages, request.chat_template, tools))
         stop = list(dict.fromkeys([*request.stop, *rendered.stop]))
         return dataclasses.replace(request, prompt=rendered.prompt, stop=stop)
 

@@ -38,6 +38,7 @@ from jinja2.exceptions import TemplateError
 from ..protocol.errors import ErrorCode, RbeeError
 from ..protocol.messages import ChatMessage
 from .sandbox import BoundedSandbox, TemplateLimitError, bounded_sandbox
+from .tools import template_knows_tools, with_tools_as_text
 
 FALLBACK_STOP = "\nUser:"
 #: End-of-turn markers of common template families; those a template writes become stops.
@@ -127,26 +128,39 @@ class ChatTemplate:
             return "gguf"
         return "fallback"
 
-    def render(self, messages: list[ChatMessage], template: str | None = None) -> RenderedPrompt:
-        """Render with `template` (a request's) or the model's; errors are 400 or 422 for the client."""
+    def render(
+        self,
+        messages: list[ChatMessage],
+        template: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> RenderedPrompt:
+        """Render with `template` (a request's) or the model's; errors are 400 or 422 for the client.
+
+        Tools go to a template that reads them; otherwise into a system message (`tools.py`).
+        """
         source: TemplateSource = "request" if template else "gguf"
         text = template or self.template
         compiled = compile_template(text, self.max_chars) if text else None
+        native_tools = compiled is not None and template_knows_tools(text)
+        if not native_tools and (tools or any(m.tool_calls or m.role == "tool" for m in messages)):
+            messages, tools = with_tools_as_text(messages, tools), None
         if compiled is None:
             return RenderedPrompt(fallback_prompt(messages), (FALLBACK_STOP,), "fallback")
         assert text is not None
-        prompt = self._render(compiled, messages)
+        prompt = self._render(compiled, messages, tools)
         if self.runtime_adds_bos and self.bos_token and prompt.startswith(self.bos_token):
             prompt = prompt[len(self.bos_token) :]
         return RenderedPrompt(prompt, self._stops(text), source)
 
-    def _render(self, compiled: jinja2.Template, messages: list[ChatMessage]) -> str:
+    def _render(
+        self, compiled: jinja2.Template, messages: list[ChatMessage], tools: list[dict[str, Any]] | None
+    ) -> str:
         variables = {
             "messages": [m.to_json() for m in messages],
             "add_generation_prompt": True,
             "bos_token": self.bos_token or "",
             "eos_token": self.eos_token or "",
-            "tools": None,
+            "tools": tools,
             "documents": None,
         }
         out: list[str] = []

@@ -57,6 +57,10 @@ class Model:
         self._end_tokens = {t for t in (eos, eot) if t >= 0}
 
     @property
+    def vocab_size(self) -> int:
+        return int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+
+    @property
     def training_context(self) -> int:
         return int(llama_cpp.llama_model_n_ctx_train(self.model))
 

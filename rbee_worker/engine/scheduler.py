@@ -18,7 +18,7 @@ import llama_cpp
 from .batch import Batch
 from .model import Model
 from .sampling import SamplerChain
-from .sequence import Sequence, TokenSink
+from .sequence import LogprobSink, Sequence, TokenSink
 
 log = logging.getLogger("rbee.engine")
 
@@ -64,6 +64,7 @@ class Scheduler:
         self.sequences = sequences
         self.context_per_sequence = context_per_sequence
         self._ctx = ctx
+        self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(model.vocab))
         self._memory = llama_cpp.llama_get_memory(ctx)
         self._batch = Batch(batch_tokens, sequences)
         self._lock = threading.Condition()
@@ -197,8 +198,10 @@ class Scheduler:
             if seq.sample_at < 0:
                 continue
             token = seq.sampler.sample(self._ctx, seq.sample_at)
-            seq.sample_at = -1
             try:
+                if seq.sampler.top_logprobs is not None and isinstance(seq.sink, LogprobSink):
+                    seq.sink.on_logprob(seq.sampler.logprobs(self._ctx, seq.sample_at, token, self._n_vocab))
+                seq.sample_at = -1
                 keep = seq.sink.on_token(token)
             except Exception as exc:
                 self._end(seq, exc)

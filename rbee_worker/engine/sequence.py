@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-from .sampling import SamplerChain
+from .sampling import SamplerChain, TokenLogprob
 
 
 class TokenSink(Protocol):
@@ -20,6 +20,13 @@ class TokenSink(Protocol):
     def on_token(self, token: int) -> bool:
         """Take one sampled token on the scheduler's thread; False ends the sequence."""
         ...
+
+
+@runtime_checkable
+class LogprobSink(Protocol):
+    """A sink that asked for log-probabilities: each arrives just before its token."""
+
+    def on_logprob(self, logprob: TokenLogprob) -> None: ...
 
 
 @dataclass(eq=False)

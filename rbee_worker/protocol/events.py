@@ -50,8 +50,12 @@ def encode_done() -> bytes:
     return f"data: {DONE_DATA}\n\n".encode()
 
 
-def token_event(text: str, index: int) -> bytes:
-    return encode_event(TOKEN, {"t": text, "i": index})
+def token_event(text: str, index: int, logprobs: list[dict[str, Any]] | None = None) -> bytes:
+    """`{"t", "i"}`, plus `"lp"` when log-probabilities were asked for: one entry per token of the
+    text, `{"token", "bytes", "logprob", "top": [{"token", "bytes", "logprob"}, ...]}`."""
+    if logprobs is None:
+        return encode_event(TOKEN, {"t": text, "i": index})
+    return encode_event(TOKEN, {"t": text, "i": index, "lp": logprobs})
 
 
 #: Parsed events with the exact bytes each came in, in stream order.

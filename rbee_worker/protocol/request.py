@@ -3,7 +3,9 @@
 A request carries either a `prompt` (sent to the model as it is) or chat
 `messages`, which the worker renders with its model's chat template; exactly
 one of the two. `chat_template` (with messages only) replaces the model's own
-template, for a worker registered with one.
+template, for a worker registered with one. Penalties, logit bias,
+log-probabilities, a grammar or JSON schema and tools travel flat in the same
+body and are parsed into `constraints` (see `constraints.py`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .constraints import FIELDS as CONSTRAINT_FIELDS
+from .constraints import Constraints, parse_constraints
 from .errors import ErrorCode, RbeeError
 from .messages import ChatMessage, parse_messages
 
@@ -36,6 +40,7 @@ class InferenceRequest:
     top_k: int = 40
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    constraints: Constraints = field(default_factory=Constraints)
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {}
@@ -48,13 +53,14 @@ class InferenceRequest:
         sampling = ("max_tokens", "temperature", "top_p", "top_k", "seed")
         body.update({name: getattr(self, name) for name in sampling})
         body["stop"] = list(self.stop)
+        body.update(self.constraints.to_json())
         return body
 
     @classmethod
     def from_json(cls, body: Any) -> InferenceRequest:
         if not isinstance(body, dict):
             raise _invalid("body", "expected a JSON object")
-        unknown = set(body) - set(cls.__dataclass_fields__)
+        unknown = set(body) - (set(cls.__dataclass_fields__) - {"constraints"}) - CONSTRAINT_FIELDS
         if unknown:
             name = sorted(unknown)[0]
             raise _invalid(name, "unknown field")
@@ -76,6 +82,7 @@ class InferenceRequest:
         if len(stop) > MAX_STOP_SEQUENCES:
             raise _invalid("stop", f"at most {MAX_STOP_SEQUENCES} sequences")
         req.stop = stop
+        req.constraints = parse_constraints(body, chat=req.messages is not None)
         return req
 
 

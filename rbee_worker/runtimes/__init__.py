@@ -13,7 +13,7 @@ import importlib.util
 from typing import TYPE_CHECKING
 
 from ..protocol.errors import ErrorCode, RbeeError
-from .base import ProgressCallback, Runtime, RuntimeFactory, SamplingParams, SequenceRunner
+from .base import GrammarRuntime, ProgressCallback, Runtime, RuntimeFactory, SamplingParams, SequenceRunner
 
 if TYPE_CHECKING:
     from ..gguf_info import GGUFInfo
@@ -24,6 +24,7 @@ BACKENDS = (CTRANSFORMERS, LLAMA_CPP)
 
 __all__ = [
     "BACKENDS",
+    "GrammarRuntime",
     "ProgressCallback",
     "Runtime",
     "SamplingParams",

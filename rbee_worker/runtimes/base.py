@@ -8,8 +8,8 @@ metrics live once in the worker instead of once per runtime.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from ..engine.sequence import TokenSink
@@ -23,6 +23,15 @@ class SamplingParams:
     top_p: float = 0.95
     top_k: int = 40
     seed: int | None = None
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    penalty_last_n: int = 64
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    #: GBNF text with a `root` rule
+    grammar: str | None = None
+    #: None: no log-probabilities; n: the chosen token's and the n most likely
+    top_logprobs: int | None = None
 
 
 class Runtime(Protocol):
@@ -33,6 +42,9 @@ class Runtime(Protocol):
     """
 
     name: str
+    #: Request fields beyond temperature/top-p/top-k/seed/stop this runtime honours; the worker
+    #: refuses the others with a 400 naming the runtime instead of ignoring them.
+    features: frozenset[str]
 
     @property
     def context_length(self) -> int: ...
@@ -61,6 +73,18 @@ class SequenceRunner(Protocol):
     """
 
     def run_sequence(self, prompt_tokens: list[int], params: SamplingParams, sink: TokenSink) -> None: ...
+
+
+@runtime_checkable
+class GrammarRuntime(Protocol):
+    """A runtime that constrains output with llama.cpp grammars (and knows its vocabulary's size)."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def grammar_for(self, grammar: str | None, json_schema: dict[str, Any] | None) -> str | None:
+        """The checked GBNF for a request's grammar or JSON schema; a 400 naming the field if unusable."""
+        ...
 
 
 class RuntimeFactory(Protocol):

@@ -34,6 +34,9 @@ def cpu_library(cpuinfo: str = "/proc/cpuinfo") -> str | None:
 
 class CTransformersRuntime:
     name = NAME
+    # Its sampler has a repetition penalty and nothing else: no logit bias, no presence or
+    # frequency penalty, no grammar, no log-probabilities. Tools are only text in the prompt.
+    features = frozenset({"repeat_penalty", "penalty_last_n", "tools"})
 
     def __init__(
         self, path: str, *, context_length: int, threads: int | None, progress: ProgressCallback
@@ -75,8 +78,8 @@ class CTransformersRuntime:
                 top_k=params.top_k,
                 top_p=params.top_p,
                 temperature=params.temperature,
-                repetition_penalty=1.0,
-                last_n_tokens=64,
+                repetition_penalty=params.repeat_penalty,
+                last_n_tokens=params.penalty_last_n if params.penalty_last_n >= 0 else self.context_length,
                 seed=seed,
             )
             yield token

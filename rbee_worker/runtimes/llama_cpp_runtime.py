@@ -11,12 +11,17 @@ from __future__ import annotations
 import os
 import queue
 from collections.abc import Iterator
+from typing import Any
 
 from ..engine import Model, Scheduler, TokenSink
-from ..engine.sampling import SamplerChain
+from ..engine.grammar import GrammarError, check_grammar, schema_grammar
+from ..engine.sampling import SamplerChain, SamplerSettings
+from ..protocol.constraints import FIELDS
+from ..protocol.wire import invalid
 from .base import ProgressCallback, SamplingParams
 
 NAME = "llama-cpp"
+FEATURES = FIELDS
 
 #: Seconds between checks that an in-process `generate` has not failed.
 _POLL_S = 0.1
@@ -24,6 +29,7 @@ _POLL_S = 0.1
 
 class LlamaCppRuntime:
     name = NAME
+    features = FEATURES
 
     def __init__(
         self,
@@ -72,6 +78,38 @@ class LlamaCppRuntime:
     def is_eos(self, token: int) -> bool:
         return self._model.is_eos(token)
 
+    @property
+    def vocab_size(self) -> int:
+        return self._model.vocab_size
+
+    def grammar_for(self, grammar: str | None, json_schema: dict[str, Any] | None) -> str | None:
+        """The GBNF a request constrains its output with, checked by llama.cpp; a 400 naming the field."""
+        field_name = "json_schema" if json_schema is not None else "grammar"
+        try:
+            if json_schema is not None:
+                grammar = schema_grammar(json_schema)
+            if grammar is not None:
+                check_grammar(self._model.vocab, grammar)
+        except GrammarError as exc:
+            raise invalid(field_name, str(exc)) from None
+        return grammar
+
+    def _sampler(self, params: SamplingParams) -> SamplerChain:
+        last_n = params.penalty_last_n if params.penalty_last_n >= 0 else self.context_length
+        settings = SamplerSettings(
+            params.temperature, params.top_p, params.top_k, params.seed, params.repeat_penalty,
+            params.presence_penalty, params.frequency_penalty, last_n, params.logit_bias,
+            params.grammar, params.top_logprobs,
+        )  # fmt: skip
+        return SamplerChain(
+            params.temperature,
+            params.top_p,
+            params.top_k,
+            params.seed,
+            settings=settings,
+            vocab=self._model.vocab,
+        )
+
     def seat(self, index: int) -> LlamaCppSeat:
         """Slot `index`'s handle: this model, KV sequence `index`."""
         if not 0 <= index < self.sequences:
@@ -81,13 +119,13 @@ class LlamaCppRuntime:
     def run_sequence(
         self, prompt_tokens: list[int], params: SamplingParams, sink: TokenSink, *, seat: int = 0
     ) -> None:
-        sampler = SamplerChain(params.temperature, params.top_p, params.top_k, params.seed)
+        sampler = self._sampler(params)
         self._scheduler.run(seat, prompt_tokens, sampler, sink)
 
     def generate(self, prompt_tokens: list[int], params: SamplingParams, *, seat: int = 0) -> Iterator[int]:
         """Sample on `seat` until the caller stops iterating (for in-process use and tests)."""
         sink = _QueueSink()
-        sampler = SamplerChain(params.temperature, params.top_p, params.top_k, params.seed)
+        sampler = self._sampler(params)
         handle = self._scheduler.start(seat, prompt_tokens, sampler, sink)
         try:
             while True:
@@ -110,6 +148,7 @@ class LlamaCppSeat:
     """One slot's view of a shared `LlamaCppRuntime`: the same weights, its own KV sequence."""
 
     name = NAME
+    features = FEATURES
 
     def __init__(self, runtime: LlamaCppRuntime, index: int) -> None:
         self.runtime = runtime
@@ -127,6 +166,13 @@ class LlamaCppSeat:
 
     def is_eos(self, token: int) -> bool:
         return self.runtime.is_eos(token)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.runtime.vocab_size
+
+    def grammar_for(self, grammar: str | None, json_schema: dict[str, Any] | None) -> str | None:
+        return self.runtime.grammar_for(grammar, json_schema)
 
     def run_sequence(self, prompt_tokens: list[int], params: SamplingParams, sink: TokenSink) -> None:
         self.runtime.run_sequence(prompt_tokens, params, sink, seat=self.index)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,12 +33,12 @@ async def server_address(transport: NodeTransport) -> str:
     return result.stdout.split()[2]
 
 
-async def test_fan_out_reports_a_down_node_and_serves_the_others(ssh_inventory: Inventory) -> None:
+async def test_fan_out_reports_a_down_node_and_serves_the_others(
+    ssh_inventory: Inventory, attempts: list[str]
+) -> None:
     inventory = with_down_node(ssh_inventory)
     async with TransportPool(inventory) as pool:
-        started = time.monotonic()
         outcomes = await pool.fan_out(["n2", "down", "n3", "local"], server_address)
-        elapsed = time.monotonic() - started
         assert list(outcomes) == ["n2", "down", "n3", "local"]
         assert outcomes["n2"].value == "127.0.0.2" and outcomes["n3"].value == "127.0.0.3"
         assert outcomes["local"].value == "local"
@@ -47,13 +46,13 @@ async def test_fan_out_reports_a_down_node_and_serves_the_others(ssh_inventory: 
         assert not down.ok and down.error is not None
         assert down.error.code == ErrorCode.CONNECTION_FAILED
         assert "connection refused" in down.error.message
-        assert elapsed < 3
+        # a refused port costs its three quick attempts, the reachable nodes one connect each
+        assert sorted(attempts) == ["down", "down", "down", "n2", "n3"]
 
-        started = time.monotonic()
         with pytest.raises(RbeeError) as info:
             await pool.get("down")
         assert info.value is down.error, "a failed connect is remembered for the run"
-        assert time.monotonic() - started < 0.1
+        assert len(attempts) == 5, "and not tried again"
 
 
 async def test_one_connection_per_node_shared_by_concurrent_callers(ssh_inventory: Inventory) -> None:

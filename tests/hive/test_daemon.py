@@ -23,8 +23,15 @@ async def test_start_is_idempotent_private_and_stops_clean(hive: Hive) -> None:
     pid = first["pid"]
     again = hive.start()
     assert again["status"] == "already_running" and again["pid"] == pid
-    foreground = hive.run("daemon")  # not detached: finds the running one and returns at once
-    assert foreground.result["status"] == "already_running" and foreground.seconds < 5
+    foreground = hive.run("daemon")  # not detached: finds the running one and returns, serving nothing
+    assert foreground.result["status"] == "already_running" and foreground.result["pid"] == pid
+    assert int((hive.home / "hive.pid").read_text()) == pid
+    hives = [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if str(hive.home) in " ".join(p.info["cmdline"] or []) and "daemon" in (p.info["cmdline"] or [])
+    ]
+    assert hives == [pid], f"one hive per home, not {hives}"
 
     sock = hive.home / "hive.sock"
     assert stat.S_IMODE(sock.stat().st_mode) == 0o600

@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -19,10 +20,6 @@ from tests import sshd
 
 from ..waiting import wait_for
 from .conftest import Fleet, make_keeper
-
-#: rbee's connect timeout per attempt (rbee_control/ssh/connect.py); a down node must cost far less
-#: than the sum over nodes or attempts when the port is closed.
-CONNECT_TIMEOUT = 10.0
 
 
 def test_status_across_nodes_one_hive_running(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
@@ -48,13 +45,13 @@ def test_status_across_nodes_one_hive_running(fleet: Fleet, capsys: pytest.Captu
     rows = {line.split("│")[1].strip(): line for line in human.out.splitlines() if line.count("│") > 3}
     assert "running" in rows["n2"] and "stopped" in rows["local"] and "stopped" in rows["n3"]
 
-    # fan-out is concurrent: three nodes cost about one node's time
+    # fan-out is concurrent: three nodes cost about one node's time (printed, not asserted: CI is noisy;
+    # test_a_hung_node_costs_one_connect_timeout_and_hung_nodes_wait_together checks the overlap)
     one = keeper.run("status", "--node", "n2")
     assert one.rc == 0, one
     three = min(human.seconds, run.seconds)
     with capsys.disabled():
         print(f"\n[keeper] status wall time: 1 node {one.seconds:.2f}s, 3 nodes {three:.2f}s")
-    assert three < one.seconds * 1.8 + 0.3, (one.seconds, three)
 
 
 def test_status_with_a_node_down(fleet: Fleet) -> None:
@@ -73,20 +70,69 @@ def test_status_with_a_node_down(fleet: Fleet) -> None:
     assert "unreachable" in rows["n3"] and "CONNECTION_FAILED" in rows["n3"]
     assert "running" in rows["n2"] and "stopped" in rows["local"]
     assert "n3: cannot connect" in run.err, "the cause goes to stderr"
-    # about one (refused) connect, in parallel with the others: nowhere near a connect timeout
-    assert run.seconds < healthy.seconds + 3.0 and run.seconds < CONNECT_TIMEOUT, (
-        run.seconds,
-        healthy.seconds,
-    )
 
     status = down_json.json()
     assert down_json.rc == 1
+    # a refused port: its quick retries, never a connect timeout
     assert status["n3"]["error"]["code"] == "CONNECTION_FAILED"
+    assert status["n3"]["error"]["details"]["attempts"] == 3
     assert status["n3"]["error"]["details"]["host"] == n3.host
     assert status["n2"]["running"] is True and status["local"]["running"] is False
 
     back = keeper.run("status", "--node", "n3", json_mode=True)
     assert back.rc == 0 and back.json()["n3"]["running"] is False
+
+
+def _hive_pid(fleet: Fleet, node: str) -> int:
+    return int((fleet.homes / node / "hive.pid").read_text().split()[0])
+
+
+def test_a_running_hive_answers_over_streamlocal_without_a_process(fleet: Fleet) -> None:
+    """status, models list and worker list read n2's daemon over its socket: no `rbee-hive` runs."""
+    keeper, venv = fleet.keeper, fleet.homes / "n2" / "venv"
+    assert keeper.run("hive", "start", "--node", "n2").rc == 0
+    hidden = venv.with_name("venv.away")
+    venv.rename(hidden)  # `rbee-hive` can no longer be started on n2
+    try:
+        status = keeper.run("status", json_mode=True)
+        listings = keeper.run("models", "list", "--node", "n2", json_mode=True)
+    finally:
+        hidden.rename(venv)
+    assert status.rc == 0, status
+    info = status.json()
+    assert info["n2"]["running"] is True and info["n2"]["via"] == "socket"
+    assert info["n2"]["home"] == str(fleet.homes / "n2") and info["n2"]["node"]["ram_total"] > 0
+    assert info["n2"]["pid"] == _hive_pid(fleet, "n2")
+    # no daemon on these: the command path, saying what it always said
+    assert info["n3"]["via"] == "command" and info["n3"]["running"] is False
+    assert info["local"]["via"] == "command" and info["local"]["running"] is False
+    assert listings.rc == 0 and listings.json() == {"n2": []}, listings
+
+
+def test_a_stopped_node_and_a_silent_hive_do_not_hold_the_table(fleet: Fleet) -> None:
+    keeper, n3 = fleet.keeper, fleet.nodes["n3"]
+    assert keeper.run("hive", "start", "--node", "n2").rc == 0
+    pid = _hive_pid(fleet, "n2")
+    n3.stop()
+    os.kill(pid, signal.SIGSTOP)  # n2's daemon accepts nothing: its socket stays silent
+    try:
+        run = keeper.run("status", "--timeout", "1", json_mode=True)
+        human = keeper.run("status", "--timeout", "1")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        n3.start()
+    assert run.rc == 1, run
+    status = run.json()
+    assert status["n2"]["error"]["code"] == "REQUEST_TIMEOUT", run
+    assert "n2" in status["n2"]["error"]["message"] and "1s" in status["n2"]["error"]["message"]
+    assert status["n3"]["error"]["code"] == "CONNECTION_FAILED"
+    assert status["local"]["running"] is False
+    rows = {line.split("│")[1].strip(): line for line in human.out.splitlines() if line.count("│") > 3}
+    assert "no answer in 1s" in rows["n2"] and "unreachable" in rows["n3"], human.out
+    assert "stopped" in rows["local"], human.out
+
+    bad = keeper.run("status", "--timeout", "0")
+    assert bad.rc == 2 and "--timeout" in bad.err, bad
 
 
 def test_models_add_pushes_over_sftp_then_is_cached(fleet: Fleet, tiny_model: Path) -> None:
@@ -204,28 +250,67 @@ def test_node_without_rbee_or_with_another_version(
     assert "try: rbee-keeper setup install --node old" in mismatch.err
 
 
-def test_a_hung_node_costs_about_one_connect_timeout(tmp_path: Path) -> None:
-    """EC1 with a black hole: the port accepts, the SSH banner never comes."""
-    listener = socket.create_server(("127.0.0.4", 0))
-    accepted: list[socket.socket] = []
+class BlackHole:
+    """A port that accepts TCP and never sends an SSH banner; notes which others were open at each accept."""
 
-    def accept() -> None:
+    def __init__(self, host: str, holes: list[BlackHole]) -> None:
+        self.listener = socket.create_server((host, 0))
+        self.port = self.listener.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self.open_at_accept: list[int] = []  # for each accept: how many other holes held an open client
+        self._holes = holes
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
         with contextlib.suppress(OSError):
             while True:
-                accepted.append(listener.accept()[0])
+                conn = self.listener.accept()[0]
+                self.open_at_accept.append(sum(h.has_open_client() for h in self._holes if h is not self))
+                self.accepted.append(conn)
 
-    threading.Thread(target=accept, daemon=True).start()
-    port = listener.getsockname()[1]
-    inventory = tmp_path / "inventory.yaml"
-    inventory.write_text(f"nodes:\n  hung:\n    ssh: {{host: 127.0.0.4, port: {port}, user: me}}\n")
-    keeper = make_keeper(tmp_path, inventory)
-    pinned = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
-    (keeper.config_dir / "known_hosts").write_text(f"[127.0.0.4]:{port} {pinned}\n")
-    try:
-        run = keeper.run("status", json_mode=True, timeout=CONNECT_TIMEOUT + 2)
-    finally:
-        listener.close()
-        for conn in accepted:
+    def has_open_client(self) -> bool:
+        for conn in list(self.accepted):
+            conn.setblocking(False)
+            try:
+                while conn.recv(4096):  # the client's banner; EOF once it gave up
+                    pass
+            except BlockingIOError:
+                return True
+            except OSError:
+                pass
+        return False
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.accepted:
             conn.close()
-    assert run.rc == 1
-    assert run.json()["hung"]["error"]["code"] == "CONNECTION_TIMEOUT"
+
+
+def test_a_hung_node_costs_one_connect_timeout_and_hung_nodes_wait_together(tmp_path: Path) -> None:
+    """EC1 with black holes: one connect attempt per hung node, all of them at the same time."""
+    holes: list[BlackHole] = []
+    holes += [BlackHole("127.0.0.4", holes) for _ in range(2)]
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text(
+        "nodes:\n"
+        + "".join(
+            f"  hung{i}:\n    ssh: {{host: 127.0.0.4, port: {h.port}, user: me}}\n"
+            for i, h in enumerate(holes)
+        )
+    )
+    keeper = make_keeper(tmp_path, inventory, RBEE_SSH_CONNECT_TIMEOUT="1.5")
+    pinned = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+    (keeper.config_dir / "known_hosts").write_text("".join(f"[127.0.0.4]:{h.port} {pinned}\n" for h in holes))
+    try:
+        run = keeper.run("status", json_mode=True)
+    finally:
+        for hole in holes:
+            hole.close()
+    assert run.rc == 1, run
+    for name in ("hung0", "hung1"):
+        error = run.json()[name]["error"]
+        assert error["code"] == "CONNECTION_TIMEOUT", error
+        assert error["details"]["attempts"] == 1 and "(1.5s per attempt)" in error["details"]["reason"], error
+    assert [len(h.accepted) for h in holes] == [1, 1], "a timeout is not retried"
+    # fan-out: whichever hole was reached second saw the first one's client still waiting
+    assert sorted(h.open_at_accept[0] for h in holes) == [0, 1], [h.open_at_accept for h in holes]

@@ -74,8 +74,12 @@ async def serve_queen(
     api_key: str | None = QUEEN_KEY,
     admin_key: str | None = ADMIN_KEY,
     settings: QueenSettings | None = None,
+    **app_options: Any,
 ) -> AsyncIterator[Queen]:
-    app = create_app(fleet or StaticFleet(), api_key=api_key, admin_key=admin_key, settings=settings)
+    """`app_options` go to `create_app` as they are (`upstreams=`, `upstream_keys=`)."""
+    app = create_app(
+        fleet or StaticFleet(), api_key=api_key, admin_key=admin_key, settings=settings, **app_options
+    )
     sock = bind_socket("127.0.0.1", 0)
     config = uvicorn.Config(
         app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=2

@@ -148,12 +148,12 @@ async def test_unknown_model_is_404_and_a_wrong_key_401(registered: Queen) -> No
 async def test_bad_input_is_a_clear_error_and_the_worker_is_unharmed(registered: Queen) -> None:
     api = client(registered)
     refusals = [
-        (api.chat(model="alpha", messages=HI, format="json"), 400, "grammar"),
-        (api.chat(model="alpha", messages=HI, format={"type": "object"}), 400, "grammar"),
+        (api.chat(model="alpha", messages=HI, format={"type": "strnig"}), 400, "format"),
+        (api.chat(model="alpha", messages=HI, format={"$ref": "#/nowhere"}), 400, "schema"),
         (api.chat(model="alpha", messages=HI, options={"num_predict": 0}), 400, "options.num_predict"),
         (api.chat(model="alpha", messages=HI, options={"temperature": 9}), 400, "options.temperature"),
         (
-            api.chat(model="alpha", messages=HI, options={"repeat_penalty": 1.3}),
+            api.chat(model="alpha", messages=HI, options={"repeat_penalty": 11}),
             400,
             "options.repeat_penalty",
         ),

@@ -54,7 +54,9 @@ def test_load_options_and_unknown_options_are_ignored_neutral_ones_accepted() ->
         ({"temperature": 5}, "options.temperature"),
         ({"top_k": -3}, "options.top_k"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "options.stop"),
-        ({"repeat_penalty": 1.3}, "options.repeat_penalty"),
+        ({"repeat_penalty": 11}, "options.repeat_penalty"),
+        ({"presence_penalty": "high"}, "options.presence_penalty"),
+        ({"repeat_last_n": -5}, "options.repeat_last_n"),
         ({"mirostat": 2}, "options.mirostat"),
     ],
 )
@@ -66,8 +68,8 @@ def test_bad_or_unsupported_options_are_refused_with_their_ollama_name(options: 
 @pytest.mark.parametrize(
     ("kind", "extra", "field", "words"),
     [
-        ("chat", {"format": "json"}, "format", "grammar"),
-        ("chat", {"format": {"type": "object"}}, "format", "grammar"),
+        ("chat", {"format": "yaml"}, "format", "JSON schema"),
+        ("chat", {"format": {"type": "strnig"}}, "format", "not a JSON schema type"),
         ("chat", {"format": 3}, "format", "JSON schema"),
         ("chat", {"tools": [{"type": "function"}]}, "tools", "not supported"),
         ("chat", {"think": True}, "think", "not supported"),

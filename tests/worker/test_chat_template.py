@@ -151,3 +151,40 @@ async def test_a_template_that_runs_too_long_is_stopped_and_its_thread_ends() ->
     # the runner is free again: an ordinary template renders
     rendered = await runner.run(lambda: ChatTemplate(CHATML).render(HI))
     assert rendered.prompt.endswith("<|im_start|>assistant\n")
+
+
+#: The shape of Qwen/Hermes templates: tools in the system turn, calls and results in their own markup.
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n{% for t in tools %}{{ t['function'] | tojson }}\n{% endfor %}"
+    "<|im_end|>\n{% endif %}{% for m in messages %}"
+    "{% if m['role'] == 'assistant' and m['tool_calls'] is defined %}<|im_start|>assistant\n"
+    "{% for c in m['tool_calls'] %}<tool_call>{{ c['function'] | tojson }}</tool_call>{% endfor %}"
+    "<|im_end|>\n{% elif m['role'] == 'tool' %}<|im_start|>user\n"
+    "<tool_response>{{ m['content'] }}</tool_response><|im_end|>\n"
+    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+    "<|im_start|>assistant\n"
+)
+TOOLS = [{"type": "function", "function": {"name": "now", "parameters": {"type": "object"}}}]
+HISTORY = parse_messages([
+    {"role": "user", "content": "time?"},
+    {"role": "assistant", "content": None,
+     "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "now", "arguments": "{}"}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "noon"},
+])  # fmt: skip
+
+
+def test_a_template_that_reads_tools_renders_them_and_the_calls() -> None:
+    prompt = ChatTemplate(TOOLS_TEMPLATE).render(HISTORY, tools=TOOLS).prompt
+    assert '{"name": "now", "parameters": {"type": "object"}}' in prompt
+    assert '<tool_call>{"name": "now", "arguments": {}}</tool_call>' in prompt  # arguments as an object
+    assert "<tool_response>noon</tool_response>" in prompt
+
+
+def test_a_template_without_tools_gets_them_as_a_system_message_and_calls_as_text() -> None:
+    prompt = ChatTemplate(CHATML).render(HISTORY, tools=TOOLS).prompt
+    assert prompt.startswith("<|im_start|>system\nYou can call these functions:\n")
+    assert '{"name": "now", "parameters": {"type": "object"}}' in prompt
+    assert '<|im_start|>assistant\n{"name": "now", "arguments": {}}<|im_end|>' in prompt
+    assert "<|im_start|>user\nResult of c1: noon<|im_end|>" in prompt
+    fallback = ChatTemplate(None).render(HISTORY, tools=TOOLS).prompt
+    assert fallback.startswith("System: You can call") and "User: Result of c1: noon" in fallback

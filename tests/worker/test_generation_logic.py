@@ -51,7 +51,7 @@ async def run(pieces: list[bytes], **request: object) -> tuple[list[tuple[str, i
     runtime = ScriptedRuntime(pieces)
     generation = Generation("r", InferenceRequest(prompt="p", **request), runtime)  # type: ignore[arg-type]
     generation.start(lambda fn: asyncio.get_running_loop().run_in_executor(None, fn))
-    return [piece async for batch in generation.batches() for piece in batch], generation
+    return [(t, i) async for batch in generation.batches() for t, i, _lp in batch], generation
 
 
 async def test_multibyte_characters_are_held_until_whole() -> None:
