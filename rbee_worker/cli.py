@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from .logfile import WORKER_LOG_ENV, log_to
 from .planning import BACKENDS as DEVICE_BACKENDS
 from .planning import GpuLayers, parse_gpu_layers
 from .protocol.errors import RbeeError
@@ -135,6 +136,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if os.environ.get(WORKER_LOG_ENV):  # under a hive: its rotating file, not the inherited stderr
+        log_to(os.environ[WORKER_LOG_ENV])
     if args.command == "tiny-model":
         from .tinymodel import write_tiny_model
 

@@ -236,6 +236,13 @@ def cmd_rpc_stop(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> No
 # --- parser ------------------------------------------------------------------
 
 
+def cmd_logs(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
+    from .logs import print_logs
+
+    print_logs(paths, args.worker, args.lines, args.follow)
+    out.finished = True  # the lines are the answer: no result event after them
+
+
 def _common(parser: argparse.ArgumentParser, top: bool) -> None:
     """`--home` and `--json` work before or after the subcommand."""
     default: Any = None if top else argparse.SUPPRESS
@@ -291,6 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--timeout", type=float, default=30.0, help="seconds for the daemon to stop before SIGTERM"
     )
+
+    p = leaf(sub, "logs", cmd_logs, "print the hive's or a worker's log (plain lines, also with --json)")
+    p.add_argument("--worker", metavar="ID", help="a worker's log instead of the hive's")
+    p.add_argument("--lines", type=int, default=50, help="how many of the last lines (default 50)")
+    p.add_argument("--follow", action="store_true", help="then print new lines as they come, until stopped")
 
     models_p = sub.add_parser("models", help="the node's model catalog (no daemon needed)")
     msub = models_p.add_subparsers(dest="models_command", required=True, metavar="ACTION")

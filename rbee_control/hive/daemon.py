@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import uvicorn
 
+from rbee_worker.logfile import log_to
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
 from . import __version__, tls
@@ -54,11 +55,7 @@ def _bind_socket(paths: HivePaths) -> socket.socket:
 
 
 def _setup_logging(paths: HivePaths) -> None:
-    handler = logging.FileHandler(paths.hive_log)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
+    log_to(paths.hive_log)  # rotating: a hive that runs for months does not fill the disk
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 

@@ -311,6 +311,12 @@ def _worker_cell(worker: dict[str, Any], node: str, rpc_owners: dict[str, str]) 
     return cell
 
 
+async def _search(args: argparse.Namespace, ctx: KeeperContext) -> int:
+    from .model_search import cmd_models_search
+
+    return await cmd_models_search(args, ctx)
+
+
 def positive_seconds(text: str) -> float:
     try:
         value = float(text)
@@ -342,6 +348,9 @@ def register(sub: Any) -> None:
     p.add_argument("--max-bytes", type=int, help="refuse a download larger than this (node default 256 GiB)")
     p = msub.add_parser("list")
     nodes(p)
+    p = msub.add_parser("search", help="a Hugging Face repo's quantizations and sizes (asked from here)")
+    p.add_argument("ref", help="hf:owner/repo")
+    p.set_defaults(handler=_search)
     p = msub.add_parser("rm")
     p.add_argument("name")
     p.add_argument("--node", required=True)

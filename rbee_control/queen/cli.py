@@ -68,6 +68,8 @@ class QueenOptions:
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
     settings: QueenSettings = field(default_factory=QueenSettings)
     log_level: str = "info"
+    #: `text` or `json` (one object per line)
+    log_format: str = "text"
 
     def __repr__(self) -> str:  # keys stay out of logs and tracebacks
         return f"QueenOptions(inventory={self.inventory!r}, host={self.host!r}, port={self.port})"
@@ -168,9 +170,9 @@ def secure_settings(options: QueenOptions, inventory: Path | None) -> QueenSetti
 
 def run_queen(options: QueenOptions) -> int:
     """Serve until SIGTERM/SIGINT; return the process exit code (0, or 1 with a one-line cause)."""
-    logging.basicConfig(
-        level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from .log_format import configure
+
+    configure(options.log_level, options.log_format)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream request is noise
     if options.insecure_no_auth and not _is_loopback(options.host):
         print(
@@ -292,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between checks of replicas.min and idle extras",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-format", default="text", choices=["text", "json"], help="json: one object a line"
+    )
     return parser
 
 
@@ -332,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         settings=settings,
         log_level=args.log_level,
+        log_format=args.log_format,
         **access,
     )
     if args.show_key:
