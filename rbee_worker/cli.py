@@ -8,6 +8,7 @@ import os
 import sys
 
 from . import __version__
+from .logfile import WORKER_LOG_ENV, log_to
 from .planning import BACKENDS as DEVICE_BACKENDS
 from .planning import GpuLayers, parse_gpu_layers
 from .protocol.errors import RbeeError
@@ -21,6 +22,28 @@ def _gpu_layers(text: str) -> GpuLayers:
         return parse_gpu_layers(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _endpoints(text: str) -> tuple[str, ...]:
+    from .protocol.rpc import parse_endpoint
+
+    items = tuple(part.strip() for part in text.split(",") if part.strip())
+    try:
+        for item in items:
+            parse_endpoint(item)
+    except RbeeError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+    return items
+
+
+def _weights(text: str) -> tuple[float, ...]:
+    try:
+        weights = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+    if any(not w >= 0 for w in weights) or not any(w > 0 for w in weights):  # `not >=` also refuses nan
+        raise argparse.ArgumentTypeError(f"weights must be >= 0 and not all 0, got {text!r}")
+    return weights
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -93,6 +116,19 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds between ': ping' comments on a stream waiting for a slot",
     )
 
+    serve.add_argument(
+        "--rpc",
+        type=_endpoints,
+        default=(),
+        help="host:port,... of llama.cpp RPC servers to place layers on (a split worker; llama-cpp only)",
+    )
+    serve.add_argument(
+        "--tensor-split",
+        type=_weights,
+        default=(),
+        help="layer share per device, e.g. 1,1 (default: by each device's free memory)",
+    )
+
     tiny = sub.add_parser("tiny-model", help="write a tiny random-weight llama GGUF for tests")
     tiny.add_argument("path")
     tiny.add_argument("--seed", type=int, default=0)
@@ -102,6 +138,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if os.environ.get(WORKER_LOG_ENV):  # under a hive: its rotating file, not the inherited stderr
+        log_to(os.environ[WORKER_LOG_ENV])
     if args.command == "tiny-model":
         from .tinymodel import write_tiny_model
 
@@ -153,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         ssl_keyfile=args.ssl_keyfile,
         head_timeout_s=args.head_timeout,
         max_connections=args.max_connections,
+        rpc_servers=args.rpc,
+        tensor_split=args.tensor_split,
         embedding=args.embedding,
         pooling=args.pooling,
         keepalive_s=args.sse_keepalive,

@@ -41,9 +41,17 @@ def _vocab() -> tuple[list[str], list[float], list[int]]:
 
 
 def write_tiny_model(
-    path: str | Path, seed: int = 0, name: str = "rbee-tiny", chat_template: str | None = None
+    path: str | Path,
+    seed: int = 0,
+    name: str = "rbee-tiny",
+    chat_template: str | None = None,
+    split_max_tensors: int = 0,
 ) -> Path:
-    """Write the tiny model to `path` (atomic) and return the path; it has no chat template unless given."""
+    """Write the tiny model to `path` (atomic) and return the path; it has no chat template unless given.
+
+    `split_max_tensors` writes a split GGUF instead (`<stem>-00001-of-0000N.gguf` next to
+    `path`, not atomic) and returns the first part.
+    """
     path = Path(path)
     rng = np.random.default_rng(seed)
     tokens, scores, types = _vocab()
@@ -52,8 +60,8 @@ def write_tiny_model(
     def weight(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape) * 0.3).astype(np.float32)
 
-    part = path.with_name(path.name + ".tmp")
-    writer = GGUFWriter(str(part), "llama")
+    part = path.with_name(path.name + ".tmp") if not split_max_tensors else path
+    writer = GGUFWriter(str(part), "llama", split_max_tensors=split_max_tensors)
     writer.add_name(name)
     writer.add_context_length(N_CTX)
     writer.add_embedding_length(N_EMBD)
@@ -97,5 +105,7 @@ def write_tiny_model(
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    if split_max_tensors:
+        return sorted(path.parent.glob(f"{path.stem}-00001-of-*.gguf"))[0]
     part.replace(path)
     return path

@@ -7,6 +7,9 @@ POST /v1/workers/spawn       SpawnRequest → WorkerInfo
 POST /v1/workers/ready       ReadyReport, the callback of a worker once loaded or failed
 GET  /v1/workers/list        {workers: [WorkerInfo]}
 POST /v1/workers/{id}/stop   StopResult
+POST /v1/rpc/start           {threads?} → RpcServerInfo: a ggml-rpc-server for a split worker elsewhere
+GET  /v1/rpc/list            {servers: [RpcServerInfo]}
+POST /v1/rpc/{id}/stop       StopResult
 POST /v1/admin/shutdown      202; the daemon stops every worker, then exits
 
 The bodies are defined in `rbee_worker.protocol.hive_api` and `.spawn`, and parsed
@@ -29,6 +32,7 @@ from starlette.routing import Route
 
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from rbee_worker.protocol.hive_api import HiveHealth, HiveShutdown, ReadyReport, StopResult
+from rbee_worker.protocol.rpc import parse_start_body
 from rbee_worker.protocol.spawn import SpawnRequest
 
 from . import API_VERSION, __version__
@@ -61,8 +65,9 @@ def create_app(supervisor: Supervisor, request_exit: Callable[[], None]) -> Star
 
     async def status(request: Request) -> JSONResponse:
         workers = [w.info().to_json() for w in supervisor.registry.list()]
+        rpc = [r.info().to_json() for r in supervisor.rpc.list()]
         # node facts read /proc, the catalog and maybe nvidia-smi: off the event loop
-        info = await asyncio.to_thread(running_status, supervisor.paths, os.getpid(), workers)
+        info = await asyncio.to_thread(running_status, supervisor.paths, os.getpid(), workers, rpc)
         return JSONResponse(info)
 
     async def models(request: Request) -> JSONResponse:
@@ -85,6 +90,19 @@ def create_app(supervisor: Supervisor, request_exit: Callable[[], None]) -> Star
         worker_id = check_worker_id(request.path_params["worker_id"])
         how = await supervisor.stop_worker(worker_id, "asked to stop")
         return JSONResponse(StopResult(worker_id, True, how).to_json())
+
+    async def rpc_start(request: Request) -> JSONResponse:
+        threads = parse_start_body(await _json(request))
+        record = await supervisor.rpc_start(threads)
+        return JSONResponse(record.info().to_json())
+
+    async def rpc_list(request: Request) -> JSONResponse:
+        return JSONResponse({"servers": [r.info().to_json() for r in supervisor.rpc.list()]})
+
+    async def rpc_stop(request: Request) -> JSONResponse:
+        record = supervisor.rpc.require(request.path_params["rpc_id"])
+        how = await supervisor.rpc.stop(record.id, "asked to stop")
+        return JSONResponse(StopResult(record.id, True, how).to_json())
 
     async def shutdown(request: Request) -> JSONResponse:
         return JSONResponse(
@@ -114,6 +132,9 @@ def create_app(supervisor: Supervisor, request_exit: Callable[[], None]) -> Star
             Route("/v1/workers/ready", worker_ready, methods=["POST"]),
             Route("/v1/workers/list", list_workers, methods=["GET"]),
             Route("/v1/workers/{worker_id}/stop", stop_worker, methods=["POST"]),
+            Route("/v1/rpc/start", rpc_start, methods=["POST"]),
+            Route("/v1/rpc/list", rpc_list, methods=["GET"]),
+            Route("/v1/rpc/{rpc_id}/stop", rpc_stop, methods=["POST"]),
             Route("/v1/admin/shutdown", shutdown, methods=["POST"]),
         ],
         exception_handlers={RbeeError: on_rbee_error},

@@ -212,7 +212,36 @@ def cmd_worker_stop(args: argparse.Namespace, paths: HivePaths, out: Emitter) ->
     out.result(info.to_json(), f"{info.id}: stopped ({info.how})")
 
 
+def cmd_rpc_start(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
+    info = asyncio.run(_with_hive(paths, lambda h: h.rpc_start(args.threads)))
+    out.result(
+        info.to_json(),
+        f"{info.id}: ggml-rpc-server on {info.endpoint} (pid {info.pid}, protocol {info.version})",
+    )
+
+
+def cmd_rpc_list(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
+    servers = asyncio.run(_with_hive(paths, lambda h: h.rpc_list()))
+    table = _table(
+        [[s.id, s.endpoint, str(s.pid), s.version, str(s.clients)] for s in servers],
+        ["ID", "ENDPOINT", "PID", "PROTOCOL", "CLIENTS"],
+    )
+    out.result({"servers": [s.to_json() for s in servers]}, table or "no rpc servers")
+
+
+def cmd_rpc_stop(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
+    info = asyncio.run(_with_hive(paths, lambda h: h.rpc_stop(args.id)))
+    out.result(info.to_json(), f"{info.id}: stopped ({info.how})")
+
+
 # --- parser ------------------------------------------------------------------
+
+
+def cmd_logs(args: argparse.Namespace, paths: HivePaths, out: Emitter) -> None:
+    from .logs import print_logs
+
+    print_logs(paths, args.worker, args.lines, args.follow)
+    out.finished = True  # the lines are the answer: no result event after them
 
 
 def _common(parser: argparse.ArgumentParser, top: bool) -> None:
@@ -271,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=30.0, help="seconds for the daemon to stop before SIGTERM"
     )
 
+    p = leaf(sub, "logs", cmd_logs, "print the hive's or a worker's log (plain lines, also with --json)")
+    p.add_argument("--worker", metavar="ID", help="a worker's log instead of the hive's")
+    p.add_argument("--lines", type=int, default=50, help="how many of the last lines (default 50)")
+    p.add_argument("--follow", action="store_true", help="then print new lines as they come, until stopped")
+
     models_p = sub.add_parser("models", help="the node's model catalog (no daemon needed)")
     msub = models_p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     p = leaf(msub, "add", cmd_models_add, "download or import a GGUF model into the catalog")
@@ -296,6 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_spawn_arguments(p)
     leaf(wsub, "list", cmd_worker_list, "list this node's workers")
     p = leaf(wsub, "stop", cmd_worker_stop, "stop one worker gracefully")
+    p.add_argument("id")
+
+    rpc_p = sub.add_parser("rpc", help="llama.cpp RPC servers for split workers (needs the daemon)")
+    rsub = rpc_p.add_subparsers(dest="rpc_command", required=True, metavar="ACTION")
+    p = leaf(
+        rsub, "start", cmd_rpc_start, "start a ggml-rpc-server on this node's address (no auth: LAN only)"
+    )
+    p.add_argument("--threads", type=int, help="CPU threads it computes with (default: its own)")
+    leaf(rsub, "list", cmd_rpc_list, "this node's RPC servers")
+    p = leaf(rsub, "stop", cmd_rpc_stop, "stop one RPC server")
     p.add_argument("id")
     return parser
 

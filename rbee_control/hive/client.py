@@ -16,6 +16,7 @@ import httpx
 
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from rbee_worker.protocol.hive_api import HiveHealth, HiveShutdown, StopResult, WorkerInfo
+from rbee_worker.protocol.rpc import RpcServerInfo, check_rpc_id
 from rbee_worker.protocol.spawn import SpawnRequest
 
 from .paths import HivePaths, check_worker_id
@@ -92,6 +93,18 @@ class HiveClient:
     async def stop_worker(self, worker_id: str) -> StopResult:
         check_worker_id(worker_id)
         return StopResult.from_json(await self._call("POST", f"/v1/workers/{worker_id}/stop", timeout=90.0))
+
+    async def rpc_start(self, threads: int | None = None) -> RpcServerInfo:
+        body = {"threads": threads} if threads else {}
+        return RpcServerInfo.from_json(await self._call("POST", "/v1/rpc/start", body, timeout=90.0))
+
+    async def rpc_list(self) -> list[RpcServerInfo]:
+        body = await self._call("GET", "/v1/rpc/list")
+        return [RpcServerInfo.from_json(s) for s in body["servers"]]
+
+    async def rpc_stop(self, rpc_id: str) -> StopResult:
+        check_rpc_id(rpc_id)
+        return StopResult.from_json(await self._call("POST", f"/v1/rpc/{rpc_id}/stop", timeout=60.0))
 
     async def shutdown(self) -> HiveShutdown:
         return HiveShutdown.from_json(await self._call("POST", "/v1/admin/shutdown"))

@@ -31,6 +31,8 @@ class HiveConfig:
     startup_timeout: float = 30.0
     ram_factor: float = 1.2
     failed_probes_limit: int = 3
+    #: seconds an RPC server may go without its split worker's connection before it is stopped
+    rpc_grace: float = 10.0
     #: workers serve HTTPS with the hive's certificate: "auto" beyond loopback, "on" always
     tls: str = "auto"
 

@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import uvicorn
 
+from rbee_worker.logfile import log_to
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
 from . import __version__, tls
@@ -31,6 +32,7 @@ from .config import HiveConfig
 from .paths import HivePaths
 from .pidfiles import claim_hive_pid, read_worker_files, release_hive_pid, running_hive
 from .process import is_alive, terminate, wait_gone
+from .rpc_servers import RpcServers
 from .spawn import certificate_hosts
 from .status import base_info
 from .supervisor import Supervisor, stop_worker_process
@@ -53,11 +55,7 @@ def _bind_socket(paths: HivePaths) -> socket.socket:
 
 
 def _setup_logging(paths: HivePaths) -> None:
-    handler = logging.FileHandler(paths.hive_log)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
+    log_to(paths.hive_log)  # rotating: a hive that runs for months does not fill the disk
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
@@ -178,6 +176,7 @@ async def stop_hive(paths: HivePaths, grace: float = 30.0) -> dict[str, Any]:
         await asyncio.gather(*(stop_worker_process(http, f, 10.0) for f in leftovers))
     for f in read_worker_files(paths):
         f.remove(paths)
+    await RpcServers(paths, HiveConfig()).clean_leftovers()  # after the workers that used them
     if pid is None:
         paths.socket.unlink(missing_ok=True)
     return {

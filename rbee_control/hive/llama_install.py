@@ -30,6 +30,7 @@ from rbee_worker.protocol.node_events import Emitter
 
 from .devices import NodeDevices, detect, write_build_record
 from .paths import HivePaths
+from .rpc_servers import has_rpc
 
 LLAMA_VERSION = os.environ.get("RBEE_LLAMA_VERSION", "0.3.36")
 CMAKE_FLAGS = {"cuda": "-DGGML_CUDA=on", "metal": "-DGGML_METAL=on", "cpu": "-DGGML_NATIVE=OFF"}
@@ -37,8 +38,13 @@ CMAKE_FLAGS = {"cuda": "-DGGML_CUDA=on", "metal": "-DGGML_METAL=on", "cpu": "-DG
 BUILD_TIMEOUT = 3 * 3600
 
 
+#: every build also gets llama.cpp's RPC backend, for split workers (see rpc_build for its server)
+RPC_FLAG = "-DGGML_RPC=ON"
+
+
 def wheel_cache() -> Path:
-    return Path(os.environ.get("RBEE_WHEEL_CACHE") or Path.home() / ".cache" / "rbee" / "wheels")
+    """`wheels-rpc`: the older `wheels` cache holds builds without the RPC backend."""
+    return Path(os.environ.get("RBEE_WHEEL_CACHE") or Path.home() / ".cache" / "rbee" / "wheels-rpc")
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,20 +102,21 @@ def installed_version() -> str | None:
 
 
 def pip_command(
-    build: LlamaBuild, installed: list[str], python: str = sys.executable
+    build: LlamaBuild, installed: list[str], python: str = sys.executable, rpc_installed: bool = True
 ) -> tuple[list[str], dict[str, str]]:
     """argv and environment that install this build into `python`'s environment.
 
-    `installed`: the backends of the build there now (a GPU build must be replaced by force).
+    `installed`: the backends of the build there now (a GPU build must be replaced by force,
+    and so must one without the RPC backend: `rpc_installed` False).
     """
     spec = f"llama-cpp-python=={LLAMA_VERSION}"
     argv = [python, "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off"]
-    env = {**os.environ, "CMAKE_ARGS": build.cmake_args}
+    env = {**os.environ, "CMAKE_ARGS": f"{build.cmake_args} {RPC_FLAG}"}
     if build.backend == "cpu":
         cache = wheel_cache()
         if cache.is_dir():
             argv += ["--find-links", str(cache)]
-        if any(b != "cpu" for b in installed):
+        if any(b != "cpu" for b in installed) or (installed and not rpc_installed):
             argv += ["--force-reinstall", "--no-deps"]
     else:
         # never a cached or binary wheel: those are CPU builds
@@ -121,19 +128,21 @@ def install_llama(paths: HivePaths, forced: str, out: Emitter, dry_run: bool = F
     """Choose, build and record; pip's output goes out line by line as log events."""
     node = detect(paths)
     build = choose_build(node, forced)
-    argv, env = pip_command(build, node.llama_cpp_backends)
+    rpc_installed = has_rpc()
+    argv, env = pip_command(build, node.llama_cpp_backends, rpc_installed=rpc_installed)
     plan = {**build.to_json(), "version": LLAMA_VERSION, "command": argv, "dry_run": dry_run}
     out.log(
         f"llama-cpp-python {LLAMA_VERSION} for {build.backend} ({build.reason}): "
-        f"CMAKE_ARGS={build.cmake_args}"
+        f"CMAKE_ARGS={env['CMAKE_ARGS']}"
     )
-    same = installed_version() == LLAMA_VERSION and build.backend in node.llama_cpp_backends
+    same = installed_version() == LLAMA_VERSION and build.backend in node.llama_cpp_backends and rpc_installed
     if same and (build.backend != "cpu" or node.llama_cpp_backends == ["cpu"]):
         out.log(
             f"already installed: llama-cpp-python {LLAMA_VERSION} with {', '.join(node.llama_cpp_backends)}"
         )
         if node.llama_cpp_build is None and not dry_run:
             write_build_record(paths, {**plan, "dry_run": False, "reused": True})
+        _install_rpc_server(out)
         return {**plan, "already_installed": True, "llama_cpp_backends": node.llama_cpp_backends}
     if dry_run:
         return plan
@@ -164,4 +173,13 @@ def install_llama(paths: HivePaths, forced: str, out: Emitter, dry_run: bool = F
     }
     record.pop("dry_run")
     write_build_record(paths, record)
+    _install_rpc_server(out)
     return {**record, "llama_cpp_backends": detect(paths).llama_cpp_backends}
+
+
+def _install_rpc_server(out: Emitter) -> None:
+    """The matching ggml-rpc-server beside this Python (built once per version, then cached)."""
+    from .rpc_build import install
+
+    out.log("ggml-rpc-server: building from the same llama.cpp sources (once per version)")
+    out.log(f"ggml-rpc-server: {install(LLAMA_VERSION)}")

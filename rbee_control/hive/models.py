@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import fcntl
+import hashlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rbee_worker.gguf_info import read_gguf_info
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
@@ -25,8 +26,20 @@ from rbee_worker.protocol.node_events import Emitter
 
 from .catalog import Catalog, ModelRow
 from .download import PartDigest, RetryPolicy, download, import_file, sha256_file
+from .hf_files import SPLIT_RE
 from .paths import HivePaths, check_model_name
-from .refs import ModelRef, Source, TransientError, hf_source, http_source, name_from_filename, parse_ref
+from .refs import (
+    ModelRef,
+    Resolution,
+    Source,
+    TransientError,
+    hf_source,
+    http_source,
+    name_from_filename,
+    parse_ref,
+)
+
+T = TypeVar("T")
 
 
 @contextmanager
@@ -109,25 +122,48 @@ async def add_model(
         if max_bytes < 1:
             raise RbeeError(ErrorCode.INVALID_REQUEST, "--max-bytes must be positive", status=400)
         policy = dataclasses.replace(policy, max_bytes=max_bytes)
-    source: Source | None = None
-    if ref.kind == "hf" and name is None and ref.filename is None:
-        source = await _resolve_with_retries(ref, policy)
-        row = _lookup_cached(catalog, ref, name_from_filename(source.filename))
-        if row is not None:
-            return _cached(row)
-    name = name or ref.default_name or name_from_filename(source.filename if source else "model")
+    resolution: Resolution | None = None
+    if ref.kind == "hf" and (ref.filename is None or ref.split):
+        resolution = await _resolve_with_retries(ref, policy)
+        _say_choice(emitter, ref, resolution)
+        if name is None:
+            row = _lookup_cached(catalog, ref, name_from_filename(resolution.filename))
+            if row is not None:
+                return _cached(row)
+    name = name or ref.default_name or name_from_filename(resolution.filename if resolution else "model")
     with _name_lock(paths.model_lock(name)):
         row = _lookup_cached(catalog, ref, name)
         if row is not None:
             return _cached(row)
+        if resolution is not None and len(resolution.sources) > 1:
+            return await _install_split(paths, catalog, ref, name, resolution.sources, emitter, policy)
+        source = resolution.sources[0] if resolution else None
         return await _fetch_and_install(paths, catalog, ref, name, sha256, source, emitter, policy)
 
 
-async def _resolve_with_retries(ref: ModelRef, policy: RetryPolicy) -> Source:
+def _say_choice(emitter: Emitter, ref: ModelRef, resolution: Resolution) -> None:
+    quant = resolution.quant
+    if quant is None:
+        return
+    size = f", {quant.size / 1e6:.1f} MB" if quant.size else ""
+    parts = f" in {len(quant.files)} parts" if len(quant.files) > 1 else ""
+    why = f": {resolution.note}" if resolution.note else ""
+    emitter.log(f"{ref.raw}: using {quant.primary}{parts}{size}{why}")
+
+
+async def _resolve_with_retries(ref: ModelRef, policy: RetryPolicy) -> Resolution:
+    return await resolve_retried(ref, lambda: hf_source(ref), policy)
+
+
+async def resolve_retried(
+    ref: ModelRef, call: Callable[[], Awaitable[T]], policy: RetryPolicy | None = None
+) -> T:
+    """A hub call with the download's retries: the hub too has bad seconds."""
+    policy = policy or RetryPolicy.from_env()
     attempt = 1
     while True:
         try:
-            return await hf_source(ref)
+            return await call()
         except TransientError as exc:
             if attempt >= policy.attempts:
                 raise RbeeError(
@@ -183,6 +219,69 @@ async def _fetch_and_install(
     return {**stored.to_json(with_template=True), "cached": False}
 
 
+async def _install_split(
+    paths: HivePaths,
+    catalog: Catalog,
+    ref: ModelRef,
+    name: str,
+    sources: list[Source],
+    emitter: Emitter,
+    policy: RetryPolicy,
+) -> dict[str, Any]:
+    """A split GGUF: every part verified on its own, renamed together; the row names the first part.
+
+    The parts keep the `-0000k-of-0000N` names, which is how llama.cpp finds the
+    rest when it opens the first. The catalogued sha256 is that of the parts' sha256s.
+    """
+    finals = [paths.split_file(name, i + 1, len(sources)) for i in range(len(sources))]
+    digests = []
+    for i, (source, final) in enumerate(zip(sources, finals, strict=True)):
+        emitter.log(f"part {i + 1}/{len(sources)}: {source.filename}")
+        part = final.with_name(final.name + ".part")
+        digests.append(await _download_verified(ref, part, None, source, emitter, policy))
+    first = finals[0].with_name(finals[0].name + ".part")
+    emitter.log("checking GGUF metadata")
+    try:
+        info = await asyncio.to_thread(read_gguf_info, first)
+    except RbeeError:
+        for final in finals:
+            final.with_name(final.name + ".part").unlink(missing_ok=True)
+        raise
+    for final in finals:
+        final.with_name(final.name + ".part").replace(final)
+    size = sum(f.stat().st_size for f in finals)
+    row = ModelRow(
+        name=name,
+        ref=ref.raw,
+        path=str(finals[0]),
+        size=size,
+        sha256=set_digest(digests),
+        architecture=info.architecture,
+        tokenizer_model=info.tokenizer_model,
+        quantization=info.quantization,
+        context_length=info.context_length,
+        chat_template=info.chat_template,
+        added_at=round(time.time(), 3),
+    )
+    stored = catalog.add(row)
+    emitter.log(f"{name}: {info.architecture} {info.quantization}, {size} bytes in {len(finals)} parts")
+    return {**stored.to_json(with_template=True), "cached": False}
+
+
+def set_digest(digests: list[str]) -> str:
+    """One sha256 for a split set: of its parts' hex digests, one per line, in part order."""
+    return hashlib.sha256("".join(d + "\n" for d in digests).encode()).hexdigest()
+
+
+def split_parts(path: Path) -> list[Path]:
+    """All files of the split set whose first part is `path` (just `path` when it is not split)."""
+    m = SPLIT_RE.search(path.name)
+    if m is None:
+        return [path]
+    count, stem = int(m.group(2)), path.name[: m.start()]
+    return [path.with_name(f"{stem}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+
+
 async def _download_verified(
     ref: ModelRef,
     part: Path,
@@ -196,7 +295,7 @@ async def _download_verified(
     async def resolve() -> Source:
         nonlocal source
         if source is None:
-            source = await hf_source(ref) if ref.kind == "hf" else http_source(ref)
+            source = (await hf_source(ref)).sources[0] if ref.kind == "hf" else http_source(ref)
         return source
 
     resumed = part.exists() and part.stat().st_size > 0
@@ -205,7 +304,7 @@ async def _download_verified(
         got = await download(resolve, part, emitter, policy, digest)
         try:
             _check_size(part, got)
-            return _check_digest(part, await digest.hexdigest(), sha256 or got.sha256, refused_by=ref.raw)
+            return _check_digest(part, await digest.finish(emitter), sha256 or got.sha256, refused_by=ref.raw)
         except RbeeError as exc:
             part.unlink(missing_ok=True)
             # a resumed file may splice two versions of the source: one clean retry is worth it
@@ -251,9 +350,11 @@ def remove_model(paths: HivePaths, name: str) -> dict[str, Any]:
     catalog = Catalog(paths.ensure().db)
     row = catalog.require(name)
     catalog.remove(name)
-    file = Path(row.path)
-    freed = file.stat().st_size if file.exists() else 0
-    file.unlink(missing_ok=True)
+    freed = 0
+    for file in split_parts(Path(row.path)):
+        freed += file.stat().st_size if file.exists() else 0
+        file.unlink(missing_ok=True)
+        file.with_name(file.name + ".part").unlink(missing_ok=True)
     paths.model_part(name).unlink(missing_ok=True)
     return {"name": name, "removed": True, "path": row.path, "freed_bytes": freed}
 
@@ -263,14 +364,19 @@ async def verify_model(paths: HivePaths, name: str, emitter: Emitter) -> dict[st
     check_model_name(name)
     row = Catalog(paths.ensure().db).require(name)
     path = Path(row.path)
-    if not path.is_file():
+    missing = [p for p in split_parts(path) if not p.is_file()]
+    if missing:
         raise RbeeError(
             ErrorCode.INVALID_MODEL_FILE,
-            f"{name}: file {path} is missing",
+            f"{name}: file {missing[0]} is missing",
             details={"name": name, "path": str(path)},
             hint=f"rbee-hive models rm {name} && rbee-hive models add {row.ref}",
         )
-    digest = await sha256_file(path, emitter)
+    parts = split_parts(path)
+    if len(parts) > 1:
+        digest = set_digest([await sha256_file(p, emitter) for p in parts])
+    else:
+        digest = await sha256_file(path, emitter)
     if digest != row.sha256:
         raise RbeeError(
             ErrorCode.CHECKSUM_MISMATCH,
@@ -278,5 +384,5 @@ async def verify_model(paths: HivePaths, name: str, emitter: Emitter) -> dict[st
             details={"name": name, "expected": row.sha256, "actual": digest, "path": str(path)},
             hint=f"rbee-hive models rm {name} && rbee-hive models add {row.ref}",
         )
-    info = await asyncio.to_thread(read_gguf_info, path)
-    return {"name": name, "ok": True, "path": str(path), "size": info.size, "sha256": digest}
+    await asyncio.to_thread(read_gguf_info, path)
+    return {"name": name, "ok": True, "path": str(path), "size": row.size, "sha256": digest}

@@ -95,6 +95,10 @@ class HivePaths:
     def model_file(self, name: str) -> Path:
         return self.models_dir / f"{check_model_name(name)}.gguf"
 
+    def split_file(self, name: str, index: int, count: int) -> Path:
+        """Part `index` of `count` of a split model, named the way llama.cpp looks for its siblings."""
+        return self.models_dir / f"{check_model_name(name)}-{index:05d}-of-{count:05d}.gguf"
+
     def model_part(self, name: str) -> Path:
         return self.models_dir / f"{check_model_name(name)}.gguf.part"
 

@@ -107,6 +107,8 @@ class WorkerFile:
     planned_bytes: int = 0
     #: what the worker reported it holds on its GPU
     vram_bytes: int = 0
+    #: a split worker's RPC servers (`host:port`)
+    rpc_servers: list[str] = field(default_factory=list)
     #: serves embeddings (`--embedding`), not generation
     embedding: bool = False
 

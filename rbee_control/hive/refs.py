@@ -1,12 +1,16 @@
 """Model references: what the operator typed, and the download source it resolves to.
 
-    hf:owner/repo[@revision][:path/file.gguf]   a Hugging Face repo (HF_ENDPOINT honoured)
+    hf:owner/repo[@revision]                     a repo: Q4_K_M, else nearest 4-bit, else smallest
+    hf:owner/repo[@revision]:Q8_0                one quantization of it, by tag (case-insensitive)
+    hf:owner/repo[@revision]:path/file.gguf      one file of it (also hf:owner/repo/path/file.gguf)
     https://host/path/file.gguf                  any HTTP(S) URL (http:// too, for a LAN mirror)
     file:/abs/path/file.gguf                     a file already on this node
 
 Hugging Face refs are resolved with huggingface_hub (listing, `/resolve` URL, auth
 headers, and the hub's size and sha256), but the bytes are fetched by our own
 downloader so every source gets the same `.part` resume, retries and progress.
+A split GGUF (`-00001-of-0000N.gguf`) resolves to all its parts. HF_ENDPOINT and
+HF_TOKEN are read by huggingface_hub as usual.
 """
 
 from __future__ import annotations
@@ -14,18 +18,25 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
+from .hf_files import SPLIT_RE, Quant, RepoFile, choose, group
 from .paths import MODEL_NAME_RE
 
-_HF_RE = re.compile(r"hf:(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<rev>[\w./-]+?))?(?::(?P<file>[^:]+\.gguf))?")
+_HF_RE = re.compile(
+    r"hf:(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<rev>[\w./-]+?))?"
+    r"(?::(?P<file>[^:]+\.gguf)|/(?P<path>[^:@]+\.gguf)|:(?P<tag>[A-Za-z0-9_.-]+))?"
+)
+T = TypeVar("T")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _FORMATS = (
-    "hf:owner/repo[:file.gguf] (Hugging Face), https://host/path/file.gguf (HTTP), "
+    "hf:owner/repo[:TAG|:file.gguf] (Hugging Face), https://host/path/file.gguf (HTTP), "
     "file:/abs/path/file.gguf (a file on the node)"
 )
 
@@ -41,6 +52,8 @@ class ModelRef:
     location: str  # repo id, URL or absolute path
     filename: str | None = None
     revision: str | None = None
+    #: a quantization tag (upper case) for an hf repo, instead of a file name
+    tag: str | None = None
 
     @property
     def default_name(self) -> str | None:
@@ -48,6 +61,10 @@ class ModelRef:
         if self.filename is None:
             return None
         return name_from_filename(self.filename)
+
+    @property
+    def split(self) -> bool:
+        return self.filename is not None and SPLIT_RE.search(self.filename) is not None
 
 
 @dataclass(slots=True)
@@ -62,7 +79,7 @@ class Source:
 
 
 def name_from_filename(filename: str) -> str:
-    stem = Path(filename).name
+    stem = SPLIT_RE.sub("", Path(filename).name)  # a split set is named once, not per part
     if stem.lower().endswith(".gguf"):
         stem = stem[: -len(".gguf")]
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).lstrip("._-")[:128]
@@ -74,6 +91,11 @@ def parse_ref(raw: str) -> ModelRef:
     ref = raw.strip()
     if ref.startswith("hf:"):
         m = _HF_RE.fullmatch(ref)
+        if m and m["path"]:  # one spelling per file: the catalog compares refs
+            rev = f"@{m['rev']}" if m["rev"] else ""
+            return ModelRef(f"hf:{m['repo']}{rev}:{m['path']}", "hf", m["repo"], m["path"], m["rev"])
+        if m and m["tag"]:
+            return ModelRef(ref, "hf", m["repo"], None, m["rev"], m["tag"].upper())
         if m:
             return ModelRef(ref, "hf", m["repo"], m["file"], m["rev"])
     elif ref.startswith(("https://", "http://")):
@@ -107,9 +129,27 @@ def http_source(ref: ModelRef) -> Source:
     return Source(url=ref.location, filename=ref.filename or "model.gguf")
 
 
-async def hf_source(ref: ModelRef) -> Source:
+@dataclass(slots=True)
+class Resolution:
+    """What an hf ref resolved to: one source per file (a split set has several), and why these."""
+
+    sources: list[Source]
+    quant: Quant | None = None
+    note: str | None = None
+
+    @property
+    def filename(self) -> str:
+        return self.sources[0].filename
+
+
+async def hf_source(ref: ModelRef) -> Resolution:
     """Resolve an hf ref through huggingface_hub (blocking HTTP, so in a thread)."""
     return await asyncio.to_thread(_resolve_hf, ref)
+
+
+async def hf_quants(ref: ModelRef) -> list[Quant]:
+    """The repo's GGUF models with their sizes, for `models search`."""
+    return await asyncio.to_thread(_hub_call, ref, lambda: _list_quants(_api(), ref, sizes=True))
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
@@ -122,8 +162,41 @@ def _network_errors() -> tuple[type[BaseException], ...]:
         return (OSError,)
 
 
-def _resolve_hf(ref: ModelRef) -> Source:
-    from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
+def _api() -> object:
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)
+
+
+def _list_quants(api: object, ref: ModelRef, sizes: bool = False) -> list[Quant]:
+    info = api.model_info(ref.location, revision=ref.revision, files_metadata=sizes)  # type: ignore[attr-defined]
+    return group(RepoFile(s.rfilename, getattr(s, "size", None)) for s in info.siblings or [])
+
+
+def _resolve_hf(ref: ModelRef) -> Resolution:
+    def resolve() -> Resolution:
+        if ref.filename is not None and not ref.split:
+            return Resolution([_file_source(ref, ref.filename)])
+        quants = _list_quants(_api(), ref, sizes=ref.filename is None and ref.tag is None)
+        if ref.filename is not None:  # one part named: the whole set it belongs to
+            quant = next((q for q in quants if ref.filename in (f.path for f in q.files)), None)
+            if quant is None:
+                raise RbeeError(
+                    ErrorCode.MODEL_NOT_FOUND,
+                    f"{ref.raw}: the repo has no complete split set with this part",
+                    details={"ref": ref.raw, "gguf_files": [q.to_json() for q in quants[:50]]},
+                    hint=f"rbee-keeper models search hf:{ref.location}",
+                )
+            note = None
+        else:
+            quant, note = choose(quants, ref.raw, ref.tag)
+        return Resolution([_file_source(ref, f.path) for f in quant.files], quant, note)
+
+    return _hub_call(ref, resolve)
+
+
+def _hub_call(ref: ModelRef, call: Callable[[], T]) -> T:
+    """Run a hub call, turning huggingface_hub's exceptions into our codes (or TransientError)."""
     from huggingface_hub.errors import (
         EntryNotFoundError,
         FileMetadataError,
@@ -133,14 +206,10 @@ def _resolve_hf(ref: ModelRef) -> Source:
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
-    from huggingface_hub.utils import build_hf_headers
 
     endpoint = os.environ.get("HF_ENDPOINT") or None
     try:
-        filename = ref.filename or _single_gguf(HfApi(endpoint=endpoint), ref)
-        url = hf_hub_url(ref.location, filename, revision=ref.revision, endpoint=endpoint)
-        headers = build_hf_headers()
-        meta = get_hf_file_metadata(url, headers=headers, endpoint=endpoint)
+        return call()
     except GatedRepoError as exc:
         raise _hf_denied(ref, exc) from None
     except OfflineModeIsEnabled:
@@ -178,6 +247,17 @@ def _resolve_hf(ref: ModelRef) -> Source:
         raise TransientError(f"hub answered HTTP {status}") from exc
     except _network_errors() as exc:
         raise TransientError(f"cannot reach the hub: {type(exc).__name__}: {exc}") from exc
+
+
+def _file_source(ref: ModelRef, filename: str) -> Source:
+    """The download URL, auth headers, size and sha256 of one file (a HEAD to the hub)."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers
+
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    url = hf_hub_url(ref.location, filename, revision=ref.revision, endpoint=endpoint)
+    headers = build_hf_headers()
+    meta = get_hf_file_metadata(url, headers=headers, endpoint=endpoint)
     location = meta.location or url
     if url.startswith("https:") and not location.startswith("https:"):
         raise RbeeError(
@@ -195,19 +275,6 @@ def _resolve_hf(ref: ModelRef) -> Source:
         headers={k: v for k, v in headers.items() if k.lower() in ("authorization", "user-agent")},
         size=meta.size,
         sha256=etag if _SHA256_RE.fullmatch(etag) else None,
-    )
-
-
-def _single_gguf(api: object, ref: ModelRef) -> str:
-    info = api.model_info(ref.location, revision=ref.revision)  # type: ignore[attr-defined]
-    ggufs = sorted(s.rfilename for s in info.siblings or [] if s.rfilename.lower().endswith(".gguf"))
-    if len(ggufs) == 1:
-        return ggufs[0]
-    raise RbeeError(
-        ErrorCode.INVALID_REQUEST,
-        f"{ref.raw}: the repo has {len(ggufs)} .gguf files; name one",
-        details={"ref": ref.raw, "gguf_files": ggufs[:50]},
-        hint=f"rbee-hive models add hf:{ref.location}:{ggufs[0]}" if ggufs else None,
     )
 
 

@@ -76,6 +76,7 @@ class Worker:
             last_activity=round(self.last_activity, 3),
             idle_seconds=round(self.idle_for(), 1) if self.state == WorkerState.IDLE else 0.0,
             failed_probes=self.failed_probes,
+            rpc_servers=list(f.rpc_servers),
             embedding=f.embedding,
         )
 

@@ -17,6 +17,7 @@ import sys
 import time
 
 from rbee_worker.gguf_info import GGUFInfo
+from rbee_worker.logfile import WORKER_LOG_ENV
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from rbee_worker.protocol.spawn import SpawnRequest
 from rbee_worker.runtimes import choose_backend as worker_choose_runtime
@@ -135,6 +136,10 @@ async def launch(
         cmd += ["--device", str(placement.device)]
     if req.threads:
         cmd += ["--threads", str(req.threads)]
+    if req.rpc_servers:
+        cmd += ["--rpc", ",".join(req.rpc_servers)]
+    if req.tensor_split:
+        cmd += ["--tensor-split", ",".join(f"{w:g}" for w in req.tensor_split)]
     if req.embedding:
         cmd.append("--embedding")
     scheme = "http"
@@ -143,6 +148,7 @@ async def launch(
         cmd += ["--ssl-certfile", str(cert.cert), "--ssl-keyfile", str(cert.key)]
         scheme = "https"
     env = worker_env(os.environ, api_key)
+    env[WORKER_LOG_ENV] = str(paths.worker_log(worker_id))
     if placement.backend == "cuda":
         env["CUDA_VISIBLE_DEVICES"] = str(placement.device)
     with paths.worker_log(worker_id).open("ab") as log:
@@ -175,6 +181,7 @@ async def launch(
         device=placement.device,
         gpu_layers=plan.gpu_layers,
         planned_bytes=plan.total_bytes,
+        rpc_servers=list(req.rpc_servers),
         embedding=req.embedding,
     )
     record.save(paths)

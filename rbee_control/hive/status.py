@@ -61,6 +61,16 @@ def node_facts(paths: HivePaths) -> dict[str, Any]:
     }
 
 
+async def _rpc_servers(hive: HiveClient) -> list[Any]:
+    """A daemon older than this CLI has no RPC servers to list (404): none, not a failed status."""
+    try:
+        return list(await hive.rpc_list())
+    except RbeeError as exc:
+        if exc.status == 404:
+            return []
+        raise
+
+
 async def hive_status(paths: HivePaths) -> dict[str, Any]:
     paths.ensure()
     pid = running_hive(paths)
@@ -70,13 +80,23 @@ async def hive_status(paths: HivePaths) -> dict[str, Any]:
         async with HiveClient(paths) as hive:
             health = await hive.health()
             workers = await hive.list_workers()
+            rpc_servers = await _rpc_servers(hive)
     except RbeeError as exc:
         if exc.code == ErrorCode.HIVE_NOT_RUNNING:  # pid alive but socket silent: starting or wedged
             raise hive_not_running(paths) from None
         raise
-    return running_status(paths, health.pid or pid, [w.to_json() for w in workers])
+    rpc = [s.to_json() for s in rpc_servers]
+    return running_status(paths, health.pid or pid, [w.to_json() for w in workers], rpc)
 
 
-def running_status(paths: HivePaths, pid: int | None, workers: list[dict[str, Any]]) -> dict[str, Any]:
+def running_status(
+    paths: HivePaths, pid: int | None, workers: list[dict[str, Any]], rpc_servers: list[dict[str, Any]]
+) -> dict[str, Any]:
     """A running hive's status: the same shape whether the CLI or the daemon answers."""
-    return {"running": True, "workers": workers, "node": node_facts(paths), **base_info(paths, pid)}
+    return {
+        "running": True,
+        "workers": workers,
+        "rpc_servers": rpc_servers,
+        "node": node_facts(paths),
+        **base_info(paths, pid),
+    }

@@ -33,6 +33,7 @@ from .pidfiles import WorkerFile, read_worker_files
 from .placement import Placement, choose_device, place, reserve_loading, runtime_request
 from .process import is_alive, terminate, wait_gone
 from .registry import Registry, Worker, WorkerState
+from .rpc_servers import RpcRecord, RpcServers, check_rpc_servers, lost_rpc_servers
 
 log = logging.getLogger("rbee.hive")
 
@@ -52,13 +53,16 @@ class Supervisor:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping: dict[str, asyncio.Task[str]] = {}
         self._closing: asyncio.Future[None] | None = None
+        self.rpc = RpcServers(paths, config)
 
     # --- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
         await self.adopt()
+        await self.rpc.clean_leftovers()
         self._background(self._loop(self.config.health_interval, self.check_health))
         self._background(self._loop(self.config.poll_interval, self.check_activity))
+        self._background(self._loop(min(self.config.poll_interval, self.config.rpc_grace / 2), self.rpc.reap))
 
     async def close(self) -> None:
         """Cascade: every worker is stopped before the daemon exits (a second call joins the first)."""
@@ -69,7 +73,8 @@ class Supervisor:
     async def _close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
-        await self.stop_all("hive shutting down")
+        await self.stop_all("hive shutting down")  # split workers first, then the RPC servers
+        await self.rpc.stop_all("hive shutting down")
         await self.http.aclose()
 
     def _background(self, coro: Any) -> asyncio.Task[Any]:
@@ -90,6 +95,8 @@ class Supervisor:
 
     async def spawn(self, req: SpawnRequest) -> Worker:
         model = self.catalog.require(req.model)
+        if req.rpc_servers:
+            await asyncio.to_thread(check_rpc_servers, req.rpc_servers)
         worker = await self._launch_bound(req, model)
         if req.wait:
             await self.wait_ready(worker, req.timeout or self.config.loading_timeout)
@@ -134,7 +141,7 @@ class Supervisor:
             async with self._spawn_lock:
                 if placement is None:
                     placement = await self.place(req, model)
-                port = spawn.pick_port(self.config, self.registry.ports() | skip)
+                port = spawn.pick_port(self.config, self.registry.ports() | self.rpc.ports() | skip)
                 worker_id = spawn.new_worker_id()
                 log_start = spawn.log_size(self.paths, worker_id)
                 record, proc = await spawn.launch(
@@ -254,7 +261,23 @@ class Supervisor:
         if self.registry.get(worker.id) is worker and worker.id not in self._stopping:
             self._record_death(worker, f"exited with code {code}")
 
+    async def rpc_start(self, threads: int | None) -> RpcRecord:
+        """An RPC server for a split worker elsewhere, on a port no worker of ours holds."""
+
+        def pick(skip: set[int]) -> int:
+            return spawn.pick_port(self.config, self.registry.ports() | self.rpc.ports() | skip)
+
+        async with self._spawn_lock:
+            return await self.rpc.start(threads, pick)
+
     def _record_death(self, worker: Worker, why: str) -> None:
+        if worker.file.rpc_servers:  # llama.cpp aborts the process (SIGABRT) when an RPC server goes away
+            why += f" (a split worker over RPC servers {', '.join(worker.file.rpc_servers)})"
+            worker.error = worker.error or {
+                "code": ErrorCode.RPC_SERVER_UNREACHABLE,
+                "message": f"split worker {why}",
+                "details": {"log_tail": spawn.log_tail(self.paths, worker.id)},
+            }
         if worker.state == WorkerState.LOADING and worker.error is None:
             worker.error = {
                 "code": ErrorCode.WORKER_CRASHED,
@@ -334,6 +357,7 @@ class Supervisor:
                 self._background(self.stop_worker(worker.id, f"loading > {self.config.loading_timeout:g} s"))
             else:
                 probed.append(worker)
+        probed = [w for w in probed if not await self._rpc_lost(w)]
         answers = await asyncio.gather(*(self._probe(w) for w in probed))
         for worker, ok in zip(probed, answers, strict=True):
             starting = (
@@ -346,6 +370,19 @@ class Supervisor:
             if worker.failed_probes >= self.config.failed_probes_limit and worker.id not in self._stopping:
                 reason = f"{worker.failed_probes} failed health probes"
                 self._background(self.stop_worker(worker.id, reason, ask=False))
+
+    async def _rpc_lost(self, worker: Worker) -> bool:
+        """A loaded split worker whose RPC server closed its connection is stopped now, not mid-request."""
+        if not worker.file.rpc_servers or worker.state not in (WorkerState.IDLE, WorkerState.BUSY):
+            return False
+        lost = await asyncio.to_thread(lost_rpc_servers, worker.file.pid, worker.file.rpc_servers)
+        if not lost:
+            return False
+        why = f"RPC server {', '.join(lost)} is gone"
+        worker.error = {"code": ErrorCode.RPC_SERVER_UNREACHABLE, "message": f"split worker stopped: {why}"}
+        log.warning("%s: %s; stopping the split worker", worker.id, why)
+        self._background(self.stop_worker(worker.id, why, ask=False))
+        return True
 
     async def _probe(self, worker: Worker) -> bool:
         return await self.client(worker).health(timeout=min(5.0, max(0.2, self.config.health_interval)))

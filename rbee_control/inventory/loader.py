@@ -23,6 +23,14 @@ from rbee_control.inventory.model import (
     Transport,
 )
 from rbee_control.inventory.paths import default_inventory_path
+from rbee_control.inventory.placements import (
+    DEFAULT_MAX_REPLICAS,
+    DEFAULT_MIN_REPLICAS,
+    MODEL_KEYS,
+    MODEL_NAME_RE,
+    REPLICA_KEYS,
+    ModelPlacement,
+)
 from rbee_control.inventory.suggest import did_you_mean
 from rbee_control.inventory.upstreams import UPSTREAM_KEYS, Upstream, check_models, check_name, check_url
 from rbee_control.inventory.yaml_source import located_error, parse_yaml, read_source
@@ -30,7 +38,7 @@ from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
 Pos = tuple[int, int] | None
 
-TOP_KEYS = ("defaults", "nodes", "upstreams")
+TOP_KEYS = ("defaults", "nodes", "upstreams", "models")
 DEFAULT_KEYS = ("ssh_user", "ssh_port", "ssh_key", "models_dir", "home", "python", "backends")
 NODE_KEYS = ("transport", "ssh", "address", "home", "python", "backends", "labels", "models_dir")
 SSH_KEYS = ("host", "port", "user", "key")
@@ -151,10 +159,67 @@ class _Checker:
                 self.fail(_value_pos(top, "nodes"), "nodes", "expected a mapping of node names to nodes")
             for name in raw_nodes:
                 nodes[name] = self.node(raw_nodes, name, defaults)
+        models: dict[str, ModelPlacement] = {}
+        raw_models = top.get("models")
+        if raw_models is not None:
+            if not isinstance(raw_models, Mapping):
+                self.fail(
+                    _value_pos(top, "models"), "models", "expected a mapping of model names to placements"
+                )
+            for name in raw_models:
+                models[name] = self.model(raw_models, name, nodes)
+
         upstreams: dict[str, Upstream] = {}
         if top.get("upstreams") is not None:
             upstreams = self.upstreams(top["upstreams"], _value_pos(top, "upstreams"), nodes)
-        return Inventory(nodes=nodes, defaults=defaults, path=path, upstreams=upstreams)
+        return Inventory(nodes=nodes, defaults=defaults, path=path, upstreams=upstreams, models=models)
+
+    def model(self, models: Mapping[str, Any], name: Any, nodes: Mapping[str, Node]) -> ModelPlacement:
+        dotted = f"models.{name}"
+        if not isinstance(name, str) or not MODEL_NAME_RE.fullmatch(name):
+            self.fail(_key_pos(models, name), "models", f"invalid model name {name!r}")
+        raw = models[name]
+        block = self.mapping({} if raw is None else raw, dotted, _value_pos(models, name), MODEL_KEYS)
+
+        def known_node(value: Any, pos: Pos, where: str) -> str:
+            text = self.string(value, pos, where)
+            if text not in nodes:
+                hint = did_you_mean(text, list(nodes))
+                self.fail(pos, where, f"unknown node {text!r} (nodes: {', '.join(nodes) or 'none'}){hint}")
+            return text
+
+        node = None
+        if block.get("node") is not None:
+            node = known_node(block["node"], _value_pos(block, "node"), f"{dotted}.node")
+        split: list[str] = []
+        if block.get("split") is not None:
+            raw_split, pos = block["split"], _value_pos(block, "split")
+            if not isinstance(raw_split, list) or not raw_split:
+                self.fail(pos, f"{dotted}.split", "expected a non-empty list of node names")
+            for index, item in enumerate(raw_split):
+                where = f"{dotted}.split[{index}]"
+                helper = known_node(item, _item_pos(raw_split, index, pos), where)
+                if helper in split:
+                    self.fail(_item_pos(raw_split, index, pos), where, f"node {helper!r} listed twice")
+                split.append(helper)
+        low, high = DEFAULT_MIN_REPLICAS, DEFAULT_MAX_REPLICAS
+        if block.get("replicas") is not None:
+            rpos = _value_pos(block, "replicas")
+            replicas = self.mapping(block["replicas"], f"{dotted}.replicas", rpos, REPLICA_KEYS)
+            for key in replicas:
+                value = replicas[key]
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    self.fail(
+                        _value_pos(replicas, key), f"{dotted}.replicas.{key}", "expected an integer >= 0"
+                    )
+            low, high = replicas.get("min", low), replicas.get("max", max(1, replicas.get("min", high)))
+            if high < 1 or low > high:
+                self.fail(
+                    rpos, f"{dotted}.replicas", f"expected 0 <= min <= max and max >= 1, got {low}..{high}"
+                )
+            if split and high > 1:
+                self.fail(rpos, f"{dotted}.replicas", "a split model runs as one worker: max must be 1")
+        return ModelPlacement(name, node, tuple(split), low, high)
 
     def upstreams(self, raw: Any, pos: Pos, nodes: Mapping[str, Node]) -> dict[str, Upstream]:
         if not isinstance(raw, Mapping):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from rbee_control.inventory.placements import ModelPlacement
 from rbee_control.inventory.suggest import did_you_mean
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 
@@ -97,6 +98,11 @@ class Inventory:
     defaults: Defaults = field(default_factory=Defaults)
     path: Path | None = None
     upstreams: Mapping[str, Upstream] = field(default_factory=dict)
+    #: the `models:` block: placement and replicas per model name (absent: the defaults)
+    models: Mapping[str, ModelPlacement] = field(default_factory=dict)
+
+    def placement(self, model: str) -> ModelPlacement:
+        return self.models.get(model) or ModelPlacement.default(model)
 
     def __iter__(self) -> Iterator[Node]:
         return iter(self.nodes.values())

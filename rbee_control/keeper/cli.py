@@ -27,14 +27,14 @@ Handler = Callable[[argparse.Namespace, KeeperContext], Coroutine[Any, Any, int]
 
 
 async def cmd_infer(args: argparse.Namespace, ctx: KeeperContext) -> int:
-    from .infer import InferOptions, infer
+    from .infer import UNTIL_EOS, InferOptions, infer, read_prompt, within
     from .provision import catalog_name
 
     options = InferOptions(
         node=args.node,
         model=args.model,
-        prompt=args.prompt,
-        max_tokens=args.max_tokens,
+        prompt=read_prompt(args.prompt),
+        max_tokens=UNTIL_EOS if args.max_tokens is None else args.max_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
@@ -42,8 +42,9 @@ async def cmd_infer(args: argparse.Namespace, ctx: KeeperContext) -> int:
         spawn=SpawnRequest.from_args(args, model=catalog_name(args.model, args.name), wait=True),
         name=args.name,
         raw=args.raw,
+        busy_retries=args.retry,
     )
-    summary = await infer(ctx.inventory, options, ctx.display)
+    summary = await within(args.timeout, infer(ctx.inventory, options, ctx.display))
     ctx.display.result(summary)
     return EXIT_OK
 
@@ -53,14 +54,16 @@ def _add_infer(sub: Any) -> None:
     p.add_argument("--node", default="local")
     p.add_argument("--model", required=True, help="a catalog name on the node, or file:/hf:/https: ref")
     p.add_argument("--name", help="catalog name for a ref (default: its file name)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-tokens", type=int, default=20)
+    p.add_argument("--prompt", required=True, help="the prompt; '-' reads it from stdin")
+    p.add_argument("--max-tokens", type=int, help="default: until the answer ends (at most the context)")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--top-k", type=int, default=40)
     p.add_argument("--seed", type=int)
     add_spawn_arguments(p, model=False, wait=False, embedding=False)  # infer generates text
     p.add_argument("--raw", action="store_true", help="send the prompt as is, not as a chat turn")
+    p.add_argument("--retry", type=int, default=3, help="busy worker: ask again N times (1, 2, 4 s…)")
+    p.add_argument("--timeout", type=float, help="give up (and cancel the request) after this many seconds")
     p.set_defaults(handler=cmd_infer)
 
 
@@ -86,7 +89,7 @@ def _add_serve(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import fleet_commands, setup_commands
+    from . import chat, fleet_commands, logs_command, setup_commands
 
     parser = argparse.ArgumentParser(prog="rbee-keeper", description="drive your rbee fleet")
     parser.add_argument("--version", action="version", version=f"rbee-keeper {__version__}")
@@ -94,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_infer(sub)
     _add_serve(sub)
+    chat.register(sub)
+    logs_command.register(sub)
     setup_commands.register(sub)
     fleet_commands.register(sub)
     for command in _leaf_parsers(parser):

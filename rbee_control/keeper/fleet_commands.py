@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from rbee_control.inventory.model import Inventory, Node
 from rbee_control.node.client import STATUS_TIMEOUT, NodeClient
+from rbee_control.node.split import check_split, describe, start_split
 from rbee_control.ssh.transport import NodeTransport
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from rbee_worker.protocol.hive_api import DaemonInfo, WorkerInfo, check_worker_id
@@ -210,6 +212,21 @@ async def cmd_worker(args: argparse.Namespace, ctx: KeeperContext) -> int:
         client = NodeClient(node, await pool.get(node))
         if args.action == "spawn":
             req = SpawnRequest.from_args(args, wait=True)
+            if args.split:
+                helper_nodes = inventory.select(check_split(node.name, args.split))
+                helpers = {h.name: NodeClient(h, await pool.get(h)) for h in helper_nodes}
+                with display.err.status(
+                    f"loading {args.model} on {node.name} split over {', '.join(helpers)}"
+                ):
+                    split = await start_split(node.name, client, helpers, req)
+                spawned = split.worker
+                where = f"{node.name} split over {' + '.join(split.nodes)}"
+                payload = {
+                    **spawned.public(),
+                    "split": [{"node": n, **s.to_json()} for n, s in split.servers],
+                }
+                display.result(payload, f"{where}: worker {spawned.id} {spawned.state} at {spawned.url}")
+                return 0
             await client.hive_start()
             with display.err.status(f"loading {args.model} on {node.name}"):
                 spawned = await client.worker_spawn(req)
@@ -217,9 +234,22 @@ async def cmd_worker(args: argparse.Namespace, ctx: KeeperContext) -> int:
                 spawned.public(), f"{node.name}: worker {spawned.id} {spawned.state} at {spawned.url}"
             )
         else:
+            rpc = next((w.rpc_servers for w in await client.worker_list() if w.id == args.id), [])
             stopped = await client.worker_stop(args.id)
+            if rpc:  # then its RPC servers, wherever they run (their hives would stop them soon anyway)
+                await _stop_rpc_servers(ctx, inventory, pool, set(rpc))
             display.result(stopped.to_json(), f"{node.name}: stopped {args.id}")
     return 0
+
+
+async def _stop_rpc_servers(ctx: KeeperContext, inventory: Inventory, pool: Any, endpoints: set[str]) -> None:
+    async def one(n: Node) -> None:
+        client = NodeClient(n, await pool.get(n))
+        for server in await client.rpc_list():
+            if server.endpoint in endpoints:
+                await client.rpc_stop(server.id)
+
+    await asyncio.gather(*(one(n) for n in inventory), return_exceptions=True)
 
 
 # --- status --------------------------------------------------------------------------
@@ -230,6 +260,12 @@ async def cmd_status(args: argparse.Namespace, ctx: KeeperContext) -> int:
     wait = args.timeout
     outcomes = await fan_out(ctx, _targets(inventory, args), lambda c: c.hive_status(wait), timeout=60)
     rows = []
+    rpc_owners = {  # endpoint → node, for split workers
+        s.get("endpoint"): name
+        for name, o in outcomes.items()
+        if o.ok
+        for s in (o.value or {}).get("rpc_servers", [])
+    }
     for name, outcome in outcomes.items():
         if outcome.error is not None:
             silent = outcome.error.code == ErrorCode.REQUEST_TIMEOUT
@@ -240,7 +276,7 @@ async def cmd_status(args: argparse.Namespace, ctx: KeeperContext) -> int:
         node_info = info.get("node", {})
         workers = info.get("workers", [])
         hive = "[green]running[/green]" if info.get("running") else "stopped"
-        worker_text = ", ".join(f"{w.get('model')}:{w.get('state')}" for w in workers) or "-"
+        worker_text = ", ".join(_worker_cell(w, name, rpc_owners) for w in workers) or "-"
         ram = f"{human_bytes(node_info.get('ram_available'))} free"
         rows.append(
             [name, hive, worker_text, str(node_info.get("models", "-")), ram, devices_cell(node_info)]
@@ -248,7 +284,37 @@ async def cmd_status(args: argparse.Namespace, ctx: KeeperContext) -> int:
     if not display.json_mode:
         columns = ["node", "hive", "workers", "models", "RAM", "devices (free)"]
         display.out.print(table("rbee fleet", columns, rows))
+        replicas = _replica_rows(inventory, outcomes)
+        if replicas:
+            display.out.print(table("replicas", ["model", "workers", "nodes", "min..max", "split"], replicas))
     return report_outcomes(display, outcomes)
+
+
+def _replica_rows(inventory: Inventory, outcomes: dict[str, NodeOutcome[Any]]) -> list[list[str]]:
+    """Per model: how many workers run where, against the inventory's `replicas` range."""
+    where: dict[str, list[str]] = {}
+    for name, outcome in outcomes.items():
+        for worker in (outcome.value or {}).get("workers", []) if outcome.ok else []:
+            where.setdefault(str(worker.get("model")), []).append(name)
+    rows = []
+    for model, nodes in sorted(where.items()):
+        p = inventory.placement(model)
+        split = ", ".join(p.split) or "-"
+        rows.append([model, str(len(nodes)), ", ".join(nodes), f"{p.min_replicas}..{p.max_replicas}", split])
+    return rows
+
+
+def _worker_cell(worker: dict[str, Any], node: str, rpc_owners: dict[str, str]) -> str:
+    cell = f"{worker.get('model')}:{worker.get('state')}"
+    if worker.get("rpc_servers"):
+        cell += f" (split {describe(worker, rpc_owners, node)})"
+    return cell
+
+
+async def _search(args: argparse.Namespace, ctx: KeeperContext) -> int:
+    from .model_search import cmd_models_search
+
+    return await cmd_models_search(args, ctx)
 
 
 def positive_seconds(text: str) -> float:
@@ -282,6 +348,9 @@ def register(sub: Any) -> None:
     p.add_argument("--max-bytes", type=int, help="refuse a download larger than this (node default 256 GiB)")
     p = msub.add_parser("list")
     nodes(p)
+    p = msub.add_parser("search", help="a Hugging Face repo's quantizations and sizes (asked from here)")
+    p.add_argument("ref", help="hf:owner/repo")
+    p.set_defaults(handler=_search)
     p = msub.add_parser("rm")
     p.add_argument("name")
     p.add_argument("--node", required=True)
@@ -291,6 +360,11 @@ def register(sub: Any) -> None:
     wsub = worker.add_subparsers(dest="action", required=True)
     p = wsub.add_parser("spawn")
     p.add_argument("--node", required=True)
+    p.add_argument(
+        "--split",
+        type=lambda text: [part.strip() for part in text.split(",") if part.strip()],
+        help="B,C: place the model's layers on RPC servers of these nodes too (trusted LAN only: no auth)",
+    )
     add_spawn_arguments(p, wait=False)  # the keeper always waits for the model to load
     p = wsub.add_parser("list")
     nodes(p)

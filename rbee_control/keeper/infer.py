@@ -9,14 +9,16 @@ SSH is used only when phase 1 finds nothing.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import ssl
 import sys
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -32,7 +34,12 @@ from rbee_worker.protocol.spawn import SpawnRequest
 from .display import Display, NodeProgress
 from .known_workers import KnownWorker, KnownWorkers
 from .provision import catalog_name, ensure_model
-from .stream import StreamResult, stream_inference
+from .stream import BUSY_RETRIES, StreamResult, stream_inference
+
+T = TypeVar("T")
+
+#: `--max-tokens` unset: generate until end-of-sequence; the worker caps it at what is left of the context
+UNTIL_EOS = 1_000_000
 
 
 @dataclass
@@ -40,7 +47,7 @@ class InferOptions:
     node: str
     model: str
     prompt: str
-    max_tokens: int = 20
+    max_tokens: int = UNTIL_EOS
     temperature: float = 0.7
     top_p: float = 0.95
     top_k: int = 40
@@ -50,6 +57,8 @@ class InferOptions:
     name: str | None = None
     partial_dir: Path | None = None
     raw: bool = False
+    #: how often a busy worker is asked again (EC6)
+    busy_retries: int = BUSY_RETRIES
 
 
 class Phases:
@@ -81,15 +90,7 @@ async def infer(inventory: Inventory, options: InferOptions, display: Display) -
     phases = Phases()
     pins = tls.pinned_context()  # https workers: only the certificates read from their hive over SSH
     async with httpx.AsyncClient(timeout=DEFAULT_TIMEOUT, verify=pins) as http:
-        worker = await _known_ready_worker(http, known, node, model_name, pins)
-        phases.mark("reuse")
-        if worker is None:
-            worker = await _provision_worker(inventory, node, options, model_name, display, phases)
-            known.remember(worker)
-            if worker.tls_certificate:
-                tls.pin(pins, worker.tls_certificate)
-        else:
-            display.narrate(f"[dim]using worker {worker.id} at {worker.url}[/dim]")
+        worker = await ready_worker(http, pins, known, inventory, node, options, display, phases)
         if worker.chat_template and not options.raw:
             # one user turn; the worker renders it with the model's own template
             chat = {**raw_request, "prompt": None, "messages": [{"role": "user", "content": options.prompt}]}
@@ -116,6 +117,30 @@ async def infer(inventory: Inventory, options: InferOptions, display: Display) -
         f"({', '.join(f'{k} {v:.2f}s' for k, v in phases_s.items())})[/dim]"
     )
     return summary
+
+
+async def ready_worker(
+    http: httpx.AsyncClient,
+    pins: ssl.SSLContext,
+    known: KnownWorkers,
+    inventory: Inventory,
+    node: Node,
+    options: InferOptions,
+    display: Display,
+    phases: Phases,
+) -> KnownWorker:
+    """A ready worker for the model: one this keeper knows (HTTP only), else the hive's (over SSH)."""
+    model_name = catalog_name(options.model, options.name)
+    worker = await _known_ready_worker(http, known, node, model_name, pins)
+    phases.mark("reuse")
+    if worker is None:
+        worker = await _provision_worker(inventory, node, options, model_name, display, phases)
+        known.remember(worker)
+        if worker.tls_certificate:
+            tls.pin(pins, worker.tls_certificate)
+    else:
+        display.narrate(f"[dim]using worker {worker.id} at {worker.url}[/dim]")
+    return worker
 
 
 async def _known_ready_worker(
@@ -217,11 +242,14 @@ async def _stream(
             sys.stdout.flush()
 
     def busy(delay: float) -> None:
-        display.narrate(f"[yellow]worker busy; retrying in {delay:.1f}s[/yellow]")
+        unit = "second" if delay == 1 else "seconds"
+        display.narrate(f"[yellow]Worker is busy, retrying in {delay:g} {unit}...[/yellow]")
 
     try:
         client = WorkerClient(worker.url, worker.api_key, http)
-        result = await stream_inference(client, request, write, on_busy=busy)
+        result = await stream_inference(
+            client, request, write, on_busy=busy, busy_retries=options.busy_retries
+        )
     except RbeeError as exc:
         if exc.code == ErrorCode.WORKER_CRASHED:
             known.forget(worker.node, worker.id)
@@ -243,3 +271,34 @@ def _save_partial(options: InferOptions, text: str) -> Path:
     path = directory / f"partial-{time.strftime('%Y%m%d-%H%M%S')}.txt"
     path.write_text(text)
     return path
+
+
+def read_prompt(value: str) -> str:
+    """`--prompt -` reads the prompt from stdin (a pipe or a file), as `ollama run` does."""
+    if value != "-":
+        return value
+    text = sys.stdin.read()
+    if not text.strip():
+        raise RbeeError(
+            ErrorCode.INVALID_REQUEST, "--prompt -: stdin was empty", hint="echo hello | rbee-keeper …"
+        )
+    return text
+
+
+async def within(seconds: float | None, work: Coroutine[Any, Any, T]) -> T:
+    """`--timeout`: the whole command, cancelled (the worker gets its DELETE) when the time is up."""
+    if seconds is None:
+        return await work
+    if seconds <= 0:
+        work.close()
+        raise RbeeError(ErrorCode.INVALID_REQUEST, "--timeout must be positive")
+    try:
+        async with asyncio.timeout(seconds):
+            return await work
+    except TimeoutError:
+        raise RbeeError(
+            ErrorCode.REQUEST_TIMEOUT,
+            f"no complete answer within {seconds:g} s; the request was cancelled",
+            details={"timeout_s": seconds},
+            hint="raise --timeout, or lower --max-tokens",
+        ) from None

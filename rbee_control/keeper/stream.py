@@ -22,7 +22,8 @@ from rbee_worker.protocol.client import WorkerClient
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from rbee_worker.protocol.request import InferenceRequest
 
-BUSY_RETRIES = 5
+#: EC6: a busy worker is asked again 3 times, after 1, 2 and 4 s (its Retry-After doubled each time)
+BUSY_RETRIES = 3
 
 
 @dataclass
@@ -56,17 +57,26 @@ async def stream_inference(
     on_text: Callable[[str], None],
     *,
     on_busy: Callable[[float], None] | None = None,
+    busy_retries: int = BUSY_RETRIES,
 ) -> StreamResult:
     """Stream `request` from `worker`, calling `on_text` per piece as it arrives."""
     result = StreamResult(request_id=uuid.uuid4().hex)
-    for attempt in range(BUSY_RETRIES + 1):
+    for attempt in range(busy_retries + 1):
         try:
             await _stream_once(worker, request, on_text, result)
             return result
         except RbeeError as exc:
-            if exc.code != ErrorCode.ALL_SLOTS_BUSY or attempt == BUSY_RETRIES or result.text:
+            if exc.code != ErrorCode.ALL_SLOTS_BUSY or result.text:
                 raise
-            delay = min(8.0, float(exc.details.get("retry_after", 1)) * (2**attempt) / 2)
+            if attempt == busy_retries:
+                raise RbeeError(
+                    ErrorCode.ALL_SLOTS_BUSY,
+                    f"Worker still busy after {busy_retries} retries",
+                    status=503,
+                    details={**exc.details, "attempts": attempt + 1, "url": worker.url},
+                    hint="wait for the current request to complete or use a different node (or --retry N)",
+                ) from None
+            delay = min(8.0, float(exc.details.get("retry_after", 1)) * (2**attempt))
             if on_busy:
                 on_busy(delay)
             await asyncio.sleep(delay)

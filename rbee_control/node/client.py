@@ -29,6 +29,7 @@ from rbee_worker.protocol.hive_api import (
     check_worker_id,
 )
 from rbee_worker.protocol.node_events import NODE_PLACEHOLDER, NodeEvent, parse_line
+from rbee_worker.protocol.rpc import RpcServerInfo, check_rpc_id
 from rbee_worker.protocol.spawn import SpawnRequest
 
 if TYPE_CHECKING:  # asyncssh is imported only by commands that use SSH (warm `infer` does not)
@@ -251,3 +252,22 @@ class NodeClient:
 
     async def worker_stop(self, worker_id: str) -> StopResult:
         return StopResult.from_json(await self.call("worker", "stop", check_worker_id(worker_id), timeout=60))
+
+    # --- RPC servers (the helper side of a split worker) -------------------------
+
+    async def rpc_start(self, threads: int | None = None) -> RpcServerInfo:
+        """A `ggml-rpc-server` on this node's inventory address, for a split worker on another node."""
+        argv = ["--threads", str(threads)] if threads else []
+        return RpcServerInfo.from_json(await self.call("rpc", "start", *argv, timeout=90))
+
+    async def rpc_list(self) -> list[RpcServerInfo]:
+        try:
+            listing = await self.call("rpc", "list", timeout=30)
+        except RbeeError as exc:
+            if exc.code == ErrorCode.HIVE_NOT_RUNNING and "not installed" not in exc.message:
+                return []
+            raise
+        return [RpcServerInfo.from_json(s) for s in listing.get("servers", [])]
+
+    async def rpc_stop(self, rpc_id: str) -> StopResult:
+        return StopResult.from_json(await self.call("rpc", "stop", check_rpc_id(rpc_id), timeout=60))

@@ -127,6 +127,7 @@ def create_app(
         background = [
             asyncio.create_task(state.table.health_loop(settings.health_interval)),
             asyncio.create_task(state.catalog.entries()),  # warm the model list
+            asyncio.create_task(state.router.replicas.loop(state.catalog.resolve, lambda: _kept_warm(fleet))),
         ]
         if upstreams:
             state.upstreams = Upstreams(
@@ -158,6 +159,12 @@ def create_app(
         },
         middleware=middleware,
     )
+
+
+def _kept_warm(fleet: Fleet) -> list[str]:
+    """Models whose inventory placement keeps `min` replicas warm."""
+    placements = getattr(fleet, "placements", {})
+    return [name for name, p in placements.items() if p.min_replicas > 0]
 
 
 async def shutdown_fleet(fleet: Fleet, timeout: float) -> None:

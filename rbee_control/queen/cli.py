@@ -41,6 +41,7 @@ from .fleet import Fleet, StaticFleet
 from .keys import ADMIN_KEY_ENV, API_KEY_ENV, KINDS, read_or_create, resolve_keys
 from .options import access_options, add_access_arguments
 from .registration import RegistrationPolicy
+from .replicas import ReplicaSettings
 from .router import RouterSettings
 from .state import QueenSettings
 
@@ -68,6 +69,8 @@ class QueenOptions:
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
     settings: QueenSettings = field(default_factory=QueenSettings)
     log_level: str = "info"
+    #: `text` or `json` (one object per line)
+    log_format: str = "text"
 
     def __repr__(self) -> str:  # keys stay out of logs and tracebacks
         return f"QueenOptions(inventory={self.inventory!r}, host={self.host!r}, port={self.port})"
@@ -168,9 +171,9 @@ def secure_settings(options: QueenOptions, inventory: Path | None) -> QueenSetti
 
 def run_queen(options: QueenOptions) -> int:
     """Serve until SIGTERM/SIGINT; return the process exit code (0, or 1 with a one-line cause)."""
-    logging.basicConfig(
-        level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from .log_format import configure
+
+    configure(options.log_level, options.log_format)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream request is noise
     if options.insecure_no_auth and not _is_loopback(options.host):
         print(
@@ -274,13 +277,40 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds the model listing is served before it is refreshed in the background (default 30)",
     )
+    parser.add_argument(
+        "--scale-after",
+        type=float,
+        default=2.0,
+        help="seconds a request waits for a slot before another replica starts (replicas.max > 1)",
+    )
+    parser.add_argument(
+        "--replica-idle-timeout",
+        type=float,
+        default=300.0,
+        help="seconds an extra replica idles before it stops",
+    )
+    parser.add_argument(
+        "--replica-interval",
+        type=float,
+        default=5.0,
+        help="seconds between checks of replicas.min and idle extras",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-format", default="text", choices=["text", "json"], help="json: one object a line"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.queue_limit < 1 or args.queue_timeout <= 0 or args.cold_start_timeout <= 0:
+    replica_knobs = (args.scale_after, args.replica_idle_timeout, args.replica_interval)
+    if (
+        args.queue_limit < 1
+        or args.queue_timeout <= 0
+        or args.cold_start_timeout <= 0
+        or min(replica_knobs) <= 0
+    ):
         print("queen-rbee: queue limit and timeouts must be positive", file=sys.stderr)
         return 2
     if args.sse_keepalive <= 0 or args.catalog_ttl < 0:
@@ -292,7 +322,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"queen-rbee: {exc}", file=sys.stderr)
         return 2
     settings = QueenSettings(
-        router=RouterSettings(args.queue_limit, args.queue_timeout, args.cold_start_timeout),
+        router=RouterSettings(
+            args.queue_limit,
+            args.queue_timeout,
+            args.cold_start_timeout,
+            ReplicaSettings(args.scale_after, args.replica_idle_timeout, args.replica_interval),
+        ),
         health_interval=args.health_interval,
         sse_keepalive=args.sse_keepalive,
         catalog_ttl=args.catalog_ttl,
@@ -304,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         settings=settings,
         log_level=args.log_level,
+        log_format=args.log_format,
         **access,
     )
     if args.show_key:

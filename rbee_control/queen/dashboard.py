@@ -221,9 +221,7 @@ async def snapshot(state: QueenState, nodes: NodeStatusCache, requests: int) -> 
     workers = sorted(state.table, key=lambda w: (w.node, w.model, w.id))
     entries = sorted(await state.catalog.entries(), key=lambda e: (e.node, e.name))
     names = sorted(set(statuses) | {w.node for w in workers} | {e.node for e in entries})
-    node_views = [
-        hive_node(n, statuses[n]) if n in statuses else registered_node(n, workers) for n in names
-    ]
+    node_views = [hive_node(n, statuses[n]) if n in statuses else registered_node(n, workers) for n in names]
     now = time.monotonic()
     loaded = {(w.model, w.node) for w in workers}
     return {

@@ -24,8 +24,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from rbee_control.hive import tls
+from rbee_control.inventory.placements import ModelPlacement
+from rbee_control.node.split import start_split, stop_split
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from rbee_worker.protocol.hive_api import DaemonInfo, ModelInfo, WorkerInfo
+from rbee_worker.protocol.rpc import RpcServerInfo
 from rbee_worker.protocol.spawn import SpawnRequest
 
 from .fleet import ModelEntry, WorkerEntry
@@ -52,6 +55,10 @@ class NodeControl(Protocol):
 
     async def hive_tls(self) -> dict[str, Any]: ...
 
+    async def rpc_start(self, threads: int | None = None) -> RpcServerInfo: ...
+
+    async def rpc_stop(self, rpc_id: str) -> Any: ...
+
 
 def model_entry(node: str, row: ModelInfo) -> ModelEntry:
     """A catalog row (`models list --json`) as the queen's model entry."""
@@ -77,8 +84,13 @@ class InventoryFleet:
         *,
         list_timeout: float = LIST_TIMEOUT,
         on_close: Callable[[], Awaitable[None]] | None = None,
+        placements: Mapping[str, ModelPlacement] | None = None,
     ) -> None:
         self._clients = dict(clients)
+        #: the inventory's `models:` block (node, split, replicas per model)
+        self.placements = dict(placements or {})
+        #: split workers' RPC servers (node, server), stopped after the worker
+        self._split_servers: dict[str, list[tuple[str, RpcServerInfo]]] = {}
         self._list_timeout = list_timeout
         self._on_close = on_close
         self._spawned: list[WorkerEntry] = []
@@ -101,7 +113,10 @@ class InventoryFleet:
         inventory = load_inventory(path)
         pool = TransportPool(inventory)
         clients = {node.name: NodeClient(node, pool) for node in inventory}
-        return cls(clients, on_close=pool.close)
+        return cls(clients, on_close=pool.close, placements=inventory.models)
+
+    def placement(self, model: str) -> ModelPlacement:
+        return self.placements.get(model) or ModelPlacement.default(model)
 
     def _client(self, node: str) -> NodeControl:
         try:
@@ -156,6 +171,13 @@ class InventoryFleet:
     async def spawn(self, model: str, node: str, *, embedding: bool = False) -> WorkerEntry:
         client = self._client(node)
         req = SpawnRequest(model, wait=True, embedding=embedding)
+        split = self.placement(model).split
+        if split:
+            helpers = {name: self._client(name) for name in split}
+            await asyncio.gather(*(self._ensure_hive(n, c) for n, c in {node: client, **helpers}.items()))
+            started = await start_split(node, client, helpers, req)
+            self._split_servers[started.worker.id] = list(started.servers)
+            return await self._spawned_entry(node, client, started.worker, model)
         await self._ensure_hive(node, client)
         try:
             info = await client.worker_spawn(req)
@@ -166,6 +188,11 @@ class InventoryFleet:
             self._hive_checked.discard(node)
             await self._ensure_hive(node, client)
             info = await client.worker_spawn(req)
+        return await self._spawned_entry(node, client, info, model)
+
+    async def _spawned_entry(
+        self, node: str, client: NodeControl, info: WorkerInfo, model: str
+    ) -> WorkerEntry:
         if not info.api_key:
             raise RbeeError(ErrorCode.INTERNAL_ERROR, f"node {node} gave worker {info.id} without its key")
         if info.url.startswith("https:"):
@@ -182,15 +209,18 @@ class InventoryFleet:
         tls.pin(self.tls_context, pem)
 
     async def stop_worker(self, entry: WorkerEntry) -> None:
-        await self._client(entry.node).worker_stop(entry.id)
+        await self._stop(entry)
         if entry in self._spawned:
             self._spawned.remove(entry)
 
+    async def _stop(self, entry: WorkerEntry) -> Any:
+        """A split worker first, then its RPC servers; any other worker just stops."""
+        servers = self._split_servers.pop(entry.id, [])
+        return await stop_split(self._client(entry.node), entry.id, self._clients, servers)
+
     async def close(self) -> None:
         spawned, self._spawned = list(self._spawned), []
-        results = await asyncio.gather(
-            *(self._client(e.node).worker_stop(e.id) for e in spawned), return_exceptions=True
-        )
+        results = await asyncio.gather(*(self._stop(e) for e in spawned), return_exceptions=True)
         for entry, result in zip(spawned, results, strict=True):
             if isinstance(result, BaseException):
                 log.warning("stopping worker %s on %s failed: %s", entry.id, entry.node, result)

@@ -27,6 +27,7 @@ from .fleet import ModelEntry, WorkerEntry
 from .recent import RecentSeen
 from .registration import check_model_name, check_name
 from .relay import Upstream
+from .replicas import placement_of
 from .responses import RelayResponse
 from .state import QueenState
 from .workers import RoutedWorker
@@ -124,8 +125,20 @@ def _check_conflicts(state: QueenState, worker_id: str | None, url: str) -> Rout
 
 
 async def list_workers(request: Request) -> Response:
-    workers = sorted(_state(request).table, key=lambda w: (w.model, w.node, w.id))
-    return JSONResponse({"workers": [w.public().to_json() for w in workers]})
+    state = _state(request)
+    workers = sorted(state.table, key=lambda w: (w.model, w.node, w.id))
+    replicas = {}
+    for model in dict.fromkeys(w.model for w in workers):
+        placement = placement_of(state.fleet, model)
+        nodes = [w.node for w in workers if w.model == model]
+        replicas[model] = {
+            "workers": len(nodes),
+            "nodes": nodes,
+            "min": placement.min_replicas,
+            "max": placement.max_replicas,
+            "split": list(placement.split),
+        }
+    return JSONResponse({"workers": [w.public().to_json() for w in workers], "replicas": replicas})
 
 
 async def remove_worker(request: Request) -> Response:

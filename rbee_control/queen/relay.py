@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ from .router import Lease, Router, busy_error
 from .workers import RoutedWorker, WorkerTable, worker_unreachable
 
 log = logging.getLogger("rbee.queen")
+access_log = logging.getLogger("rbee.access")
 
 #: Worker answers that are the client's own fault: passed on, never retried elsewhere.
 CLIENT_ERROR_STATUSES = frozenset({400, 413, 422})
@@ -92,6 +94,7 @@ class Upstream:
         self._prefetched = prefetched
         self.terminal: Event | None = None
         self._closed = False
+        self._opened = time.monotonic()
 
     @property
     def worker(self) -> RoutedWorker:
@@ -148,6 +151,7 @@ class Upstream:
         if self._closed:
             return
         self._closed = True
+        self._access()
         try:
             if self.terminal is None:
                 await self._relay.cancel(self.worker, self._response, self.request_id)
@@ -160,6 +164,20 @@ class Upstream:
                     await self._response.aclose()
         finally:
             self.lease.release()
+
+    def _access(self) -> None:
+        """One line per relayed request (the worker logs its own): who served it and how it ended."""
+        end = self.terminal.data if self.terminal is not None and self.terminal.name == events.END else {}
+        cancelled = self.terminal is None or end.get("stop_reason") == events.STOP_CANCELLED
+        status = "ok" if end else "cancelled" if self.terminal is None else "error"
+        access_log.info(
+            "request_id=%s model=%s worker=%s node=%s tokens_in=%s tokens_out=%s ttft_ms=%s duration_ms=%.1f "
+            "status=%s cancelled=%s",
+            self.request_id, self.worker.model, self.worker.id, self.worker.node,
+            end.get("prompt_tokens", "-"), end.get("tokens_out", "-"), end.get("ttft_ms", "-"),
+            (time.monotonic() - self._opened) * 1000,
+            status, str(cancelled).lower(),
+        )  # fmt: skip
 
 
 class Relay:
@@ -190,6 +208,8 @@ class Relay:
                 lease.release()
                 worker, last = lease.worker, retry.error
                 exclude.add(worker.id)
+                if retry.error.code == ErrorCode.ALL_SLOTS_BUSY:
+                    self.router.replicas.pressure(target, "a worker answered ALL_SLOTS_BUSY")
                 self.table.suspect(worker, retry.error)
                 self.metrics.retries.labels(target.model).inc()
                 self.metrics.errors.labels(retry.error.code).inc()

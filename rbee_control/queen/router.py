@@ -28,6 +28,7 @@ from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from .catalog import Target
 from .fleet import Fleet
 from .metrics import QueenMetrics
+from .replicas import Replicas, ReplicaSettings, placement_of
 from .workers import RoutedWorker, WorkerTable
 
 log = logging.getLogger("rbee.queen")
@@ -41,6 +42,7 @@ class RouterSettings:
     queue_limit: int = 64
     queue_timeout: float = 120.0
     cold_start_timeout: float = 600.0
+    replicas: ReplicaSettings = field(default_factory=ReplicaSettings)
 
 
 @dataclass(eq=False)
@@ -95,6 +97,7 @@ class Router:
         #: cold starts by (model, node, embedding)
         self._spawning: dict[tuple[str, str, bool], asyncio.Task[RoutedWorker]] = {}
         self._spawn_failed: dict[tuple[str, str, bool], tuple[float, RbeeError]] = {}
+        self.replicas = Replicas(self, settings.replicas)
         table.listener = self
 
     # --- acquiring -----------------------------------------------------------
@@ -146,7 +149,14 @@ class Router:
         self._waiters.append(waiter)
         self._update_depth(target.model)
         try:
-            await asyncio.wait_for(asyncio.shield(waiter.future), remaining)
+            scale_after = self.settings.replicas.scale_after
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter.future), min(remaining, scale_after))
+            except TimeoutError:
+                if remaining <= scale_after:
+                    raise
+                self.replicas.pressure(target, f"a request waited {scale_after:g} s")
+                await asyncio.wait_for(asyncio.shield(waiter.future), remaining - scale_after)
         except BaseException as exc:
             self._abandon(waiter)
             if isinstance(exc, TimeoutError):
@@ -215,6 +225,9 @@ class Router:
             return target.node
         if not target.nodes:
             return "-"
+        preferred = placement_of(self.fleet, target.model).node
+        if preferred in target.nodes:
+            return preferred
         load = {node: 0 for node in target.nodes}
         for worker in self.table:
             if worker.node in load:
@@ -284,8 +297,39 @@ class Router:
         self.table.add(worker)
         return worker
 
+    # --- replicas ------------------------------------------------------------------
+
+    def spawning_keys(self) -> list[tuple[str, str]]:
+        """(model, node) of every start under way."""
+        return [(model, node) for model, node, _embedding in self._spawning]
+
+    def start_replica(
+        self, model: str, node: str, embedding: bool = False
+    ) -> asyncio.Task[RoutedWorker] | None:
+        """One more worker for `model` on `node` (joining a start there already under way).
+
+        Registered at once, so the next waiter that asks sees it counted; None when a
+        start there failed moments ago.
+        """
+        key = (model, node, embedding)
+        failed = self._spawn_failed.get(key)
+        if failed is not None and time.monotonic() - failed[0] < SPAWN_FAILURE_MEMORY:
+            return None
+        task = self._spawning.get(key)
+        if task is None:
+            task = asyncio.create_task(self._spawn(model, node, embedding))
+            self._spawning[key] = task
+            task.add_done_callback(lambda _t: self._spawning.pop(key, None))
+        return task
+
+    async def retire(self, worker: RoutedWorker) -> None:
+        """Out of the table first (no new request reaches it), then stopped on its node."""
+        if self.table.remove(worker, "idle replica retired"):
+            await self.fleet.stop_worker(worker.entry)
+
     async def close(self) -> None:
         """Abandon cold starts still in progress (the queen is exiting; nobody will use them)."""
+        await self.replicas.close()
         tasks = list(self._spawning.values())
         for task in tasks:
             task.cancel()

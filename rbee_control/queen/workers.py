@@ -43,6 +43,8 @@ class RoutedWorker:
     failures: int = 0
     served: int = 0
     added_at: float = field(default_factory=time.time)
+    #: the same moment on the monotonic clock `last_used` is read from (idle replicas)
+    joined_at: float = field(default_factory=time.monotonic)
     #: the device it runs on, when its registration said
     backend: str | None = None
     device: int | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -16,11 +17,13 @@ from ..protocol.request import InferenceRequest
 from . import embeddings
 from .body import read_json
 from .constraints import prepare_constraints
-from .generation import Generation
+from .generation import Generation, GenerationStats
 from .metrics import CONTENT_TYPE_LATEST
 from .slots import Slot
 from .state import Phase, WorkerState
 from .state import check_serving as _check_serving
+
+access_log = logging.getLogger("rbee.access")
 
 
 def _state(request: Request) -> WorkerState:
@@ -111,6 +114,7 @@ async def _stream(state: WorkerState, request_id: str, infer: InferenceRequest) 
         slot.run_on_thread(body)
 
     outcome = "error"
+    started = time.monotonic()
     try:
         generation.start(run_then_release)
         yield events.encode_event(events.STARTED, {"request_id": request_id, "model": state.model_name})
@@ -128,7 +132,18 @@ async def _stream(state: WorkerState, request_id: str, infer: InferenceRequest) 
     finally:
         generation.cancel()
         metrics.requests.labels(outcome).inc()
+        _access(state, request_id, generation.stats, outcome, time.monotonic() - started)
     yield events.encode_done()
+
+
+def _access(state: WorkerState, request_id: str, stats: GenerationStats, status: str, seconds: float) -> None:
+    """One line per request: what `rbee-keeper logs --worker ID` shows an operator."""
+    access_log.info(
+        "request_id=%s model=%s tokens_in=%d tokens_out=%d ttft_ms=%.1f duration_ms=%.1f status=%s "
+        "cancelled=%s",
+        request_id, state.model_name, stats.prompt_tokens, stats.tokens_out, stats.ttft_ms,
+        seconds * 1000, status, str(stats.stop_reason == events.STOP_CANCELLED).lower(),
+    )  # fmt: skip
 
 
 def _give_back(state: WorkerState, acquiring: asyncio.Future[Slot]) -> None:

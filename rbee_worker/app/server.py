@@ -10,7 +10,7 @@ import os
 import socket
 import sys
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 import uvicorn
@@ -39,6 +39,8 @@ log = logging.getLogger("rbee.worker")
 
 #: Upper bound of the default context per sequence (--ctx-size overrides it).
 DEFAULT_CONTEXT = 4096
+#: every layer on the devices (llama.cpp's own "all"), as `llama-server --rpc -ngl 99` does
+_ALL_LAYERS = 999
 
 #: Seconds an idle keep-alive connection stays open (uvicorn's default is 5).
 KEEP_ALIVE_S = 75
@@ -110,8 +112,10 @@ async def load_model(app: Starlette) -> None:
             slots=config.slots,
             ctx=ctx,
         )
-        state.backend, state.device, state.gpu_layers = where.backend, where.device, where.n_gpu_layers
-        offload = {"gpu_layers": where.n_gpu_layers, "main_gpu": where.main_gpu}  # llama-cpp only
+        offload: dict[str, Any] = {"gpu_layers": where.n_gpu_layers, "main_gpu": where.main_gpu}
+        if config.rpc_servers:
+            offload.update(await asyncio.to_thread(split_offload, config, backend))
+        state.backend, state.device, state.gpu_layers = where.backend, where.device, offload["gpu_layers"]
         if config.embedding:
             await _load_embedder(state, backend, ctx, threads, loop, offload)
         else:
@@ -123,7 +127,7 @@ async def load_model(app: Starlette) -> None:
         log.info(
             "ready: %s on %s with %s on %s, %d layers offloaded, %d MB VRAM, %d slot(s), "
             "%d-token context each%s",
-            info.name, state.url, backend, where.backend, where.n_gpu_layers, state.vram_bytes >> 20,
+            info.name, state.url, backend, where.backend, state.gpu_layers, state.vram_bytes >> 20,
             config.slots, ctx, ", embeddings" if config.embedding else "",
         )  # fmt: skip
     except RbeeError as exc:
@@ -136,6 +140,30 @@ async def load_model(app: Starlette) -> None:
         app.state.server.should_exit = True
 
 
+def split_offload(config: WorkerConfig, runtime: str) -> dict[str, Any]:
+    """A split worker's load options, once every RPC server answered with a version we speak.
+
+    llama.cpp aborts the process on an unreachable or mismatched server, so both are
+    checked here first, where they are ordinary errors the hive hears about.
+    """
+    from ..protocol.rpc import check_versions, hello
+    from ..runtimes.rpc_devices import client_version
+
+    if runtime != LLAMA_CPP:
+        raise RbeeError(
+            ErrorCode.BACKEND_NOT_AVAILABLE,
+            f"a split over RPC servers needs the llama-cpp runtime, not {runtime}",
+            status=422,
+        )
+    client = client_version()
+    for endpoint in config.rpc_servers:
+        server = hello(endpoint)
+        if client is not None:
+            check_versions(endpoint, server, client)
+    layers = config.gpu_layers if isinstance(config.gpu_layers, int) else _ALL_LAYERS
+    return {"gpu_layers": layers, "rpc_servers": config.rpc_servers, "tensor_split": config.tensor_split}
+
+
 async def _load_slots(
     state: WorkerState,
     info: GGUFInfo,
@@ -143,7 +171,7 @@ async def _load_slots(
     ctx: int,
     threads: int,
     loop: asyncio.AbstractEventLoop,
-    offload: dict[str, int],
+    offload: dict[str, Any],
 ) -> None:
     """llama-cpp: one model, one KV sequence per slot. ctransformers cannot batch: one copy per slot."""
     config = state.config
@@ -180,7 +208,7 @@ async def _load_embedder(
     ctx: int,
     threads: int,
     loop: asyncio.AbstractEventLoop,
-    offload: dict[str, int],
+    offload: dict[str, Any],
 ) -> None:
     """`--embedding`: one pooling context, no generation engine; `slots` only bound concurrency."""
     config = state.config

@@ -57,6 +57,10 @@ class WorkerConfig:
     #: Seconds a client has to send a request head; then the connection is closed (slow clients).
     head_timeout_s: float = 10.0
     max_connections: int = 1024
+    #: llama.cpp RPC servers (`host:port`) that hold layers of this model: a split worker
+    rpc_servers: tuple[str, ...] = ()
+    #: weights per device for the layers (llama.cpp's --tensor-split); empty = by free memory
+    tensor_split: tuple[float, ...] = ()
     #: serve `/v1/embeddings` (a pooling context) instead of generation
     embedding: bool = False
     #: embedding pooling: auto (the model's own, else mean) | mean | cls | last

@@ -31,6 +31,7 @@ class Model:
         *,
         gpu_layers: int = 0,
         main_gpu: int = 0,
+        tensor_split: list[float] | None = None,
         progress: Callable[[float], None] | None = None,
     ) -> None:
         llama_cpp.llama_log_set(_log_errors_only, ctypes.c_void_p(0))
@@ -38,6 +39,12 @@ class Model:
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = gpu_layers
         params.main_gpu = main_gpu
+        if tensor_split:  # one weight per device, in llama.cpp's device order
+            size = int(llama_cpp.llama_max_devices())
+            if len(tensor_split) > size:
+                raise ValueError(f"tensor split names {len(tensor_split)} devices; llama.cpp takes {size}")
+            self._tensor_split = (ctypes.c_float * size)(*tensor_split)  # read by the C side during the load
+            params.tensor_split = self._tensor_split
         if progress is not None:
 
             def report(fraction: float, _user: ctypes.c_void_p) -> bool:

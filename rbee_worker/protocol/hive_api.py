@@ -79,6 +79,8 @@ class WorkerInfo:
     last_activity: float | None = None
     idle_seconds: float = 0.0
     failed_probes: int = 0
+    #: a split worker's llama.cpp RPC servers (`host:port`), holding its layers
+    rpc_servers: list[str] = field(default_factory=list)
     #: serves embeddings, not generation
     embedding: bool = False
 

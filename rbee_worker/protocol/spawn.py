@@ -17,12 +17,15 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal, cast
 
 from .errors import RbeeError
+from .rpc import parse_endpoint
 from .wire import invalid, opt_float, opt_int, opt_str, reject_unknown
 
 RUNTIMES = ("llama-cpp", "ctransformers")
 DEVICE_BACKENDS = ("cpu", "cuda", "metal")
 AUTO = "auto"
 MIN_CTX = 16
+#: GGML_RPC_MAX_SERVERS
+MAX_RPC_SERVERS = 16
 
 #: "auto" (offload what fits), "all", or a layer count.
 GpuLayers = Literal["auto", "all"] | int
@@ -67,12 +70,20 @@ class SpawnRequest:
     #: answer once the model is loaded (or failed), at most `timeout` seconds (default: the hive's)
     wait: bool = False
     timeout: float | None = None
+    #: llama.cpp RPC servers (`host:port`) holding layers: a split worker (llama-cpp only)
+    rpc_servers: tuple[str, ...] = ()
+    #: layer share per device (llama.cpp's --tensor-split); empty: by each device's free memory
+    tensor_split: tuple[float, ...] = ()
     #: a worker for `/v1/embeddings` (llama.cpp pooling) instead of generation
     embedding: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
             raise invalid("model", "required: a catalog name")
+        object.__setattr__(self, "rpc_servers", parse_rpc_servers(self.rpc_servers))
+        object.__setattr__(self, "tensor_split", parse_tensor_split(self.tensor_split))
+        if self.rpc_servers and self.runtime == "ctransformers":
+            raise invalid("rpc_servers", "a split over RPC servers needs the llama-cpp runtime")
         _choice(self.runtime, "runtime", RUNTIMES)
         _choice(self.backend, "backend", DEVICE_BACKENDS)
         parse_gpu_layers(self.gpu_layers)
@@ -96,6 +107,11 @@ class SpawnRequest:
         body = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
         if not self.embedding:  # a hive that predates embeddings takes the body unchanged
             body.pop("embedding")
+        for name in ("rpc_servers", "tensor_split"):  # and one that predates split workers, too
+            if body[name]:
+                body[name] = list(body[name])
+            else:
+                del body[name]
         return body
 
     @classmethod
@@ -128,6 +144,8 @@ class SpawnRequest:
             idle_timeout=opt_float(body, "idle_timeout", 0),
             wait=wait,
             timeout=opt_float(body, "timeout", 0),
+            rpc_servers=body.get("rpc_servers") or (),
+            tensor_split=body.get("tensor_split") or (),
             embedding=embedding,
         )
 
@@ -149,6 +167,10 @@ class SpawnRequest:
                     f"--{name.replace('_', '-')}",
                     f"{value:g}" if isinstance(value, float) else str(value),
                 ]
+        if self.rpc_servers:
+            argv += ["--rpc", ",".join(self.rpc_servers)]
+        if self.tensor_split:
+            argv += ["--tensor-split", ",".join(f"{w:g}" for w in self.tensor_split)]
         if self.wait:
             argv.append("--wait")
         if self.embedding:
@@ -191,6 +213,17 @@ def add_spawn_arguments(
     parser.add_argument(
         "--idle-timeout", type=float, help="seconds idle before it is stopped (default: hive's)"
     )
+    parser.add_argument(
+        "--rpc",
+        dest="rpc_servers",
+        type=_rpc_flag,
+        help="host:port,... of llama.cpp RPC servers to place layers on (a split worker)",
+    )
+    parser.add_argument(
+        "--tensor-split",
+        type=_split_flag,
+        help="layer share per device, e.g. 1,1 (default: by each device's free memory)",
+    )
     if embedding:
         parser.add_argument(
             "--embedding",
@@ -200,6 +233,50 @@ def add_spawn_arguments(
     if wait:
         parser.add_argument("--wait", action="store_true", help="return when the model is loaded (or failed)")
         parser.add_argument("--timeout", type=float, help="seconds to wait for --wait (default: hive's)")
+
+
+def parse_rpc_servers(value: Any) -> tuple[str, ...]:
+    """A list (JSON) or comma-separated text (flags) of `host:port` endpoints, each checked."""
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise invalid("rpc_servers", f"expected a list of host:port, got {value!r}")
+    if len(set(value)) != len(value):
+        raise invalid("rpc_servers", "an endpoint is named twice")
+    if len(value) > MAX_RPC_SERVERS:
+        raise invalid("rpc_servers", f"llama.cpp takes at most {MAX_RPC_SERVERS} RPC servers")
+    for endpoint in value:
+        parse_endpoint(endpoint)
+    return tuple(value)
+
+
+def parse_tensor_split(value: Any) -> tuple[float, ...]:
+    if isinstance(value, str):
+        try:
+            value = [float(part) for part in value.split(",")]
+        except ValueError:
+            raise invalid("tensor_split", f"expected numbers separated by commas, got {value!r}") from None
+    if not isinstance(value, list | tuple) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in value
+    ):
+        raise invalid("tensor_split", f"expected a list of numbers, got {value!r}")
+    if value and (any(not v >= 0 for v in value) or not any(v > 0 for v in value)):  # `not >=` refuses nan
+        raise invalid("tensor_split", "weights must be >= 0 and not all 0")
+    return tuple(float(v) for v in value)
+
+
+def _rpc_flag(text: str) -> tuple[str, ...]:
+    try:
+        return parse_rpc_servers(text)
+    except RbeeError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def _split_flag(text: str) -> tuple[float, ...]:
+    try:
+        return parse_tensor_split(text)
+    except RbeeError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
 
 
 def _gpu_layers_flag(text: str) -> GpuLayers:
@@ -216,5 +293,7 @@ __all__ = [
     "SpawnRequest",
     "add_spawn_arguments",
     "parse_gpu_layers",
+    "parse_rpc_servers",
+    "parse_tensor_split",
     "split_legacy_backend",
 ]

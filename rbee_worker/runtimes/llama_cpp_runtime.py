@@ -41,9 +41,21 @@ class LlamaCppRuntime:
         sequences: int = 1,
         gpu_layers: int = 0,
         main_gpu: int = 0,
+        rpc_servers: tuple[str, ...] = (),
+        tensor_split: tuple[float, ...] = (),
     ) -> None:
         progress(0.0)
-        self._model = Model(path, gpu_layers=gpu_layers, main_gpu=main_gpu, progress=progress)
+        if rpc_servers:  # before the load: the servers become devices it can place layers on
+            from .rpc_devices import register
+
+            register(list(rpc_servers))
+        self._model = Model(
+            path,
+            gpu_layers=gpu_layers,
+            main_gpu=main_gpu,
+            tensor_split=list(tensor_split) or None,
+            progress=progress,
+        )
         try:
             self._scheduler = Scheduler(
                 self._model,

@@ -19,7 +19,8 @@ from typing import Any
 #: ggml backend registry names → rbee's backend names
 _REGISTRY_NAMES = {"cpu": "cpu", "cuda": "cuda", "metal": "metal", "mtl": "metal"}
 _LIB = re.compile(r"^(?:lib)?ggml-(?P<name>[a-z0-9]+)\.(?:so|dylib|dll)")
-_NOT_BACKENDS = {"base"}
+#: not devices of this node: ggml's core, and the RPC client split workers use (docs/worker.md)
+_NOT_BACKENDS = {"base", "rpc"}
 
 
 def lib_dir() -> Path | None:
@@ -109,6 +110,9 @@ def ggml_devices() -> list[GgmlDevice]:
 
 
 def supports_gpu_offload() -> bool:
-    import llama_cpp
+    """Can this build offload layers to a GPU of this node?
 
-    return bool(llama_cpp.llama_supports_gpu_offload())
+    Not `llama_supports_gpu_offload()`: it also says yes for a CPU build with the RPC
+    backend (layers on other nodes' servers), which every rbee build has.
+    """
+    return any(b != "cpu" for b in built_backends())

@@ -158,13 +158,20 @@ class FileServer:
                 {"error": "Repository not found"}, 404, headers={"x-error-code": "RepoNotFound"}
             )
         names = [*self.repos[repo], "README.md", "config.json"]
+        blobs = request.query_params.get("blobs") == "true"  # files_metadata=True: sizes too
+
+        def sibling(name: str) -> dict[str, object]:
+            if not blobs:
+                return {"rfilename": name}
+            return {"rfilename": name, "size": self.files[name].size if name in self.files else 10}
+
         return JSONResponse(
             {
                 "id": repo,
                 "modelId": repo,
                 "sha": COMMIT,
                 "private": False,
-                "siblings": [{"rfilename": n} for n in names],
+                "siblings": [sibling(n) for n in names],
             }
         )
 

@@ -55,12 +55,16 @@ def test_forced_builds_the_node_cannot_make_are_refused() -> None:
 def test_pip_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RBEE_WHEEL_CACHE", str(tmp_path))
     argv, env = pip_command(choose_build(node()), installed=[])
-    assert env["CMAKE_ARGS"] == "-DGGML_NATIVE=OFF" and argv[argv.index("--find-links") + 1] == str(tmp_path)
+    # every build also gets the RPC backend (split workers), on top of the chosen flags
+    assert env["CMAKE_ARGS"] == "-DGGML_NATIVE=OFF -DGGML_RPC=ON"
+    assert argv[argv.index("--find-links") + 1] == str(tmp_path)
     assert "--force-reinstall" not in argv and argv[-1].startswith("llama-cpp-python==")
     argv, _ = pip_command(choose_build(node()), installed=["cpu", "cuda"])  # replacing a CUDA build
     assert "--force-reinstall" in argv
+    argv, _ = pip_command(choose_build(node()), installed=["cpu"], rpc_installed=False)  # a build without RPC
+    assert "--force-reinstall" in argv
     argv, env = pip_command(choose_build(node(RTX, nvcc="/x/nvcc")), installed=["cpu"])
-    assert env["CMAKE_ARGS"] == "-DGGML_CUDA=on" and "--find-links" not in argv
+    assert env["CMAKE_ARGS"] == "-DGGML_CUDA=on -DGGML_RPC=ON" and "--find-links" not in argv
     assert argv[argv.index("--no-binary") + 1] == "llama-cpp-python" and "--no-cache-dir" in argv
 
 

@@ -200,7 +200,9 @@ def test_unreachable_node_fails_fast_while_its_workers_still_serve(fleet: Fleet)
         run = keeper.run("infer", "--node", "n3", "--model", "other", "--prompt", "hi")
         as_json = keeper.run("infer", "--node", "n3", "--model", "other", "--prompt", "hi", json_mode=True)
         # the data plane does not need SSH: the known worker on n3 still answers
-        warm = keeper.run("infer", "--node", "n3", "--model", "tiny", "--prompt", "hi", json_mode=True)
+        warm = keeper.run(
+            "infer", "--node", "n3", "--model", "tiny", "--prompt", "hi", "--max-tokens", "20", json_mode=True
+        )
     finally:
         n3.start()
     assert run.rc == 1 and "CONNECTION_FAILED" in run.err, run
@@ -222,7 +224,9 @@ def test_wrong_api_key_in_cache_falls_back_to_the_hive(fleet: Fleet) -> None:
             entry["api_key"] = "not-the-key"
     path.write_text(json.dumps(data))
 
-    run = keeper.run("infer", "--node", "n2", "--model", "tiny", "--prompt", PROMPT, json_mode=True)
+    run = keeper.run(
+        "infer", "--node", "n2", "--model", "tiny", "--prompt", PROMPT, "--max-tokens", "20", json_mode=True
+    )
     assert run.rc == 0, run
     summary = run.json()
     assert summary["tokens"] == 20 and summary["worker"] == good["id"]
@@ -285,7 +289,9 @@ def test_worker_killed_mid_stream_keeps_the_partial_answer(fleet: Fleet) -> None
     assert saved.read_bytes() == shown, "stdout and the saved file hold the same text"
     assert not [w for w in keeper.known_workers() if w["node"] == "n2"], "the dead worker is forgotten"
 
-    again = keeper.run("infer", "--node", "n2", "--model", "tiny", "--prompt", PROMPT, json_mode=True)
+    again = keeper.run(
+        "infer", "--node", "n2", "--model", "tiny", "--prompt", PROMPT, "--max-tokens", "20", json_mode=True
+    )
     assert again.rc == 0, again
     assert "spawn" in again.json()["phases_s"] and again.json()["worker"] != worker["id"]
 
@@ -349,6 +355,8 @@ def test_idle_shutdown_then_fresh_spawn(tmp_path: Path, tiny_model: Path) -> Non
             "tiny",
             "--prompt",
             "hi",
+            "--max-tokens",
+            "20",
             json_mode=True,
         )
         assert first.rc == 0, first
@@ -364,7 +372,18 @@ def test_idle_shutdown_then_fresh_spawn(tmp_path: Path, tiny_model: Path) -> Non
         wait_for(lambda: not worker_processes(), timeout=20, what="the idle worker to shut down")
         assert keeper.run("worker", "list", "--node", "box", json_mode=True).json()["box"] == []
 
-        second = keeper.run("infer", "--node", "box", "--model", "tiny", "--prompt", "hi", json_mode=True)
+        second = keeper.run(
+            "infer",
+            "--node",
+            "box",
+            "--model",
+            "tiny",
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "20",
+            json_mode=True,
+        )
         assert second.rc == 0, second
         summary = second.json()
         assert summary["worker"] != first.json()["worker"] and "spawn" in summary["phases_s"]

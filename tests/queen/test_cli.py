@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -80,3 +81,41 @@ def test_a_missing_inventory_is_one_line_and_exit_1(tmp_path: Path) -> None:
     assert proc.wait(30) == 1
     lines = [line for line in log.read_text().splitlines() if line.startswith("queen-rbee:")]
     assert len(lines) == 1 and "nope.yaml" in lines[0]
+
+
+def test_log_format_json_writes_one_object_a_line_with_access_fields(
+    tmp_path: Path, worker_factory: type[WorkerProcess], tiny_model: Path
+) -> None:
+    worker = worker_factory(tiny_model, ctx=2048)
+    worker.wait_ready()
+    port = free_port()
+    proc, log = _queen(tmp_path, "--no-inventory", "--port", str(port), "--log-format", "json")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as client:
+            body = {"url": worker.url, "api_key": worker.api_key, "model": "tiny"}
+            admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+            assert client.post("/v2/workers/register", json=body, headers=admin).status_code == 201
+            answer = client.post("/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 4})
+            assert answer.status_code == 200, answer.text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    assert lines and all({"ts", "level", "logger", "msg"} <= set(line) for line in lines)
+    (access,) = [line for line in lines if line["logger"] == "rbee.access"]
+    assert access["model"] == "tiny" and access["tokens_out"] == "4" and access["status"] == "ok"
+    assert access["cancelled"] == "false" and access["request_id"] and "duration_ms" in access
