@@ -173,6 +173,44 @@ def plan_memory(
     )
 
 
+def plan_split(
+    shape: ModelShape,
+    *,
+    slots: int = 1,
+    ctx: int | None = None,
+    gpu_layers: GpuLayers = "auto",
+    servers_free: int,
+) -> MemoryPlan:
+    """A split worker's plan: offload steps land on its RPC servers, whose free memory is one pool.
+
+    llama.cpp spreads the offloaded layers over the servers by their free memory, so the
+    pool's sum is what they must fit; `auto` offloads as many steps as do, and the rest
+    (always the token embedding) stays on the worker's node. Backend `rpc`.
+    """
+    per_seq = ctx or default_ctx(shape)
+    cells = kv_cells(slots, per_seq)
+    last = shape.n_layers + 1
+    if gpu_layers == "auto":
+        steps = next((k for k in range(last, 0, -1) if split(shape, "rpc", k, cells)[0] <= servers_free), 0)
+    else:
+        steps = last if gpu_layers == "all" else min(int(gpu_layers), last)
+    device_bytes, host_bytes, host_weights = split(shape, "rpc", steps, cells)
+    return MemoryPlan(
+        backend="rpc",
+        device=None,
+        slots=slots,
+        ctx=per_seq,
+        n_layers=shape.n_layers,
+        gpu_layers=steps,
+        weights_bytes=shape.weights_bytes,
+        kv_bytes=kv_bytes(shape, cells),
+        compute_bytes=compute_bytes(shape, cells),
+        device_bytes=device_bytes,
+        host_bytes=host_bytes,
+        host_weights_bytes=host_weights,
+    )
+
+
 def _mb(n: int) -> int:
     return -(-n // MB)
 
@@ -196,7 +234,16 @@ def check_fits(
         "model": model,
     }
     what = f"{plan.slots} slot(s) × ctx {plan.ctx}"
-    if plan.backend != "cpu" and device_free is not None:
+    if plan.backend == "rpc" and device_free is not None and plan.device_bytes > device_free:
+        raise RbeeError(
+            ErrorCode.INSUFFICIENT_RAM,
+            f"insufficient memory on the split's RPC servers: {plan.gpu_layers}/{plan.n_layers + 1} "
+            f"layers need {_mb(plan.device_bytes)} MB ({what}), the servers have {device_free // MB} MB free",
+            status=507,
+            details={**breakdown, "required_bytes": plan.device_bytes, "available_bytes": device_free},
+            hint="more helper nodes in --split, fewer --gpu-layers, or a smaller quantization",
+        )
+    if plan.backend not in ("cpu", "rpc") and device_free is not None:
         need = plan.total_bytes if plan.backend == "metal" else plan.device_bytes
         if plan.gpu_layers == 0 or need > device_free:
             where = f"{plan.backend}:{plan.device if plan.device is not None else 0}"

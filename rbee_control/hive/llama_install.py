@@ -182,4 +182,9 @@ def _install_rpc_server(out: Emitter) -> None:
     from .rpc_build import install
 
     out.log("ggml-rpc-server: building from the same llama.cpp sources (once per version)")
-    out.log(f"ggml-rpc-server: {install(LLAMA_VERSION)}")
+    try:
+        out.log(f"ggml-rpc-server: {install(LLAMA_VERSION)}")
+    except RbeeError as exc:  # llama-cpp-python works without it; only split workers need it here
+        out.log(f"ggml-rpc-server: not installed, this node cannot serve layers of a split: {exc.message}")
+        if exc.hint:
+            out.log(f"ggml-rpc-server: {exc.hint}")

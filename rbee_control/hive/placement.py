@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from rbee_worker.model_shape import ModelShape
-from rbee_worker.planning import GpuLayers, MemoryPlan, check_fits, plan_memory
+from rbee_worker.planning import GpuLayers, MemoryPlan, check_fits, plan_memory, plan_split
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from rbee_worker.runtimes import CTRANSFORMERS, LLAMA_CPP
 
@@ -151,15 +151,21 @@ def place(
     ctx: int | None = None,
     ram_headroom: float = 1.0,
     model: str = "",
+    rpc_free: int | None = None,
 ) -> Placement:
     """Choose the device, plan the memory, refuse what does not fit (`INSUFFICIENT_RAM|VRAM`).
 
     `runtime` is the one chosen for the model (auto already resolved); a GPU backend needs llama-cpp.
+    `rpc_free` (a split worker on the CPU): the free memory of its RPC servers, where its layers go.
     """
     backend, dev = choose_device(node, backend, device, runtime)
     if backend != "cpu" and runtime != LLAMA_CPP:
         raise _unavailable(f"{backend} needs the llama-cpp runtime, not {runtime}", "--runtime llama-cpp")
     ram = node.find("cpu")[0].memory_free_bytes
+    if rpc_free is not None and backend == "cpu":  # a split worker: the layers go to the RPC servers
+        plan = plan_split(shape, slots=slots, ctx=ctx, gpu_layers=gpu_layers, servers_free=rpc_free)
+        check_fits(plan, ram, rpc_free, model=model, ram_headroom=ram_headroom)
+        return Placement(backend, None, runtime, plan, ram, None, [])
     device_free = None if backend == "cpu" else dev.memory_free_bytes
     plan = plan_memory(
         shape,

@@ -131,6 +131,15 @@ def connected_clients(record: RpcRecord) -> int:
     )
 
 
+def listens(record: RpcRecord) -> bool:
+    """Does the server's own process hold the listening socket of its port?"""
+    try:
+        conns = psutil.Process(record.pid).net_connections(kind="tcp")
+    except psutil.Error:
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == record.port for c in conns)
+
+
 def _tail(path: Path, lines: int = 8) -> str:
     with contextlib.suppress(OSError):
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -222,7 +231,8 @@ class RpcServers:
                     f"{BINARY} exited at start: {_tail(self.log_path(record.id), 3)}",
                     details={"log": str(self.log_path(record.id))},
                 )
-            if await asyncio.to_thread(probe, record.host, record.port, 1.0):
+            # its own listening socket first: a probe alone would greet a server that won the port
+            if listens(record) and await asyncio.to_thread(probe, record.host, record.port, 1.0):
                 return await asyncio.to_thread(hello, record.endpoint)
             if time.monotonic() > deadline:
                 raise RbeeError(ErrorCode.LOADING_TIMEOUT, f"{BINARY} did not listen on {record.endpoint}")

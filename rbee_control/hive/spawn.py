@@ -180,7 +180,7 @@ async def launch(
         runtime=placement.runtime,
         device=placement.device,
         gpu_layers=plan.gpu_layers,
-        planned_bytes=plan.total_bytes,
+        planned_bytes=plan.host_bytes if plan.backend == "rpc" else plan.total_bytes,  # what lands here
         rpc_servers=list(req.rpc_servers),
         embedding=req.embedding,
     )

@@ -22,6 +22,7 @@ from rbee_worker.model_shape import read_model_shape
 from rbee_worker.protocol.client import WorkerClient
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from rbee_worker.protocol.hive_api import ReadyReport
+from rbee_worker.protocol.rpc import device_memory
 from rbee_worker.protocol.spawn import SpawnRequest
 
 from . import spawn, tls
@@ -113,6 +114,10 @@ class Supervisor:
         choose_device(node, req.backend, req.device, wanted)  # a missing GPU first: it is the bigger news
         runtime = spawn.choose_runtime(wanted, model)
         shape = await asyncio.to_thread(read_model_shape, model.path)
+        rpc_free = None
+        if req.rpc_servers:  # asked before the worker exists: each server serves one client at a time
+            answers = await asyncio.gather(*(asyncio.to_thread(device_memory, e) for e in req.rpc_servers))
+            rpc_free = sum(free for free, _ in answers)
         placement = place(
             reserve_loading(node, [w.file for w in self.registry.list() if w.state == WorkerState.LOADING]),
             shape,
@@ -124,6 +129,7 @@ class Supervisor:
             ctx=req.ctx_size,
             ram_headroom=self.config.ram_factor,
             model=model.name,
+            rpc_free=rpc_free,
         )
         for warning in placement.warnings:
             log.warning("%s: %s", model.name, warning)
@@ -164,12 +170,16 @@ class Supervisor:
                 plan.total_bytes >> 20,
             )
             self._background(self._watch_exit(worker))
-            if await self._wait_http(worker):
+            answered = await self._wait_http(worker)
+            if answered is True:
                 return worker
             tail = spawn.log_tail(self.paths, worker_id)
-            if "address already in use" in spawn.log_since(self.paths, worker_id, log_start).lower():
+            lost = "address already in use" in spawn.log_since(self.paths, worker_id, log_start).lower()
+            if answered is None or lost:
                 log.warning("%s lost port %d to another process; trying the next one", worker_id, port)
                 skip.add(port)
+                if worker.process is not None and worker.process.returncode is None:
+                    worker.process.kill()  # it may yet win the port once the other server lets go
                 await self._forget(worker)
                 continue
             if self.registry.get(worker.id) is worker:
@@ -184,18 +194,29 @@ class Supervisor:
             )
         raise RbeeError(ErrorCode.NO_PORT_AVAILABLE, "lost the race for a port three times")
 
-    async def _wait_http(self, worker: Worker) -> bool:
-        """True once `/health` answers (or the worker already called back ready)."""
+    async def _wait_http(self, worker: Worker) -> bool | None:
+        """True once the worker answers as itself; None when another server holds its port.
+
+        `/v1/ready` and not `/health`: a worker that lost its bind to another server
+        (a second hive on this host, say) would otherwise be taken for the winner,
+        whose public `/health` answers too — but only ours accepts this worker's key.
+        """
         deadline = time.monotonic() + self.config.startup_timeout
+        client = self.client(worker)
         while time.monotonic() < deadline:
             if worker.settled.is_set():
                 return worker.error is None
             if worker.process is not None and worker.process.returncode is not None:
                 return False
-            with contextlib.suppress(httpx.HTTPError):
-                resp = await self.http.get(f"{worker.url}/health", timeout=1.0)
-                if resp.status_code == 200:
-                    return True
+            try:
+                answer = await client.ready(timeout=1.0)
+            except RbeeError:
+                return None  # the key was refused: someone else's server
+            except httpx.HTTPError:
+                answer = None
+            if answer is not None:
+                # ready or still loading, it is ours only if it names this worker
+                return True if answer.worker_id == worker.id else None
             await asyncio.sleep(0.05)
         return False
 

@@ -19,6 +19,7 @@ import asyncio
 import hashlib
 import shlex
 import sys
+import sysconfig
 import tempfile
 import time
 import zipfile
@@ -291,6 +292,21 @@ class NodeInstall:
 
                 await self.transport.put(file, f"{remote}/{file.name}", bar, resume=False)
                 sent += size
+        if llama:
+            await self._push_rpc_server(platforms, remote)
+
+    async def _push_rpc_server(self, platforms: list[str], remote: str) -> None:
+        """This machine's ggml-rpc-server, when the node is of its platform: it cannot build one offline."""
+        from rbee_control.hive.rpc_build import cached_binary
+
+        binary = cached_binary()
+        here = sysconfig.get_platform().replace("-", "_").replace(".", "_")
+        if not binary.is_file() or here not in platforms:
+            self.step(f"no ggml-rpc-server for {platforms[0]} here: {self.node.name} will try to build one")
+            return
+        for file in (binary, binary.with_name("ggml-rpc.h")):
+            if file.is_file():
+                await self.transport.put(file, f"{remote}/{file.name}", self._bar(file.name), resume=False)
 
     def _bar(self, name: str) -> Any:
         label = f"{self.node.name}: push {name}"
@@ -325,8 +341,12 @@ async def install_nodes(
 
 def offline_env(done: dict[str, Any]) -> dict[str, str] | None:
     """For `install-llama` after an offline install: pip on the node uses only the pushed wheels."""
+    from rbee_control.hive.rpc_build import BINARY, PREBUILT_ENV
+
     wheels = done.get("wheels")
-    return {"PIP_NO_INDEX": "1", "RBEE_WHEEL_CACHE": wheels} if wheels else None
+    if not wheels:
+        return None
+    return {"PIP_NO_INDEX": "1", "RBEE_WHEEL_CACHE": wheels, PREBUILT_ENV: f"{wheels}/{BINARY}"}
 
 
 async def install_llama_on(

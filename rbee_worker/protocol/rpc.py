@@ -24,6 +24,9 @@ from .wire import invalid, opt_float, opt_int, reject_unknown, req_str, require_
 
 #: RPC_CMD_HELLO; llama.cpp pins this number across versions
 CMD_HELLO = 14
+#: rpc_cmd numbers of protocol 7 (a server of another major is refused before these are sent)
+CMD_GET_DEVICE_MEMORY = 11
+CMD_DEVICE_COUNT = 15
 #: sizeof(rpc_msg_hello_req) since protocol 7: the connection capabilities
 HELLO_REQUEST_SIZE = 24
 #: major, minor, patch, padding, then the capabilities
@@ -107,15 +110,36 @@ def hello(endpoint: str, timeout: float = 5.0) -> RpcVersion:
     The server serves one client at a time: this connection is closed at once so
     the real client gets its turn.
     """
-    host, port = parse_endpoint(endpoint)
-    request = struct.pack("<BQ", CMD_HELLO, HELLO_REQUEST_SIZE) + bytes(HELLO_REQUEST_SIZE)
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(request)
-            head = _recv_exact(sock, 8)
-            body = _recv_exact(sock, HELLO_RESPONSE_SIZE) if len(head) == 8 else b""
+        with socket.create_connection(parse_endpoint(endpoint), timeout=timeout) as sock:
+            return _greet(sock, endpoint)
     except OSError as exc:
         raise unreachable(endpoint, f"{type(exc).__name__}: {exc}") from None
+
+
+def device_memory(endpoint: str, timeout: float = 5.0) -> tuple[int, int]:
+    """(free, total) bytes over every device the server offers, as llama.cpp asks before placing layers.
+
+    Only for a server no worker holds yet: it serves one client at a time.
+    """
+    try:
+        with socket.create_connection(parse_endpoint(endpoint), timeout=timeout) as sock:
+            _greet(sock, endpoint)
+            (count,) = struct.unpack("<I", _command(sock, endpoint, CMD_DEVICE_COUNT, b"", 4))
+            free = total = 0
+            for device in range(count):
+                answer = _command(sock, endpoint, CMD_GET_DEVICE_MEMORY, struct.pack("<I", device), 16)
+                device_free, device_total = struct.unpack("<QQ", answer)
+                free, total = free + device_free, total + device_total
+            return free, total
+    except OSError as exc:
+        raise unreachable(endpoint, f"{type(exc).__name__}: {exc}") from None
+
+
+def _greet(sock: socket.socket, endpoint: str) -> RpcVersion:
+    sock.sendall(struct.pack("<BQ", CMD_HELLO, HELLO_REQUEST_SIZE) + bytes(HELLO_REQUEST_SIZE))
+    head = _recv_exact(sock, 8)
+    body = _recv_exact(sock, HELLO_RESPONSE_SIZE) if len(head) == 8 else b""
     if len(head) < 8 or struct.unpack("<Q", head)[0] != HELLO_RESPONSE_SIZE or len(body) < 4:
         raise RbeeError(
             ErrorCode.RPC_VERSION_MISMATCH,
@@ -125,6 +149,16 @@ def hello(endpoint: str, timeout: float = 5.0) -> RpcVersion:
             hint="build ggml-rpc-server from the same llama.cpp sources as llama-cpp-python",
         )
     return RpcVersion(body[0], body[1], body[2])
+
+
+def _command(sock: socket.socket, endpoint: str, cmd: int, payload: bytes, answer_size: int) -> bytes:
+    """One request/answer after the HELLO: command byte, u64 size, payload; u64 size, answer."""
+    sock.sendall(struct.pack("<BQ", cmd, len(payload)) + payload)
+    head = _recv_exact(sock, 8)
+    body = _recv_exact(sock, answer_size) if len(head) == 8 else b""
+    if len(head) < 8 or struct.unpack("<Q", head)[0] != answer_size or len(body) < answer_size:
+        raise unreachable(endpoint, f"no answer to command {cmd}")
+    return body
 
 
 def unreachable(endpoint: str, why: str) -> RbeeError:

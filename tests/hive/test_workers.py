@@ -153,6 +153,23 @@ async def test_idle_timeout_spares_a_streaming_worker(node: Hive) -> None:
     assert f"stopping {busy['id']}" in node.log() and "idle for" in node.log()
 
 
+def test_an_embedding_worker_is_spawned_listed_and_refused_on_ctransformers(node: Hive) -> None:
+    worker = spawn(node, "--embedding", "--wait")
+    try:
+        assert worker["embedding"] is True and worker["state"] == "idle"
+        assert workers(node)[worker["id"]]["embedding"] is True
+        headers = {"Authorization": f"Bearer {worker['api_key']}"}
+        answer = httpx.post(
+            f"{worker['url']}/v1/embeddings", json={"input": "bee"}, headers=headers, timeout=30
+        )
+        assert answer.status_code == 200 and len(answer.json()["data"][0]["embedding"]) == 64
+    finally:
+        node.run("worker", "stop", worker["id"])
+    before = set(workers(node))
+    refused = node.run("worker", "spawn", "--model", "tiny", "--runtime", "ctransformers", "--embedding")
+    assert "cannot compute embeddings" in refused.error["message"] and set(workers(node)) == before
+
+
 def test_stop_cascades_to_every_worker(node: Hive) -> None:
     """Last in the module: it stops the module's daemon."""
     ws = [spawn(node), spawn(node)]
@@ -277,20 +294,3 @@ def write_empty_model(path: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
-
-
-def test_an_embedding_worker_is_spawned_listed_and_refused_on_ctransformers(node: Hive) -> None:
-    worker = spawn(node, "--embedding", "--wait")
-    try:
-        assert worker["embedding"] is True and worker["state"] == "idle"
-        assert workers(node)[worker["id"]]["embedding"] is True
-        headers = {"Authorization": f"Bearer {worker['api_key']}"}
-        answer = httpx.post(
-            f"{worker['url']}/v1/embeddings", json={"input": "bee"}, headers=headers, timeout=30
-        )
-        assert answer.status_code == 200 and len(answer.json()["data"][0]["embedding"]) == 64
-    finally:
-        node.run("worker", "stop", worker["id"])
-    before = set(workers(node))
-    refused = node.run("worker", "spawn", "--model", "tiny", "--runtime", "ctransformers", "--embedding")
-    assert "cannot compute embeddings" in refused.error["message"] and set(workers(node)) == before

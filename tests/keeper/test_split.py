@@ -21,6 +21,7 @@ import pytest
 
 from rbee_control.hive.rpc_servers import find_binary
 from rbee_control.node.split import check_split
+from rbee_worker.model_shape import read_model_shape
 from rbee_worker.protocol.client import WorkerClient
 from rbee_worker.protocol.errors import RbeeError
 from rbee_worker.protocol.request import InferenceRequest
@@ -39,12 +40,11 @@ FAST = {
 }
 
 
-@pytest.fixture(scope="module")
-def split_fleet(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[tuple[Keeper, Path]]:
+def start_fleet(base: Path, tiny_model: Path, **env: str) -> tuple[Keeper, Path]:
+    """Nodes a, b, c (`transport: local`, each its own home) and the tiny model on a."""
     if not has_rpc():
         pytest.fail("llama-cpp-python has no RPC backend: run scripts/setup.sh")
     find_binary()  # raises with the install hint when ggml-rpc-server is missing
-    base = tmp_path_factory.mktemp("split")
     homes = base / "homes"
     lines = ["nodes:"]
     for name in ("a", "b", "c"):
@@ -53,9 +53,15 @@ def split_fleet(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> I
     inventory = base / "inventory.yaml"
     inventory.write_text("\n".join(lines) + "\n")
     binary = {"RBEE_RPC_SERVER": os.environ["RBEE_RPC_SERVER"]} if os.environ.get("RBEE_RPC_SERVER") else {}
-    keeper = make_keeper(base, inventory, **FAST, **binary)
+    keeper = make_keeper(base, inventory, **FAST, **binary, **env)
     added = keeper.run("models", "add", f"file:{tiny_model}", "--node", "a", "--name", "tiny")
     assert added.rc == 0, added
+    return keeper, homes
+
+
+@pytest.fixture(scope="module")
+def split_fleet(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[tuple[Keeper, Path]]:
+    keeper, homes = start_fleet(tmp_path_factory.mktemp("split"), tiny_model)
     try:
         yield keeper, homes
     finally:
@@ -105,6 +111,10 @@ def test_split_answers_like_the_whole_model_and_stops_clean(split_fleet: tuple[K
     assert all(s[0]["endpoint"].startswith("127.0.0.1:") for s in servers.values())  # the node's address
     whole = spawn(keeper)
     workers = hive_workers(homes / "a")
+    for worker, layers in ((workers[split["id"]], 3), (workers[whole["id"]], 0)):  # 2 blocks + the head
+        headers = {"Authorization": f"Bearer {worker['api_key']}"}
+        ready = httpx.get(f"{worker['url']}/v1/ready", headers=headers, timeout=10).json()
+        assert ready["gpu_layers"] == layers, ready
     assert workers[split["id"]]["rpc_servers"] == [s[0]["endpoint"] for s in servers.values()]
 
     status = keeper.run("status")
@@ -123,6 +133,30 @@ def test_split_answers_like_the_whole_model_and_stops_clean(split_fleet: tuple[K
     wait_for(lambda: not any(alive(p) for p in pids), 20, "rpc servers gone")
     assert rpc_servers(homes / "b") == rpc_servers(homes / "c") == []
     assert keeper.run("worker", "stop", whole["id"], "--node", "a").rc == 0
+
+
+def test_a_model_too_big_for_its_node_runs_split(tmp_path: Path, tiny_model: Path) -> None:
+    """Node a's RAM check made to refuse the whole model (the hive's --ram-factor), not the split.
+
+    The factor scales the weights a node must hold: the whole model then needs about twice a's
+    free memory, while a split leaves a only the token embedding (a sixth of the tiny model).
+    """
+    shape = read_model_shape(str(tiny_model))
+    factor = 2 * psutil.virtual_memory().available / shape.weights_bytes
+    assert shape.host_bytes * factor < psutil.virtual_memory().available / 2  # the split's share fits
+    keeper, homes = start_fleet(tmp_path, tiny_model, RBEE_HIVE_RAM_FACTOR=f"{factor:.0f}")
+    try:
+        whole = keeper.run("worker", "spawn", "--node", "a", "--model", "tiny", timeout=120)
+        assert whole.rc == 1 and "insufficient RAM" in whole.err, whole
+        split = spawn(keeper, "--split", "b,c")
+        worker = hive_workers(homes / "a")[split["id"]]
+        ready = httpx.get(
+            f"{worker['url']}/v1/ready", headers={"Authorization": f"Bearer {worker['api_key']}"}, timeout=10
+        ).json()
+        assert ready["gpu_layers"] == shape.n_layers + 1, ready  # every layer and the head on b and c
+        assert asyncio.run(answer(worker, "The capital of"))
+    finally:
+        stop_fleet(keeper, homes)
 
 
 def test_a_lost_rpc_server_stops_the_split_worker_clean(split_fleet: tuple[Keeper, Path]) -> None:

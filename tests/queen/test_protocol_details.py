@@ -101,7 +101,9 @@ async def test_a_cold_start_and_a_queue_are_kept_alive_with_comments(
         assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
         async with queen.http() as http, http.stream("POST", "/v1/completions", json=LONG) as running:
-            await read_until(aiter(running.aiter_bytes()), b'"text"')  # it holds the one slot
+            # kept in a name: a dropped iterator is finalized, and that closes the stream
+            long_body = aiter(running.aiter_bytes())
+            await read_until(long_body, b'"text"')  # it holds the one slot
             async with http.stream("POST", "/v1/chat/completions", json=SHORT) as queued:
                 assert queued.status_code == 200
                 body = aiter(queued.aiter_bytes())

@@ -15,7 +15,15 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from rbee_worker.gguf_header import TensorExtent
 from rbee_worker.model_shape import ModelShape, read_model_shape, shape_from_header
-from rbee_worker.planning import check_fits, default_ctx, kv_bytes, kv_cells, parse_gpu_layers, plan_memory
+from rbee_worker.planning import (
+    check_fits,
+    default_ctx,
+    kv_bytes,
+    kv_cells,
+    parse_gpu_layers,
+    plan_memory,
+    plan_split,
+)
 from rbee_worker.protocol.errors import RbeeError
 
 MIB, GIB = 1 << 20, 1 << 30
@@ -185,6 +193,38 @@ def test_insufficient_ram_names_need_and_free() -> None:
     assert err.code == "INSUFFICIENT_RAM" and err.details["required_bytes"] == need
     assert f"need {-(-need // MIB)} MB" in err.message and "have 6144 MB free" in err.message
     assert "8 slot(s) × ctx 8192" in err.message and "KV cache 8192 MB" in err.message
+
+
+def test_a_split_holds_a_model_bigger_than_its_worker_node() -> None:
+    # Llama-3-8B Q4_K_M (4.9 GB) on a 3 GB worker node: whole, it is refused ...
+    whole = plan_memory(LLAMA3_8B, backend="cpu", ctx=4096)
+    with pytest.raises(RbeeError) as caught:
+        check_fits(whole, ram_free=3 * GIB, device_free=None, ram_headroom=1.2)
+    assert caught.value.code == "INSUFFICIENT_RAM"
+    # ... split over two 4 GB helpers, every layer goes to them and the node keeps the token embedding
+    split = plan_split(LLAMA3_8B, ctx=4096, servers_free=8 * GIB)
+    assert split.backend == "rpc" and split.gpu_layers == 33 and split.full_offload
+    assert split.host_bytes == LLAMA3_8B.host_bytes < 3 * GIB
+    assert split.device_bytes == split.weights_bytes - split.host_bytes + split.kv_bytes + split.compute_bytes
+    check_fits(split, ram_free=3 * GIB, device_free=8 * GIB, ram_headroom=1.2)
+
+
+def test_a_split_keeps_what_its_servers_cannot_hold() -> None:
+    partial = plan_split(LLAMA3_8B, ctx=4096, servers_free=3 * GIB)
+    assert 0 < partial.gpu_layers < 33 and partial.device_bytes <= 3 * GIB
+    check_fits(partial, ram_free=4 * GIB, device_free=3 * GIB)
+    with pytest.raises(RbeeError) as caught:  # the layers left behind do not fit the node either
+        check_fits(partial, ram_free=1 * GIB, device_free=3 * GIB)
+    assert (
+        caught.value.code == "INSUFFICIENT_RAM"
+        and "offloaded layers leave on the host" in caught.value.message
+    )
+    forced = plan_split(LLAMA3_8B, ctx=4096, gpu_layers="all", servers_free=3 * GIB)
+    with pytest.raises(RbeeError) as caught:
+        check_fits(forced, ram_free=64 * GIB, device_free=3 * GIB)
+    err = caught.value
+    assert err.code == "INSUFFICIENT_RAM" and "the split's RPC servers" in err.message
+    assert "33/33 layers" in err.message and "have 3072 MB free" in err.message
 
 
 def test_real_files_tiny_and_smollm2(tiny_model: Path, smollm2: Path) -> None:
