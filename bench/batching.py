@@ -34,14 +34,10 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import importlib.metadata
 import math
 import os
-import shutil
 import signal
-import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from collections.abc import Callable
@@ -49,7 +45,11 @@ from pathlib import Path
 
 import httpx
 import psutil
-from worker_overhead import (  # bench/worker_overhead.py: this script's directory is on sys.path
+from native_server import (  # bench/: this script's directory is on sys.path
+    llama_cpp_version,
+    llama_server_binary,
+)
+from worker_overhead import (
     HOST,
     Deadline,
     Sample,
@@ -64,9 +64,7 @@ from worker_overhead import (  # bench/worker_overhead.py: this script's directo
 
 from rbee_worker.protocol.request import InferenceRequest
 
-CACHE = Path(os.environ.get("RBEE_CACHE", Path.home() / ".cache" / "rbee"))
 READY_TIMEOUT_S = 300.0
-BUILD_TIMEOUT_S = 3600.0
 TOPICS = [
     "a bee who lost her way home", "the oldest oak in the valley", "a lighthouse keeper's last night",
     "a city built on stilts", "the first snow of the year", "a clockmaker and her apprentice",
@@ -76,48 +74,6 @@ TOPICS = [
 
 
 # ---------------------------------------------------------------- llama-server
-
-
-def llama_cpp_version() -> str:
-    return importlib.metadata.version("llama-cpp-python")
-
-
-def llama_server_binary(version: str) -> Path:
-    """llama.cpp's server from the installed llama-cpp-python's vendored sources, built once."""
-    binary = CACHE / f"llama-server-{version}" / "llama-server"
-    if binary.is_file():
-        return binary
-    sdist_dir = CACHE / "sdist"
-    sdist_dir.mkdir(parents=True, exist_ok=True)
-    archive = sdist_dir / f"llama_cpp_python-{version}.tar.gz"
-    if not archive.is_file():
-        print(f"downloading the llama-cpp-python {version} sdist", file=sys.stderr, flush=True)
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-             f"llama-cpp-python=={version}", "-d", str(sdist_dir)],
-            check=True,
-        )  # fmt: skip
-    source = sdist_dir / f"llama_cpp_python-{version}"
-    if not source.is_dir():
-        with tarfile.open(archive) as tar:
-            tar.extractall(sdist_dir, filter="data")
-    llama = source / "vendor" / "llama.cpp"
-    build = llama / "build-server"
-    print(f"building llama-server from {llama} (several minutes)", file=sys.stderr, flush=True)
-    subprocess.run(
-        ["cmake", "-S", str(llama), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF",
-         "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-         "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
-         "-DLLAMA_BUILD_APP=OFF"],
-        check=True, stdout=subprocess.DEVNULL, timeout=BUILD_TIMEOUT_S,
-    )  # fmt: skip
-    subprocess.run(
-        ["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
-        check=True, stdout=subprocess.DEVNULL, timeout=BUILD_TIMEOUT_S,
-    )  # fmt: skip
-    binary.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(build / "bin" / "llama-server", binary)
-    return binary
 
 
 def start_llama_server(

@@ -5,9 +5,9 @@ beside the venv's Python, built from the same llama.cpp sources as the wheel).
 Against them, taking turns round by round so drift hits all alike:
 
 - `split worker`: `rbee-worker serve --rpc A,B` (every layer on the two servers);
-- `native --rpc`: `llama-server --rpc A,B -ngl 99` (llama.cpp's own split), when the
-  given binary was built with GGML_RPC (the cached `llama-server-<version>` is not:
-  pass `--llama-server PATH` of an RPC build, otherwise that side is skipped and says so);
+- `native --rpc`: `llama-server --rpc A,B -ngl 99` (llama.cpp's own split), the binary
+  bench/native_server.py builds with GGML_RPC from the same sources (or `--llama-server PATH`;
+  `--no-llama-server` skips that side, and the last line says so);
 - `whole model`: `rbee-worker serve` with the model on its own CPU.
 
 Each round streams one greedy request of `--tokens` tokens per side and reads
@@ -18,7 +18,8 @@ medians, whether the texts matched at temperature 0, and last
 
 All servers listen on 127.0.0.1 and are stopped on exit; every loop is bounded.
 
-    python bench/split.py [--rounds 3] [--tokens 64] [--threads 1] [--ctx 1024] [--llama-server PATH]
+    python bench/split.py [--rounds 3] [--tokens 64] [--threads 1] [--ctx 1024]
+                          [--llama-server PATH | --no-llama-server]
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+from native_server import llama_cpp_version, llama_server_binary  # bench/ is on sys.path
 from worker_overhead import (  # bench/worker_overhead.py: this script's directory is on sys.path
     HOST,
     Sample,
@@ -106,7 +108,7 @@ def start_worker(model: Path, threads: int, ctx: int, log_dir: Path, rpc: list[s
 def native_supports_rpc(binary: Path | None) -> str | None:
     """None when `binary` can split over RPC servers; otherwise why that side is skipped."""
     if binary is None:
-        return "no --llama-server given"
+        return "--no-llama-server"
     if not binary.is_file():
         return f"{binary} does not exist"
     # its --help lists --rpc either way; a build without GGML_RPC refuses the option itself
@@ -221,7 +223,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="per server (the machine has 2 cores)")
     parser.add_argument("--ctx", type=int, default=1024)
     parser.add_argument("--llama-server", type=Path, help="an RPC-enabled llama-server binary")
+    parser.add_argument("--no-llama-server", action="store_true", help="skip the native side")
     args = parser.parse_args()
+    if args.llama_server is None and not args.no_llama_server:
+        args.llama_server = llama_server_binary(llama_cpp_version())
     if not 1 <= args.rounds <= 20 or not 1 <= args.tokens <= 2048:
         parser.error("--rounds 1..20 and --tokens 1..2048")
     with tempfile.TemporaryDirectory(prefix="rbee-bench-split-") as tmp:

@@ -29,7 +29,9 @@ from rbee_control.inventory.placements import (
     MODEL_KEYS,
     MODEL_NAME_RE,
     REPLICA_KEYS,
+    SHA256_RE,
     ModelPlacement,
+    source_problem,
 )
 from rbee_control.inventory.suggest import did_you_mean
 from rbee_control.inventory.upstreams import UPSTREAM_KEYS, Upstream, check_models, check_name, check_url
@@ -219,7 +221,17 @@ class _Checker:
                 )
             if split and high > 1:
                 self.fail(rpos, f"{dotted}.replicas", "a split model runs as one worker: max must be 1")
-        return ModelPlacement(name, node, tuple(split), low, high)
+        source = sha256 = None
+        if block.get("sha256") is not None:
+            sha256 = self.string(block["sha256"], _value_pos(block, "sha256"), f"{dotted}.sha256").lower()
+            if not SHA256_RE.fullmatch(sha256):
+                self.fail(_value_pos(block, "sha256"), f"{dotted}.sha256", "expected 64 hex digits")
+        if block.get("source") is not None:
+            source = self.string(block["source"], _value_pos(block, "source"), f"{dotted}.source")
+            problem = source_problem(source, sha256)
+            if problem:
+                self.fail(_value_pos(block, "source"), f"{dotted}.source", problem)
+        return ModelPlacement(name, node, tuple(split), low, high, source, sha256)
 
     def upstreams(self, raw: Any, pos: Pos, nodes: Mapping[str, Node]) -> dict[str, Upstream]:
         if not isinstance(raw, Mapping):

@@ -49,6 +49,8 @@ class NodeControl(Protocol):
 
     async def models_list(self, templates: bool = False) -> list[ModelInfo]: ...
 
+    async def models_add(self, ref: str, name: str | None = None, sha256: str | None = None) -> ModelInfo: ...
+
     async def worker_spawn(self, req: SpawnRequest) -> WorkerInfo: ...
 
     async def worker_stop(self, worker_id: str) -> Any: ...
@@ -118,6 +120,18 @@ class InventoryFleet:
     def placement(self, model: str) -> ModelPlacement:
         return self.placements.get(model) or ModelPlacement.default(model)
 
+    def node_names(self) -> list[str]:
+        return list(self._clients)
+
+    async def _fetch_if_missing(self, model: str, node: str, client: NodeControl) -> None:
+        """A node without `model` downloads it from the placement's `source` (checked, resumable)."""
+        placement = self.placement(model)
+        if placement.source is None or any(m.name == model for m in await client.models_list()):
+            return
+        log.info("%s: fetching %s from %s", node, model, placement.source)
+        await client.models_add(placement.source, name=model, sha256=placement.sha256)
+        self._last_listing.pop(node, None)  # its next listing shows the model
+
     def _client(self, node: str) -> NodeControl:
         try:
             return self._clients[node]
@@ -179,6 +193,7 @@ class InventoryFleet:
             self._split_servers[started.worker.id] = list(started.servers)
             return await self._spawned_entry(node, client, started.worker, model)
         await self._ensure_hive(node, client)
+        await self._fetch_if_missing(model, node, client)
         try:
             info = await client.worker_spawn(req)
         except RbeeError as exc:

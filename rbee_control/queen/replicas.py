@@ -71,7 +71,8 @@ class Replicas:
             return
         node = self._free_node(target)
         if node is None:
-            log.info("%s is busy (%s) but every node that has it already runs a worker", target.model, why)
+            log.info("%s is busy (%s) but every node that has it (or may fetch it) runs a worker",
+                     target.model, why)  # fmt: skip
             return
         log.info("%s is busy (%s): starting replica %d of at most %d on %s",
                  target.model, why, count + 1, placement.max_replicas, node)  # fmt: skip
@@ -80,9 +81,13 @@ class Replicas:
             self._background(task)
 
     def _free_node(self, target: Target) -> str | None:
+        """The least busy node without a worker of the model: one that has it, else one that can fetch it."""
         used = {w.node for w in self.serving(target.model)}
         used |= {n for (m, n) in self.router.spawning_keys() if m == target.model}
         free = [n for n in target.nodes if n not in used]
+        if not free and placement_of(self.router.fleet, target.model).source is not None:
+            names = getattr(self.router.fleet, "node_names", None)
+            free = [n for n in (names() if names is not None else []) if n not in used]
         if not free:
             return None
         load = {n: sum(w.in_flight for w in self.router.table if w.node == n) for n in free}

@@ -25,6 +25,19 @@ def test_placements_and_their_defaults() -> None:
     assert inv.placement("unlisted") == ModelPlacement("unlisted")
 
 
+def test_a_source_says_where_a_node_without_the_model_fetches_it() -> None:
+    digest = "ab" * 32
+    inv = parse_inventory(
+        NODES
+        + f"models:\n  tiny:\n    source: http://127.0.0.1:9/tiny.gguf\n    sha256: {digest.upper()}\n"
+        + "  hub:\n    source: hf:owner/repo:hub.Q4_K_M.gguf\n",
+        "inv.yaml",
+    )
+    assert inv.placement("tiny").source == "http://127.0.0.1:9/tiny.gguf"
+    assert inv.placement("tiny").sha256 == digest
+    assert inv.placement("hub") == ModelPlacement("hub", source="hf:owner/repo:hub.Q4_K_M.gguf")
+
+
 @pytest.mark.parametrize(
     ("block", "message"),
     [
@@ -39,6 +52,12 @@ def test_placements_and_their_defaults() -> None:
         ("  t: {replica: 1}", "models.t.replica: unknown key; did you mean 'replicas'?"),
         ("  t: {split: [b], replicas: {max: 2}}", "a split model runs as one worker: max must be 1"),
         ("  ../x: {}", "invalid model name '../x'"),
+        (
+            "  t: {source: 'file:/m/t.gguf'}",
+            "models.t.source: expected hf:owner/repo:file.gguf or an http(s)",
+        ),
+        ("  t: {source: 'http://mirror/t.gguf'}", "an http:// source needs sha256:"),
+        ("  t: {source: 'hf:o/r:t.gguf', sha256: abc}", "inv.yaml:6:40: models.t.sha256: expected 64 hex"),
     ],
 )
 def test_mistakes_are_located(block: str, message: str) -> None:

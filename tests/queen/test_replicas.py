@@ -1,13 +1,16 @@
-"""Replicas on demand: a real queen over two sshd nodes that both have the tiny model.
+"""Replicas on demand: a real queen over two sshd nodes and `local`, only n2 holding the tiny model.
 
-The inventory says `replicas: {max: 2}`; a burst of concurrent requests makes one
-request wait past `--scale-after`, the queen starts a second worker on the other
-node, both serve, and the extra one is stopped once idle. Thresholds are tiny so
-the test is quick; nothing asserts how long anything took.
+The inventory says `replicas: {max: 2}` and where the model comes from (`source:` an
+HTTP server on loopback, with its sha256); a burst of concurrent requests makes one
+request wait past `--scale-after`, the queen has the other node fetch the model and
+starts a second worker there, both serve, and the extra one is stopped once idle.
+Thresholds are tiny so the test is quick; nothing asserts how long anything took.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,6 +24,7 @@ import openai
 import pytest
 
 from tests import sshd
+from tests.hive.servers import FileServer, serve_in_thread
 from tests.keeper.conftest import Fleet, _with_hive_env, build_fleet, stop_fleet
 from tests.waiting import wait_for
 from tests.worker_proc import free_port
@@ -30,6 +34,7 @@ QUEEN_KEY = "queen-test-key"
 ADMIN_KEY = "queen-admin-key"
 BURSTS = 6  # bound on bursts sent while waiting for the second replica
 BURST = 6
+BURST_TOKENS = 1000
 
 
 @dataclass
@@ -38,6 +43,7 @@ class Queen:
     url: str
     proc: subprocess.Popen[bytes]
     log: Path
+    files: FileServer
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=QUEEN_KEY, timeout=120, max_retries=0)
@@ -54,11 +60,16 @@ def queen(
     base = tmp_path_factory.mktemp("replicas")
     nodes = [_with_hive_env(sshd_factory.start(address)) for address in sshd.NODE_ADDRESSES]
     fleet = build_fleet(base, nodes)
+    files = FileServer()
+    served = contextlib.ExitStack()
+    files.url = served.enter_context(serve_in_thread(files.app()))
+    source = files.add("tiny.gguf", tiny_model)
+    digest = hashlib.sha256(tiny_model.read_bytes()).hexdigest()
     with fleet.keeper.inventory.open("a") as f:
         f.write("models:\n  tiny:\n    replicas: {min: 0, max: 2}\n")
-    for node in ("n2", "n3"):
-        added = fleet.keeper.run("models", "add", f"file:{tiny_model}", "--name", "tiny", "--node", node)
-        assert added.rc == 0, str(added)
+        f.write(f"    source: {source}\n    sha256: {digest}\n")
+    added = fleet.keeper.run("models", "add", f"file:{tiny_model}", "--name", "tiny", "--node", "n2")
+    assert added.rc == 0, str(added)
     port = free_port()
     log = base / "queen.log"
     env = {**fleet.keeper.env, "RBEE_QUEEN_API_KEY": QUEEN_KEY, "RBEE_QUEEN_ADMIN_KEY": ADMIN_KEY}
@@ -73,12 +84,13 @@ def queen(
     try:
         wait_for(lambda: _healthy(url) or proc.poll() is not None, 30, "queen up")
         assert proc.poll() is None, log.read_text()
-        yield Queen(fleet, url, proc, log)
+        yield Queen(fleet, url, proc, log, files)
     finally:
         if proc.poll() is None:
             proc.terminate()
             proc.wait(90)
         stop_fleet(fleet.keeper, fleet.homes)
+        served.close()
 
 
 def _healthy(url: str) -> bool:
@@ -92,7 +104,11 @@ def burst(queen: Queen) -> list[str]:
     client = queen.client()
 
     def one(i: int) -> str:
-        reply = client.completions.create(model="tiny", prompt=f"burst {i}", max_tokens=48, seed=i)
+        # long enough that a queue forms behind one worker on a fast machine (the tiny model's
+        # end-of-stream token, id 2, is banned so none ends early)
+        reply = client.completions.create(
+            model="tiny", prompt=f"burst {i}", max_tokens=BURST_TOKENS, seed=i, logit_bias={"2": -100}
+        )
         return reply.choices[0].text
 
     with ThreadPoolExecutor(BURST) as pool:
@@ -121,14 +137,21 @@ def test_a_burst_adds_a_replica_both_serve_and_the_extra_one_retires(queen: Quee
     assert "starting replica 2 of at most 2" in queen.log.read_text(), queen.log.read_text()[-3000:]
     wait_for(lambda: queen.workers()["replicas"].get("tiny", {}).get("workers") == 2, 120, "second replica")
     listing = queen.workers()["replicas"]["tiny"]
-    assert sorted(listing["nodes"]) == ["n2", "n3"] and listing["max"] == 2 and listing["min"] == 0, listing
+    assert "n2" in listing["nodes"] and listing["max"] == 2 and listing["min"] == 0, listing
+    # the other node (n3, or the inventory's `local`) had no copy: it fetched one from the source,
+    # checked against the sha256
+    (other,) = [n for n in listing["nodes"] if n != "n2"]
+    assert f"{other}: fetching tiny from http://127.0.0.1:" in queen.log.read_text()
+    assert [r.method for r in queen.files.requests_for("tiny.gguf")].count("GET") >= 1
+    catalog = queen.fleet.keeper.run("models", "list", "--node", other, json_mode=True)
+    assert catalog.rc == 0 and "tiny" in catalog.out, str(catalog)
 
     for _ in range(BURSTS):  # both serve: least busy routing spreads a burst over the two
-        if all(tokens_by_node(queen).get(n, 0) > 0 for n in ("n2", "n3")):
+        if all(tokens_by_node(queen).get(n, 0) > 0 for n in ("n2", other)):
             break
         assert all(burst(queen))
     tokens = tokens_by_node(queen)
-    assert tokens.get("n2", 0) > 0 and tokens.get("n3", 0) > 0, (tokens, queen.log.read_text()[-3000:])
+    assert tokens.get("n2", 0) > 0 and tokens.get(other, 0) > 0, (tokens, queen.log.read_text()[-3000:])
 
     wait_for(lambda: queen.workers()["replicas"].get("tiny", {}).get("workers") == 1, 60, "extra retired")
     assert "retiring" in queen.log.read_text()
