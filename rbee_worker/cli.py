@@ -12,6 +12,7 @@ from .logfile import WORKER_LOG_ENV, log_to
 from .planning import BACKENDS as DEVICE_BACKENDS
 from .planning import GpuLayers, parse_gpu_layers
 from .protocol.errors import RbeeError
+from .protocol.spawn import CACHE_TYPES, DEFAULT_CACHE_TYPE
 from .runtimes import BACKENDS
 
 API_KEY_ENV = "RBEE_WORKER_API_KEY"
@@ -117,6 +118,12 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     serve.add_argument(
+        "--cache-type",
+        default=DEFAULT_CACHE_TYPE,
+        choices=CACHE_TYPES,
+        help="KV cache type: f16 (llama.cpp's default), q8_0 (half the memory), q4_0 (llama-cpp only)",
+    )
+    serve.add_argument(
         "--rpc",
         type=_endpoints,
         default=(),
@@ -193,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         max_connections=args.max_connections,
         rpc_servers=args.rpc,
         tensor_split=args.tensor_split,
+        cache_type=args.cache_type,
         embedding=args.embedding,
         pooling=args.pooling,
         keepalive_s=args.sse_keepalive,

@@ -24,6 +24,8 @@ MB = 1 << 20
 
 #: Bytes per K or V element: llama.cpp's default cache type is f16.
 KV_F16 = 2
+#: (bytes, elements) of one block of each KV cache type, as ggml stores them
+KV_BLOCKS = {"f16": (2, 1), "q8_0": (34, 32), "q4_0": (18, 32)}
 #: llama.cpp's default micro-batch: the compute buffer is sized for this many tokens at once.
 N_UBATCH = 512
 #: llama.cpp rounds the KV cache up to a multiple of this many cells.
@@ -42,10 +44,11 @@ def kv_cells(slots: int, ctx: int) -> int:
     return -(-total // KV_PAD) * KV_PAD
 
 
-def kv_bytes(shape: ModelShape, cells: int, layers: int | None = None, elem: int = KV_F16) -> int:
-    """K and V for `cells` tokens across `layers` layers (all by default)."""
+def kv_bytes(shape: ModelShape, cells: int, layers: int | None = None, cache_type: str = "f16") -> int:
+    """K and V for `cells` tokens across `layers` layers (all by default), in `cache_type` blocks."""
     n = shape.n_layers if layers is None else layers
-    return n * cells * shape.kv_width * elem
+    size, block = KV_BLOCKS[cache_type]
+    return n * cells * shape.kv_width * size // block
 
 
 def compute_bytes(shape: ModelShape, cells: int, n_ubatch: int = N_UBATCH) -> int:
@@ -92,9 +95,24 @@ class MemoryPlan:
         return {**asdict(self), "total_bytes": self.total_bytes}
 
 
-def split(shape: ModelShape, backend: str, steps: int, cells: int) -> tuple[int, int, int]:
+def check_cache_type(shape: ModelShape, cache_type: str) -> None:
+    """Refuse a quantized KV cache the model's heads cannot be stored in (llama.cpp would fail the load)."""
+    block = KV_BLOCKS[cache_type][1]
+    if block > 1 and (shape.head_dim_k % block or shape.head_dim_v % block):
+        raise RbeeError(
+            ErrorCode.INVALID_REQUEST,
+            f"a {cache_type} KV cache stores blocks of {block} values; this model's attention heads hold "
+            f"{shape.head_dim_k} (K) and {shape.head_dim_v} (V)",
+            details={"field": "cache_type", "head_dim_k": shape.head_dim_k, "head_dim_v": shape.head_dim_v},
+            hint="--cache-type f16",
+        )
+
+
+def split(
+    shape: ModelShape, backend: str, steps: int, cells: int, cache_type: str = "f16"
+) -> tuple[int, int, int]:
     """(device bytes, host bytes, host weight bytes) with `steps` offload steps."""
-    total_kv = kv_bytes(shape, cells)
+    total_kv = kv_bytes(shape, cells, cache_type=cache_type)
     compute = compute_bytes(shape, cells)
     if backend == "cpu" or steps <= 0:
         host = shape.weights_bytes + total_kv + compute
@@ -103,7 +121,7 @@ def split(shape: ModelShape, backend: str, steps: int, cells: int) -> tuple[int,
     on_device = sum(shape.layer_bytes[shape.n_layers - layers :])
     if steps > shape.n_layers:
         on_device += shape.output_bytes
-    device_kv = kv_bytes(shape, cells, layers)
+    device_kv = kv_bytes(shape, cells, layers, cache_type)
     device = on_device + device_kv + compute
     # the host keeps the rest of the weights and KV; it computes the logits unless the head is offloaded
     host_compute = 0 if steps > shape.n_layers else 4 * N_UBATCH * (shape.n_embd + shape.n_vocab)
@@ -111,9 +129,9 @@ def split(shape: ModelShape, backend: str, steps: int, cells: int) -> tuple[int,
     return device, host, shape.weights_bytes - on_device
 
 
-def _on_device(shape: ModelShape, backend: str, steps: int, cells: int) -> int:
+def _on_device(shape: ModelShape, backend: str, steps: int, cells: int, cache_type: str) -> int:
     """What counts against the device's free memory: on Metal's unified memory, the host half too."""
-    device, host, _ = split(shape, backend, steps, cells)
+    device, host, _ = split(shape, backend, steps, cells, cache_type)
     return device + host if backend == "metal" else device
 
 
@@ -134,6 +152,7 @@ def plan_memory(
     device: int | None = None,
     gpu_layers: GpuLayers = "auto",
     device_free: int | None = None,
+    cache_type: str = "f16",
 ) -> MemoryPlan:
     """Resolve `gpu_layers` and split the need; `auto` offloads as many steps as fit `device_free`.
 
@@ -152,11 +171,16 @@ def plan_memory(
         steps = last
         if device_free is not None:
             steps = next(
-                (k for k in range(last, 0, -1) if _on_device(shape, backend, k, cells) <= device_free), 0
+                (
+                    k
+                    for k in range(last, 0, -1)
+                    if _on_device(shape, backend, k, cells, cache_type) <= device_free
+                ),
+                0,
             )
     else:
         steps = min(int(gpu_layers), last)
-    device_bytes, host_bytes, host_weights = split(shape, backend, steps, cells)
+    device_bytes, host_bytes, host_weights = split(shape, backend, steps, cells, cache_type)
     return MemoryPlan(
         backend=backend,
         device=device,
@@ -165,7 +189,7 @@ def plan_memory(
         n_layers=shape.n_layers,
         gpu_layers=steps,
         weights_bytes=shape.weights_bytes,
-        kv_bytes=kv_bytes(shape, cells),
+        kv_bytes=kv_bytes(shape, cells, cache_type=cache_type),
         compute_bytes=compute_bytes(shape, cells),
         device_bytes=device_bytes,
         host_bytes=host_bytes,
@@ -180,6 +204,7 @@ def plan_split(
     ctx: int | None = None,
     gpu_layers: GpuLayers = "auto",
     servers_free: int,
+    cache_type: str = "f16",
 ) -> MemoryPlan:
     """A split worker's plan: offload steps land on its RPC servers, whose free memory is one pool.
 
@@ -191,10 +216,11 @@ def plan_split(
     cells = kv_cells(slots, per_seq)
     last = shape.n_layers + 1
     if gpu_layers == "auto":
-        steps = next((k for k in range(last, 0, -1) if split(shape, "rpc", k, cells)[0] <= servers_free), 0)
+        fits = (k for k in range(last, 0, -1) if split(shape, "rpc", k, cells, cache_type)[0] <= servers_free)
+        steps = next(fits, 0)
     else:
         steps = last if gpu_layers == "all" else min(int(gpu_layers), last)
-    device_bytes, host_bytes, host_weights = split(shape, "rpc", steps, cells)
+    device_bytes, host_bytes, host_weights = split(shape, "rpc", steps, cells, cache_type)
     return MemoryPlan(
         backend="rpc",
         device=None,
@@ -203,7 +229,7 @@ def plan_split(
         n_layers=shape.n_layers,
         gpu_layers=steps,
         weights_bytes=shape.weights_bytes,
-        kv_bytes=kv_bytes(shape, cells),
+        kv_bytes=kv_bytes(shape, cells, cache_type=cache_type),
         compute_bytes=compute_bytes(shape, cells),
         device_bytes=device_bytes,
         host_bytes=host_bytes,

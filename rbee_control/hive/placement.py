@@ -13,7 +13,14 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from rbee_worker.model_shape import ModelShape
-from rbee_worker.planning import GpuLayers, MemoryPlan, check_fits, plan_memory, plan_split
+from rbee_worker.planning import (
+    GpuLayers,
+    MemoryPlan,
+    check_cache_type,
+    check_fits,
+    plan_memory,
+    plan_split,
+)
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from rbee_worker.runtimes import CTRANSFORMERS, LLAMA_CPP
 
@@ -152,6 +159,7 @@ def place(
     ram_headroom: float = 1.0,
     model: str = "",
     rpc_free: int | None = None,
+    cache_type: str = "f16",
 ) -> Placement:
     """Choose the device, plan the memory, refuse what does not fit (`INSUFFICIENT_RAM|VRAM`).
 
@@ -161,9 +169,12 @@ def place(
     backend, dev = choose_device(node, backend, device, runtime)
     if backend != "cpu" and runtime != LLAMA_CPP:
         raise _unavailable(f"{backend} needs the llama-cpp runtime, not {runtime}", "--runtime llama-cpp")
+    check_cache_type(shape, cache_type)
     ram = node.find("cpu")[0].memory_free_bytes
     if rpc_free is not None and backend == "cpu":  # a split worker: the layers go to the RPC servers
-        plan = plan_split(shape, slots=slots, ctx=ctx, gpu_layers=gpu_layers, servers_free=rpc_free)
+        plan = plan_split(
+            shape, slots=slots, ctx=ctx, gpu_layers=gpu_layers, servers_free=rpc_free, cache_type=cache_type
+        )
         check_fits(plan, ram, rpc_free, model=model, ram_headroom=ram_headroom)
         return Placement(backend, None, runtime, plan, ram, None, [])
     device_free = None if backend == "cpu" else dev.memory_free_bytes
@@ -175,6 +186,7 @@ def place(
         device=None if backend == "cpu" else dev.device,
         gpu_layers=gpu_layers,
         device_free=device_free,
+        cache_type=cache_type,
     )
     check_fits(plan, ram, device_free, model=model, ram_headroom=ram_headroom)
     warnings = [w for w in node.warnings if backend == "cpu" and "not built for" in w]

@@ -142,6 +142,8 @@ async def launch(
         cmd += ["--tensor-split", ",".join(f"{w:g}" for w in req.tensor_split)]
     if req.embedding:
         cmd.append("--embedding")
+    if req.cache_type != "f16":
+        cmd += ["--cache-type", req.cache_type]
     scheme = "http"
     if tls.needs_tls(config.address, config.tls):  # the keys, prompts and answers would cross the LAN
         cert = tls.ensure_certificate(paths.tls_dir, certificate_hosts(config))

@@ -130,6 +130,7 @@ class Supervisor:
             ram_headroom=self.config.ram_factor,
             model=model.name,
             rpc_free=rpc_free,
+            cache_type=req.cache_type,
         )
         for warning in placement.warnings:
             log.warning("%s: %s", model.name, warning)

@@ -22,6 +22,8 @@ from starlette.responses import JSONResponse
 
 from ..chat import chat_renderer
 from ..gguf_info import GGUFInfo, read_gguf_info
+from ..model_shape import read_model_shape
+from ..planning import check_cache_type
 from ..protocol.errors import ErrorCode, RbeeError
 from ..protocol.hive_api import ReadyReport
 from ..runtimes import LLAMA_CPP, choose_backend, device_choice, runtime_factory
@@ -177,7 +179,16 @@ async def _load_slots(
     config = state.config
     factory = runtime_factory(backend)
     copies = 1 if backend == LLAMA_CPP else config.slots
-    options = {"sequences": config.slots, **offload} if backend == LLAMA_CPP else {}
+    options: dict[str, Any] = {}
+    if backend == LLAMA_CPP:
+        options = {"sequences": config.slots, "cache_type": config.cache_type, **offload}
+        if config.cache_type != "f16":  # llama.cpp's own refusal names only the context size
+            shape = await asyncio.to_thread(read_model_shape, config.model_path)
+            check_cache_type(shape, config.cache_type)
+    if backend != LLAMA_CPP and config.cache_type != "f16":
+        raise RbeeError(
+            ErrorCode.BACKEND_NOT_AVAILABLE, f"{backend} has no KV cache types; use llama-cpp", status=422
+        )
     for index in range(copies):
 
         def progress(fraction: float, index: int = index) -> None:

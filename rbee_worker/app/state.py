@@ -61,6 +61,8 @@ class WorkerConfig:
     rpc_servers: tuple[str, ...] = ()
     #: weights per device for the layers (llama.cpp's --tensor-split); empty = by free memory
     tensor_split: tuple[float, ...] = ()
+    #: KV cache type (llama.cpp's -ctk/-ctv)
+    cache_type: str = "f16"
     #: serve `/v1/embeddings` (a pooling context) instead of generation
     embedding: bool = False
     #: embedding pooling: auto (the model's own, else mean) | mean | cls | last
@@ -126,6 +128,7 @@ class WorkerState:
             "vram_bytes": self.vram_bytes,
             "slots": self.config.slots,
             "slots_busy": self.pool.busy,
+            "cache_type": self.config.cache_type,
         }
         if self.chat is not None:
             body.update(self.chat.ready_fields())

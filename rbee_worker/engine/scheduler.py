@@ -27,6 +27,12 @@ log = logging.getLogger("rbee.engine")
 BATCH_TOKENS = 512
 
 _CLOSE_TIMEOUT_S = 60
+#: `--cache-type` names → ggml types of the K and V cache
+_CACHE_TYPES = {
+    "f16": llama_cpp.GGML_TYPE_F16,
+    "q8_0": llama_cpp.GGML_TYPE_Q8_0,
+    "q4_0": llama_cpp.GGML_TYPE_Q4_0,
+}
 
 
 class SequenceError(RuntimeError):
@@ -44,6 +50,7 @@ class Scheduler:
         context_per_sequence: int,
         threads: int,
         batch_tokens: int = BATCH_TOKENS,
+        cache_type: str = "f16",
     ) -> None:
         if sequences < 1 or context_per_sequence < 1:
             raise ValueError("sequences and context per sequence must be positive")
@@ -58,6 +65,9 @@ class Scheduler:
         # One KV pool for all sequences: a seat may use any free cell, so n_ctx is
         # shared instead of split into fixed per-sequence streams.
         params.kv_unified = True
+        params.type_k = params.type_v = _CACHE_TYPES[cache_type]
+        if cache_type != "f16":  # llama.cpp keeps a quantized V cache only with flash attention
+            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         ctx = llama_cpp.llama_init_from_model(model.model, params)
         if not ctx:
             raise ValueError(f"llama.cpp could not create a context of {params.n_ctx} tokens")

@@ -22,6 +22,9 @@ from .wire import invalid, opt_float, opt_int, opt_str, reject_unknown
 
 RUNTIMES = ("llama-cpp", "ctransformers")
 DEVICE_BACKENDS = ("cpu", "cuda", "metal")
+#: KV cache element types (llama.cpp's -ctk/-ctv): f16 is llama.cpp's default, q8_0 halves the cache
+CACHE_TYPES = ("f16", "q8_0", "q4_0")
+DEFAULT_CACHE_TYPE = "f16"
 AUTO = "auto"
 MIN_CTX = 16
 #: GGML_RPC_MAX_SERVERS
@@ -76,6 +79,8 @@ class SpawnRequest:
     tensor_split: tuple[float, ...] = ()
     #: a worker for `/v1/embeddings` (llama.cpp pooling) instead of generation
     embedding: bool = False
+    #: KV cache type (llama-cpp only)
+    cache_type: str = DEFAULT_CACHE_TYPE
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -100,6 +105,10 @@ class SpawnRequest:
                 raise invalid(name, f"expected >= {minimum}, got {value!r}")
         if self.embedding and self.runtime == "ctransformers":
             raise invalid("runtime", "ctransformers cannot compute embeddings; use llama-cpp")
+        if not isinstance(self.cache_type, str) or self.cache_type not in CACHE_TYPES:
+            raise invalid("cache_type", f"expected one of {', '.join(CACHE_TYPES)}; got {self.cache_type!r}")
+        if self.cache_type != DEFAULT_CACHE_TYPE and self.runtime == "ctransformers":
+            raise invalid("cache_type", "ctransformers has no KV cache types; use llama-cpp")
 
     # --- JSON: the hive API body ------------------------------------------------
 
@@ -107,6 +116,8 @@ class SpawnRequest:
         body = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
         if not self.embedding:  # a hive that predates embeddings takes the body unchanged
             body.pop("embedding")
+        if self.cache_type == DEFAULT_CACHE_TYPE:  # and one that predates cache types
+            body.pop("cache_type")
         for name in ("rpc_servers", "tensor_split"):  # and one that predates split workers, too
             if body[name]:
                 body[name] = list(body[name])
@@ -147,6 +158,7 @@ class SpawnRequest:
             rpc_servers=body.get("rpc_servers") or (),
             tensor_split=body.get("tensor_split") or (),
             embedding=embedding,
+            cache_type=body.get("cache_type", DEFAULT_CACHE_TYPE),
         )
 
     # --- flags: the keeper's and the hive's command lines -------------------------
@@ -175,6 +187,8 @@ class SpawnRequest:
             argv.append("--wait")
         if self.embedding:
             argv.append("--embedding")
+        if self.cache_type != DEFAULT_CACHE_TYPE:
+            argv += ["--cache-type", self.cache_type]
         return argv
 
     @classmethod
@@ -212,6 +226,12 @@ def add_spawn_arguments(
     parser.add_argument("--threads", type=int, help="runtime threads (default: half the cores)")
     parser.add_argument(
         "--idle-timeout", type=float, help="seconds idle before it is stopped (default: hive's)"
+    )
+    parser.add_argument(
+        "--cache-type",
+        choices=CACHE_TYPES,
+        default=DEFAULT_CACHE_TYPE,
+        help="KV cache type: f16 (llama.cpp's default), q8_0 (half the memory), q4_0",
     )
     parser.add_argument(
         "--rpc",

@@ -43,6 +43,7 @@ class LlamaCppRuntime:
         main_gpu: int = 0,
         rpc_servers: tuple[str, ...] = (),
         tensor_split: tuple[float, ...] = (),
+        cache_type: str = "f16",
     ) -> None:
         progress(0.0)
         if rpc_servers:  # before the load: the servers become devices it can place layers on
@@ -62,6 +63,7 @@ class LlamaCppRuntime:
                 sequences=sequences,
                 context_per_sequence=context_length,
                 threads=threads or max(1, (os.cpu_count() or 2) // 2),
+                cache_type=cache_type,
             )
         except BaseException:
             self._model.close()

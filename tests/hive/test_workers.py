@@ -170,6 +170,20 @@ def test_an_embedding_worker_is_spawned_listed_and_refused_on_ctransformers(node
     assert "cannot compute embeddings" in refused.error["message"] and set(workers(node)) == before
 
 
+def test_a_cache_type_the_model_cannot_hold_is_refused_before_any_process(node: Hive) -> None:
+    """q8_0 stores 32 values per block; the tiny model's heads hold 16 (SmolLM2's 64 serve q8_0:
+    tests/worker/test_batching.py)."""
+    before = set(workers(node))
+    refused = node.run("worker", "spawn", "--model", "tiny", "--cache-type", "q8_0").error
+    assert refused["code"] == "INVALID_REQUEST" and refused["details"]["field"] == "cache_type", refused
+    assert "blocks of 32 values" in refused["message"] and refused["hint"] == "--cache-type f16"
+    ctransformers = node.run(
+        "worker", "spawn", "--model", "tiny", "--runtime", "ctransformers", "--cache-type", "q4_0"
+    )
+    assert ctransformers.error["details"]["field"] == "cache_type", ctransformers.error
+    assert set(workers(node)) == before
+
+
 def test_stop_cascades_to_every_worker(node: Hive) -> None:
     """Last in the module: it stops the module's daemon."""
     ws = [spawn(node), spawn(node)]

@@ -180,3 +180,24 @@ async def test_smollm2_streams_side_by_side_in_one_model_copy(
     print(f"\nresident after load, ctx 1024 per slot: --slots 1 {rss_one / 2**20:.0f} MiB, "
           f"--slots 4 {rss_four / 2**20:.0f} MiB ({rss_four / rss_one:.2f}x)")  # fmt: skip
     assert rss_four < 2 * rss_one, "four slots must share one copy of the weights"
+
+
+@pytest.mark.slow
+async def test_a_q8_0_cache_holds_four_slots_in_less_memory(
+    worker_factory: type[WorkerProcess], smollm2: Path
+) -> None:
+    """`--cache-type q8_0` (llama-server's -ctk/-ctv q8_0): half the KV bytes, the same greedy answer."""
+    rss: dict[str, int] = {}
+    answers: dict[str, str] = {}
+    body = {"prompt": "The capital of France is", "max_tokens": 12, "temperature": 0.0}
+    for cache in ("f16", "q8_0"):
+        worker = batched_worker(worker_factory, smollm2, slots=4, ctx=1024, extra=["--cache-type", cache])
+        ready = worker.wait_ready()
+        assert ready["cache_type"] == cache, ready
+        rss[cache] = psutil.Process(worker.proc.pid).memory_info().rss
+        async with worker.async_client() as client:
+            answers[cache] = text_of(await collect(client, body))
+        worker.kill()
+    # SmolLM2's cache for 4 × 1024 cells: 90 MiB at f16, 48 MiB at q8_0 (34 bytes per 32 elements)
+    assert rss["f16"] - rss["q8_0"] > 30 * 2**20, rss
+    assert "Paris" in answers["q8_0"], answers

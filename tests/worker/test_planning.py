@@ -112,6 +112,14 @@ def test_kv_cache_matches_what_llama_cpp_allocates() -> None:
     # slots × ctx is one cache of slots·ctx cells, padded to 256
     assert kv_cells(4, 4096) == 16384 and kv_cells(3, 1000) == 3072
     assert plan_memory(QWEN25_7B, backend="cpu", slots=4, ctx=4096).kv_bytes == 896 * MIB
+    # --cache-type q8_0: "KV self size = 544.00 MiB, K (q8_0): 272.00 MiB, V (q8_0): 272.00 MiB"
+    assert kv_bytes(LLAMA3_8B, 8192, cache_type="q8_0") == 544 * MIB
+    assert kv_bytes(LLAMA3_8B, 8192, cache_type="q4_0") == 288 * MIB
+    q8 = plan_memory(LLAMA3_8B, backend="cuda", ctx=8192, gpu_layers="all", cache_type="q8_0")
+    assert (
+        q8.kv_bytes == 544 * MIB
+        and q8.device_bytes < plan_memory(LLAMA3_8B, backend="cuda", ctx=8192).device_bytes
+    )
 
 
 def test_default_context_is_capped() -> None:

@@ -139,6 +139,19 @@ def test_registration_refuses_bad_fields_by_name(body: dict[str, Any], field: st
     assert _field_error(lambda: WorkerRegistration.from_json(body)) == field
 
 
+def test_a_cache_type_travels_in_every_spawn_form() -> None:
+    req = SpawnRequest("tiny", cache_type="q8_0", wait=True)
+    assert SpawnRequest.from_json(req.to_json()) == req
+    assert "cache_type" not in SpawnRequest("tiny").to_json()  # an older hive takes the body unchanged
+    parser = argparse.ArgumentParser()
+    add_spawn_arguments(parser)
+    assert req.to_argv()[-2:] == ["--cache-type", "q8_0"]
+    assert SpawnRequest.from_args(parser.parse_args(req.to_argv())) == req
+    assert _field_error(lambda: SpawnRequest.from_json({"model": "tiny", "cache_type": "q5"})) == "cache_type"
+    ct = {"model": "tiny", "cache_type": "q4_0", "runtime": "ctransformers"}
+    assert _field_error(lambda: SpawnRequest.from_json(ct)) == "cache_type"
+
+
 def test_embedding_travels_in_every_spawn_form_and_the_ready_report() -> None:
     req = SpawnRequest("tiny", embedding=True, wait=True)
     assert SpawnRequest.from_json(req.to_json()) == req
