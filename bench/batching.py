@@ -77,13 +77,15 @@ TOPICS = [
 
 
 def start_llama_server(
-    binary: Path, model: Path, *, threads: int, ctx: int, slots: int, log_dir: Path
+    binary: Path, model: Path, *, threads: int, ctx: int, slots: int, log_dir: Path, cache_type: str = "f16"
 ) -> Server:
     port = free_port()
     args = [
         str(binary), "--model", str(model), "--host", HOST, "--port", str(port),
         "--threads", str(threads), "--threads-batch", str(threads),
         "--ctx-size", str(ctx * slots), "--parallel", str(slots), "--no-webui", "--no-warmup",
+        "--cache-type-k", cache_type, "--cache-type-v", cache_type,
+        *(["--flash-attn", "on"] if cache_type != "f16" else []),
     ]  # fmt: skip
     return Server("llama-server", args, port=port, log_dir=log_dir, env=dict(os.environ), headers={})
 
@@ -195,20 +197,31 @@ async def bench(args: argparse.Namespace, tmp: Path) -> int:
     deadline = Deadline(args.budget)
     print(
         f"== {model.name}: {args.tokens} tokens per request, greedy, {args.threads} threads, "
-        f"ctx {args.ctx} per sequence, rounds {args.rounds}, llama.cpp of llama-cpp-python {version}",
+        f"ctx {args.ctx} per sequence, KV cache {args.cache_type}, rounds {args.rounds}, "
+        f"llama.cpp of llama-cpp-python {version}",
         flush=True,
     )
     servers: dict[str, Callable[[], Server]] = {
-        "worker --slots 4": lambda: start_worker(
-            model, backend="llama-cpp", threads=args.threads, ctx=args.ctx, log_dir=tmp, slots=4
-        ),
-        "worker --slots 1": lambda: start_worker(
-            model, backend="llama-cpp", threads=args.threads, ctx=args.ctx, log_dir=tmp, slots=1
-        ),
+        f"worker --slots {n}": lambda n=n: start_worker(
+            model,
+            backend="llama-cpp",
+            threads=args.threads,
+            ctx=args.ctx,
+            log_dir=tmp,
+            slots=n,
+            extra=("--cache-type", args.cache_type),
+        )
+        for n in (4, 1)
     }
     if binary is not None:
         servers["llama-server -np 4"] = lambda: start_llama_server(
-            binary, model, threads=args.threads, ctx=args.ctx, slots=4, log_dir=tmp
+            binary,
+            model,
+            threads=args.threads,
+            ctx=args.ctx,
+            slots=4,
+            log_dir=tmp,
+            cache_type=args.cache_type,
         )
     sides: list[Side] = []
     try:
@@ -259,6 +272,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ctx", type=int, default=1024, help="context per sequence")
     parser.add_argument("--clients", type=_clients, default=(1, 4, 8))
+    parser.add_argument("--cache-type", default="f16", choices=("f16", "q8_0", "q4_0"), help="KV cache type")
     parser.add_argument("--budget", type=float, default=1800.0, help="seconds before rounds stop")
     parser.add_argument("--llama-server", type=Path, help="a llama-server binary instead of building one")
     parser.add_argument("--no-llama-server", action="store_true", help="compare the two workers only")

@@ -1,8 +1,8 @@
 """A model split over two llama.cpp RPC servers: rbee's split worker against the whole model, and native.
 
-Two `ggml-rpc-server`s run on 127.0.0.1 (the binary `scripts/setup.sh` installs
-beside the venv's Python, built from the same llama.cpp sources as the wheel).
-Against them, taking turns round by round so drift hits all alike:
+Two `ggml-rpc-server`s per split side run on 127.0.0.1 (the binary `scripts/setup.sh`
+installs beside the venv's Python, built from the same llama.cpp sources as the wheel; a
+server serves one client at a time). The sides take turns round by round so drift hits all alike:
 
 - `split worker`: `rbee-worker serve --rpc A,B` (every layer on the two servers);
 - `native --rpc`: `llama-server --rpc A,B -ngl 99` (llama.cpp's own split), the binary
@@ -164,18 +164,22 @@ async def bench(args: argparse.Namespace, tmp: Path) -> int:
     skip = native_supports_rpc(args.llama_server)
     started: list[RpcServer | Server] = []
     with all_stopped(started):
-        servers = [RpcServer(binary, args.threads, tmp) for _ in range(2)]
-        started += servers
-        for server in servers:
-            server.wait()
-        endpoints = [s.endpoint for s in servers]
+        # a pair of servers per split side: a server serves one client at a time
+        pairs = [
+            [RpcServer(binary, args.threads, tmp) for _ in range(2)] for _ in range(2 if skip is None else 1)
+        ]
+        for pair in pairs:
+            started += pair
+            for server in pair:
+                server.wait()
+        endpoints = [[s.endpoint for s in pair] for pair in pairs]
         sides: dict[str, Server] = {
-            "split worker": start_worker(model, args.threads, args.ctx, tmp, endpoints),
+            "split worker": start_worker(model, args.threads, args.ctx, tmp, endpoints[0]),
             "whole model": start_worker(model, args.threads, args.ctx, tmp, []),
         }
         if skip is None:
             sides["native --rpc"] = start_native(
-                args.llama_server, model, args.threads, args.ctx, tmp, endpoints
+                args.llama_server, model, args.threads, args.ctx, tmp, endpoints[1]
             )
         started += list(sides.values())
         for name, server in sides.items():

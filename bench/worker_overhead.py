@@ -222,14 +222,21 @@ def running(server_factory: Callable[[], Server]) -> Iterator[Server]:
 
 
 def start_worker(
-    model: Path, *, backend: str, threads: int, ctx: int, log_dir: Path, slots: int = 1
+    model: Path,
+    *,
+    backend: str,
+    threads: int,
+    ctx: int,
+    log_dir: Path,
+    slots: int = 1,
+    extra: tuple[str, ...] = (),
 ) -> Server:
     port = free_port()
     api_key = secrets.token_urlsafe(16)
     args = [
         sys.executable, "-m", "rbee_worker.cli", "serve", "--model", str(model),
         "--host", HOST, "--port", str(port), "--runtime", backend, "--threads", str(threads),
-        "--ctx", str(ctx), "--slots", str(slots), "--queue", "8",
+        "--ctx", str(ctx), "--slots", str(slots), "--queue", "8", *extra,
     ]  # fmt: skip
     env = {**os.environ, "RBEE_WORKER_API_KEY": api_key}
     headers = {"Authorization": f"Bearer {api_key}"}
