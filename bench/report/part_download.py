@@ -46,10 +46,10 @@ class KnownDigest(Served):
         return self.digest
 
 
-def hive_download(url: str, home: Path) -> dict[str, float]:
+def hive_download(url: str, home: Path, sha256: str) -> dict[str, float]:
     """`rbee-hive models add URL` into a fresh home; wall time and the download phase from its events."""
     argv = [str(Path(sys.prefix) / "bin" / "rbee-hive"), "--home", str(home), "--json", "models", "add", url,
-            "--name", "smol"]  # fmt: skip
+            "--name", "smol", "--sha256", sha256]  # fmt: skip
     started = time.perf_counter()
     phases: dict[str, list[float]] = {}
     result: dict[str, Any] | None = None
@@ -115,7 +115,7 @@ def part_download(ctx: Context) -> Section:
             for side in order:
                 home = base / f"home-{rep}-{side}"
                 if side == "hive":
-                    hive.append(hive_download(file_url, home))
+                    hive.append(hive_download(file_url, home, digest))
                 elif side == "fixed":
                     fixed.append(hive_fixed_cost(home))
                 else:
