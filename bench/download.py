@@ -23,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from rbee_control.hive.download import PartDigest, RetryPolicy, download
+from rbee_control.hive.download import RetryPolicy, download
+from rbee_control.hive.part_file import PartDigest
 from rbee_control.hive.refs import Source
 from rbee_worker.protocol.node_events import Emitter
 

@@ -9,7 +9,6 @@ finished `.part` file is worth.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import functools
 import hashlib
@@ -18,13 +17,9 @@ import random
 import re
 import shutil
 import ssl
-import time
-from collections import deque
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
 
 import httpx
 
@@ -32,12 +27,10 @@ from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from rbee_worker.protocol.node_events import Emitter
 
 from .body_reader import body_chunks
+from .part_file import BATCH, Meter, PartDigest, PartSink
 from .refs import Source, TransientError
 
 CHUNK = 1 << 20
-BATCH = 4 << 20
-#: batches written and hashed while the next ones are read
-DEPTH = 2
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
@@ -73,20 +66,6 @@ class RetryPolicy:
         return self.base_delay * 2 ** (failures - 1) * random.uniform(0.5, 1.5)
 
 
-class _Meter:
-    """Bytes and speed for progress events; speed counts only this attempt's bytes."""
-
-    def __init__(self, emitter: Emitter, phase: str, start: int, total: int | None) -> None:
-        self.emitter, self.phase, self.done, self.total = emitter, phase, start, total
-        self._start, self._t0 = start, time.monotonic()
-
-    def add(self, n: int, force: bool = False) -> None:
-        self.done += n
-        elapsed = time.monotonic() - self._t0
-        speed = (self.done - self._start) / elapsed if elapsed > 0 else None
-        self.emitter.progress(self.phase, self.done, self.total, speed, force=force)
-
-
 def _disk_full(part: Path, needed: int | None = None) -> RbeeError:
     free = shutil.disk_usage(part.parent).free
     details: dict[str, object] = {"path": str(part), "free_bytes": free}
@@ -99,106 +78,6 @@ def _disk_full(part: Path, needed: int | None = None) -> RbeeError:
         details=details,
         hint="free some space (rbee-hive models rm NAME) and run the same command again",
     )
-
-
-class PartDigest:
-    """The sha256 of a `.part` file, kept current while bytes are appended to it.
-
-    A download hashes each chunk as it writes it, so a finished file needs no
-    second read to verify (for a multi-GB model that read costs as long as a fast
-    LAN download). A resumed file is hashed once from disk up to where it resumes.
-    """
-
-    def __init__(self, part: Path) -> None:
-        self.part = part
-        self._hash = hashlib.sha256()
-        self.size = 0
-
-    async def start_at(self, offset: int, emitter: Emitter | None = None) -> None:
-        """Writing resumes at `offset`: the bytes before it must already be in the hash."""
-        if offset == self.size:
-            return
-        self._hash, self.size = hashlib.sha256(), 0
-        if offset:
-            meter = _Meter(emitter, "verify", 0, offset) if emitter else None
-            self._hash = await asyncio.to_thread(_hash_prefix, self.part, offset, meter)
-            self.size = offset
-
-    async def finish(self, emitter: Emitter) -> str:
-        """The digest, with a `verify` row that ends full (the bytes were hashed as they came)."""
-        size = self.part.stat().st_size
-        await self.start_at(size, emitter)
-        emitter.progress("verify", size, size, None, force=True)
-        return self._hash.hexdigest()
-
-    def update(self, chunk: bytes) -> None:
-        self._hash.update(chunk)
-        self.size += len(chunk)
-
-    def update_all(self, chunks: list[bytes]) -> None:
-        for chunk in chunks:
-            self.update(chunk)
-
-    async def hexdigest(self) -> str:
-        """The digest of the file as it is on disk now (re-hashed if something else wrote to it)."""
-        await self.start_at(self.part.stat().st_size)
-        return self._hash.hexdigest()
-
-
-class _Sink:
-    """Writes and hashes received bytes off the event loop, so the event loop only reads.
-
-    Hashing on the event loop held a loopback download to half of curl's speed. Each
-    batch of `BATCH` bytes goes to a writer thread and a hasher thread at once (both
-    release the GIL), each a single thread so batches land in order; up to `DEPTH`
-    batches are in flight before reading waits.
-    """
-
-    def __init__(self, f: BinaryIO, digest: PartDigest) -> None:
-        self._f, self._digest = f, digest
-        self._buf: list[bytes] = []
-        self._buffered = 0
-        self._pending: deque[asyncio.Future[Any]] = deque()
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="rbee-download-write")
-        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="rbee-download-hash")
-
-    async def add(self, chunk: bytes) -> None:
-        self._buf.append(chunk)
-        self._buffered += len(chunk)
-        if self._buffered >= BATCH:
-            await self._flush(DEPTH)
-
-    async def _flush(self, depth: int) -> None:
-        if self._buf:
-            batch, self._buf, self._buffered = self._buf, [], 0
-            loop = asyncio.get_running_loop()
-            written = loop.run_in_executor(self._writer, self._f.writelines, batch)
-            hashed = loop.run_in_executor(self._hasher, self._digest.update_all, batch)
-            self._pending.append(asyncio.gather(written, hashed))
-        while len(self._pending) > depth:
-            await asyncio.shield(self._pending.popleft())  # a cancelled download still lands what it received
-
-    async def close(self) -> None:
-        try:
-            await self._flush(0)
-        finally:
-            for pending in self._pending:  # after a failure: let the rest land before the files close
-                with contextlib.suppress(BaseException):
-                    await asyncio.shield(pending)
-            self._pending.clear()
-            self._writer.shutdown()
-            self._hasher.shutdown()
-
-
-def _hash_prefix(path: Path, length: int, meter: _Meter | None = None) -> hashlib._Hash:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while length > 0 and (chunk := f.read(min(BATCH, length))):
-            h.update(chunk)
-            length -= len(chunk)
-            if meter:
-                meter.add(len(chunk))
-    return h
 
 
 async def download(
@@ -360,13 +239,13 @@ async def _fetch_once(
         limit = total if total is not None else max_bytes
         if offset:
             emitter.log(f"resuming at byte {offset}")
-        meter = _Meter(emitter, "download", offset, total)
+        meter = Meter(emitter, "download", offset, total)
         meter.add(0, force=True)
         await digest.start_at(offset, emitter)
         overrun = False
         try:
             with part.open("ab" if offset else "wb") as f:
-                sink = _Sink(f, digest)
+                sink = PartSink(f, digest)
                 try:
                     # unbuffered: a drop loses nothing
                     async for chunk in body_chunks(resp, client.timeout.read):
@@ -415,7 +294,7 @@ async def import_file(src: Path, part: Path, emitter: Emitter, consume: bool = F
         pass
     if shutil.disk_usage(part.parent).free < size:
         raise _disk_full(part, size)
-    meter = _Meter(emitter, "import", 0, size)
+    meter = Meter(emitter, "import", 0, size)
     meter.add(0, force=True)
 
     def copy() -> None:
@@ -439,7 +318,7 @@ async def import_file(src: Path, part: Path, emitter: Emitter, consume: bool = F
 async def sha256_file(path: Path, emitter: Emitter | None = None) -> str:
     """Hash in a thread (hashlib releases the GIL), with `verify` progress for big files."""
     size = path.stat().st_size
-    meter = _Meter(emitter, "verify", 0, size) if emitter else None
+    meter = Meter(emitter, "verify", 0, size) if emitter else None
 
     def run() -> str:
         h = hashlib.sha256()

@@ -25,8 +25,9 @@ from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from rbee_worker.protocol.node_events import Emitter
 
 from .catalog import Catalog, ModelRow
-from .download import PartDigest, RetryPolicy, download, import_file, sha256_file
+from .download import RetryPolicy, download, import_file, sha256_file
 from .hf_files import SPLIT_RE
+from .part_file import PartDigest
 from .paths import HivePaths, check_model_name
 from .refs import (
     ModelRef,

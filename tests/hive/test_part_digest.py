@@ -6,7 +6,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from rbee_control.hive.download import PartDigest
+from rbee_control.hive.part_file import PartDigest
 
 DATA = os.urandom(3 * (1 << 20) + 12345)
 
