@@ -180,21 +180,7 @@ def plan_memory(
             )
     else:
         steps = min(int(gpu_layers), last)
-    device_bytes, host_bytes, host_weights = split(shape, backend, steps, cells, cache_type)
-    return MemoryPlan(
-        backend=backend,
-        device=device,
-        slots=slots,
-        ctx=per_seq,
-        n_layers=shape.n_layers,
-        gpu_layers=steps,
-        weights_bytes=shape.weights_bytes,
-        kv_bytes=kv_bytes(shape, cells, cache_type=cache_type),
-        compute_bytes=compute_bytes(shape, cells),
-        device_bytes=device_bytes,
-        host_bytes=host_bytes,
-        host_weights_bytes=host_weights,
-    )
+    return _plan(shape, backend, device, slots, per_seq, steps, cache_type)
 
 
 def plan_split(
@@ -220,12 +206,19 @@ def plan_split(
         steps = next(fits, 0)
     else:
         steps = last if gpu_layers == "all" else min(int(gpu_layers), last)
-    device_bytes, host_bytes, host_weights = split(shape, "rpc", steps, cells, cache_type)
+    return _plan(shape, "rpc", None, slots, per_seq, steps, cache_type)
+
+
+def _plan(
+    shape: ModelShape, backend: str, device: int | None, slots: int, ctx: int, steps: int, cache_type: str
+) -> MemoryPlan:
+    cells = kv_cells(slots, ctx)
+    device_bytes, host_bytes, host_weights = split(shape, backend, steps, cells, cache_type)
     return MemoryPlan(
-        backend="rpc",
-        device=None,
+        backend=backend,
+        device=device,
         slots=slots,
-        ctx=per_seq,
+        ctx=ctx,
         n_layers=shape.n_layers,
         gpu_layers=steps,
         weights_bytes=shape.weights_bytes,
