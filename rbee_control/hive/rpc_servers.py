@@ -38,6 +38,7 @@ from rbee_worker.protocol.rpc import (
     RpcVersion,
     check_rpc_id,
     check_versions,
+    device_memory,
     format_endpoint,
     hello,
     parse_endpoint,
@@ -120,24 +121,23 @@ class RpcRecord:
         (rpc_dir(paths) / f"{self.id}.json").unlink(missing_ok=True)
 
 
-def connected_clients(record: RpcRecord) -> int:
-    """Established TCP connections the server holds on its port (0 when it is gone)."""
+def _sockets_on_port(record: RpcRecord, status: str) -> int:
+    """The server process's own TCP sockets on its port in `status` (0 when it is gone)."""
     try:
         conns = psutil.Process(record.pid).net_connections(kind="tcp")
     except psutil.Error:
         return 0
-    return sum(
-        1 for c in conns if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == record.port
-    )
+    return sum(1 for c in conns if c.status == status and c.laddr and c.laddr.port == record.port)
+
+
+def connected_clients(record: RpcRecord) -> int:
+    """Established TCP connections the server holds on its port (0 when it is gone)."""
+    return _sockets_on_port(record, psutil.CONN_ESTABLISHED)
 
 
 def listens(record: RpcRecord) -> bool:
     """Does the server's own process hold the listening socket of its port?"""
-    try:
-        conns = psutil.Process(record.pid).net_connections(kind="tcp")
-    except psutil.Error:
-        return False
-    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == record.port for c in conns)
+    return _sockets_on_port(record, psutil.CONN_LISTEN) > 0
 
 
 def _tail(path: Path, lines: int = 8) -> str:
@@ -293,8 +293,9 @@ class RpcServers:
             await self._kill(record, "left by an earlier hive")
 
 
-def check_rpc_servers(endpoints: tuple[str, ...]) -> None:
-    """Before a split worker starts: every server answers, in a version this node's llama.cpp speaks.
+def check_rpc_servers(endpoints: tuple[str, ...]) -> int:
+    """Before a split worker starts: every server answers, in a version this node's llama.cpp speaks;
+    the bytes free on all their devices together, what its layers are planned against.
 
     llama.cpp would abort the worker on either, so it is refused here with a message instead.
     """
@@ -306,10 +307,7 @@ def check_rpc_servers(endpoints: tuple[str, ...]) -> None:
             hint="rbee-keeper setup install --extras llama (builds it with -DGGML_RPC=ON)",
         )
     client = client_version()
-    for endpoint in endpoints:
-        server = hello(endpoint)
-        if client is not None:
-            check_versions(endpoint, server, client)
+    return sum(device_memory(endpoint, client)[0] for endpoint in endpoints)
 
 
 def probe(host: str, port: int, timeout: float = 2.0) -> bool:

@@ -22,7 +22,6 @@ from rbee_worker.model_shape import read_model_shape
 from rbee_worker.protocol.client import WorkerClient
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from rbee_worker.protocol.hive_api import ReadyReport
-from rbee_worker.protocol.rpc import device_memory
 from rbee_worker.protocol.spawn import SpawnRequest
 
 from . import spawn, tls
@@ -96,9 +95,8 @@ class Supervisor:
 
     async def spawn(self, req: SpawnRequest) -> Worker:
         model = self.catalog.require(req.model)
-        if req.rpc_servers:
-            await asyncio.to_thread(check_rpc_servers, req.rpc_servers)
-        worker = await self._launch_bound(req, model)
+        rpc_free = await asyncio.to_thread(check_rpc_servers, req.rpc_servers) if req.rpc_servers else None
+        worker = await self._launch_bound(req, model, rpc_free)
         if req.wait:
             await self.wait_ready(worker, req.timeout or self.config.loading_timeout)
         return worker
@@ -107,17 +105,16 @@ class Supervisor:
         f = worker.file if isinstance(worker, Worker) else worker
         return WorkerClient(f.url, f.api_key, http=self.http)
 
-    async def place(self, req: SpawnRequest, model: Any) -> Placement:
-        """Runtime, device and memory plan from `detect` and the GGUF header; refusals raise here."""
+    async def place(self, req: SpawnRequest, model: Any, rpc_free: int | None = None) -> Placement:
+        """Runtime, device and memory plan from `detect` and the GGUF header; refusals raise here.
+
+        `rpc_free`: a split worker's RPC servers' free memory (`check_rpc_servers`).
+        """
         node = await asyncio.to_thread(detect, self.paths)
         wanted = runtime_request(node, req.runtime, req.backend)
         choose_device(node, req.backend, req.device, wanted)  # a missing GPU first: it is the bigger news
         runtime = spawn.choose_runtime(wanted, model)
         shape = await asyncio.to_thread(read_model_shape, model.path)
-        rpc_free = None
-        if req.rpc_servers:  # asked before the worker exists: each server serves one client at a time
-            answers = await asyncio.gather(*(asyncio.to_thread(device_memory, e) for e in req.rpc_servers))
-            rpc_free = sum(free for free, _ in answers)
         placement = place(
             reserve_loading(node, [w.file for w in self.registry.list() if w.state == WorkerState.LOADING]),
             shape,
@@ -136,7 +133,7 @@ class Supervisor:
             log.warning("%s: %s", model.name, warning)
         return placement
 
-    async def _launch_bound(self, req: SpawnRequest, model: Any) -> Worker:
+    async def _launch_bound(self, req: SpawnRequest, model: Any, rpc_free: int | None) -> Worker:
         """Place, launch and wait until the worker's port answers; retry another port if it lost a bind race.
 
         Placing and registering happen under one lock: the next spawn's plan then
@@ -147,7 +144,7 @@ class Supervisor:
         for _ in range(_PORT_RETRIES):
             async with self._spawn_lock:
                 if placement is None:
-                    placement = await self.place(req, model)
+                    placement = await self.place(req, model, rpc_free)
                 port = spawn.pick_port(self.config, self.registry.ports() | self.rpc.ports() | skip)
                 worker_id = spawn.new_worker_id()
                 log_start = spawn.log_size(self.paths, worker_id)

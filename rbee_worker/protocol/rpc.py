@@ -117,14 +117,18 @@ def hello(endpoint: str, timeout: float = 5.0) -> RpcVersion:
         raise unreachable(endpoint, f"{type(exc).__name__}: {exc}") from None
 
 
-def device_memory(endpoint: str, timeout: float = 5.0) -> tuple[int, int]:
+def device_memory(endpoint: str, client: RpcVersion | None, timeout: float = 5.0) -> tuple[int, int]:
     """(free, total) bytes over every device the server offers, as llama.cpp asks before placing layers.
 
-    Only for a server no worker holds yet: it serves one client at a time.
+    The server must first answer the HELLO in a version `client` speaks (`check_versions`):
+    only then are the version's command numbers sent. Only for a server no worker holds
+    yet: it serves one client at a time.
     """
     try:
         with socket.create_connection(parse_endpoint(endpoint), timeout=timeout) as sock:
-            _greet(sock, endpoint)
+            server = _greet(sock, endpoint)
+            if client is not None:
+                check_versions(endpoint, server, client)
             (count,) = struct.unpack("<I", _command(sock, endpoint, CMD_DEVICE_COUNT, b"", 4))
             free = total = 0
             for device in range(count):

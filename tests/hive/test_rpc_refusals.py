@@ -17,7 +17,14 @@ from pathlib import Path
 import pytest
 
 from rbee_worker.protocol.errors import RbeeError
-from rbee_worker.protocol.rpc import RpcVersion, check_rpc_id, check_versions, hello, parse_endpoint
+from rbee_worker.protocol.rpc import (
+    RpcVersion,
+    check_rpc_id,
+    check_versions,
+    device_memory,
+    hello,
+    parse_endpoint,
+)
 from rbee_worker.protocol.spawn import SpawnRequest
 
 from .conftest import Hive
@@ -88,6 +95,16 @@ def test_hello_reads_the_server_version() -> None:
         assert hello(endpoint) == RpcVersion(7, 0, 3)
     with hello_server((3, 0, 0), size=4) as endpoint, pytest.raises(RbeeError, match="refused the handshake"):
         hello(endpoint)
+
+
+def test_device_memory_asks_only_a_server_of_our_version_and_wants_its_answers() -> None:
+    """The real answers come from ggml-rpc-server in tests/keeper/test_split.py; here, what goes wrong."""
+    with hello_server((99, 0, 0)) as endpoint, pytest.raises(RbeeError) as mismatch:
+        device_memory(endpoint, RpcVersion(7, 0, 0))
+    assert mismatch.value.code == "RPC_VERSION_MISMATCH" and "99.0.0" in mismatch.value.message
+    with hello_server((7, 0, 0)) as endpoint, pytest.raises(RbeeError) as silent:
+        device_memory(endpoint, RpcVersion(7, 0, 0))  # it hangs up after the HELLO
+    assert silent.value.code == "RPC_SERVER_UNREACHABLE" and "no answer to command 15" in silent.value.message
 
 
 @pytest.mark.llama
