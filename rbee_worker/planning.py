@@ -33,6 +33,8 @@ KV_PAD = 256
 #: The per-sequence context when none is asked for: a long training context would reserve GBs of KV.
 DEFAULT_CTX_CAP = 4096
 BACKENDS = DEVICE_BACKENDS
+#: the plan of a split worker: its offload steps land on llama.cpp RPC servers, one pool of memory
+SPLIT = "rpc"
 
 
 def default_ctx(shape: ModelShape) -> int:
@@ -156,9 +158,12 @@ def plan_memory(
 ) -> MemoryPlan:
     """Resolve `gpu_layers` and split the need; `auto` offloads as many steps as fit `device_free`.
 
+    Backend `SPLIT` plans a split worker: `device_free` is what its RPC servers have free
+    together (llama.cpp spreads the offloaded layers over them by their free memory), and
+    the rest — always the token embedding — stays on the worker's node.
     Nothing here refuses: `check_fits` compares a plan with what is free.
     """
-    if backend not in BACKENDS:
+    if backend not in (*BACKENDS, SPLIT):
         raise ValueError(f"backend {backend!r}")
     per_seq = ctx or default_ctx(shape)
     cells = kv_cells(slots, per_seq)
@@ -180,45 +185,12 @@ def plan_memory(
             )
     else:
         steps = min(int(gpu_layers), last)
-    return _plan(shape, backend, device, slots, per_seq, steps, cache_type)
-
-
-def plan_split(
-    shape: ModelShape,
-    *,
-    slots: int = 1,
-    ctx: int | None = None,
-    gpu_layers: GpuLayers = "auto",
-    servers_free: int,
-    cache_type: str = "f16",
-) -> MemoryPlan:
-    """A split worker's plan: offload steps land on its RPC servers, whose free memory is one pool.
-
-    llama.cpp spreads the offloaded layers over the servers by their free memory, so the
-    pool's sum is what they must fit; `auto` offloads as many steps as do, and the rest
-    (always the token embedding) stays on the worker's node. Backend `rpc`.
-    """
-    per_seq = ctx or default_ctx(shape)
-    cells = kv_cells(slots, per_seq)
-    last = shape.n_layers + 1
-    if gpu_layers == "auto":
-        fits = (k for k in range(last, 0, -1) if split(shape, "rpc", k, cells, cache_type)[0] <= servers_free)
-        steps = next(fits, 0)
-    else:
-        steps = last if gpu_layers == "all" else min(int(gpu_layers), last)
-    return _plan(shape, "rpc", None, slots, per_seq, steps, cache_type)
-
-
-def _plan(
-    shape: ModelShape, backend: str, device: int | None, slots: int, ctx: int, steps: int, cache_type: str
-) -> MemoryPlan:
-    cells = kv_cells(slots, ctx)
     device_bytes, host_bytes, host_weights = split(shape, backend, steps, cells, cache_type)
     return MemoryPlan(
         backend=backend,
         device=device,
         slots=slots,
-        ctx=ctx,
+        ctx=per_seq,
         n_layers=shape.n_layers,
         gpu_layers=steps,
         weights_bytes=shape.weights_bytes,
@@ -253,7 +225,7 @@ def check_fits(
         "model": model,
     }
     what = f"{plan.slots} slot(s) × ctx {plan.ctx}"
-    if plan.backend == "rpc" and device_free is not None and plan.device_bytes > device_free:
+    if plan.backend == SPLIT and device_free is not None and plan.device_bytes > device_free:
         raise RbeeError(
             ErrorCode.INSUFFICIENT_RAM,
             f"insufficient memory on the split's RPC servers: {plan.gpu_layers}/{plan.n_layers + 1} "
@@ -262,7 +234,7 @@ def check_fits(
             details={**breakdown, "required_bytes": plan.device_bytes, "available_bytes": device_free},
             hint="more helper nodes in --split, fewer --gpu-layers, or a smaller quantization",
         )
-    if plan.backend not in ("cpu", "rpc") and device_free is not None:
+    if plan.backend not in ("cpu", SPLIT) and device_free is not None:
         need = plan.total_bytes if plan.backend == "metal" else plan.device_bytes
         if plan.gpu_layers == 0 or need > device_free:
             where = f"{plan.backend}:{plan.device if plan.device is not None else 0}"

@@ -14,12 +14,12 @@ from typing import Protocol
 
 from rbee_worker.model_shape import ModelShape
 from rbee_worker.planning import (
+    SPLIT,
     GpuLayers,
     MemoryPlan,
     check_cache_type,
     check_fits,
     plan_memory,
-    plan_split,
 )
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from rbee_worker.runtimes import CTRANSFORMERS, LLAMA_CPP
@@ -172,8 +172,14 @@ def place(
     check_cache_type(shape, cache_type)
     ram = node.find("cpu")[0].memory_free_bytes
     if rpc_free is not None and backend == "cpu":  # a split worker: the layers go to the RPC servers
-        plan = plan_split(
-            shape, slots=slots, ctx=ctx, gpu_layers=gpu_layers, servers_free=rpc_free, cache_type=cache_type
+        plan = plan_memory(
+            shape,
+            backend=SPLIT,
+            slots=slots,
+            ctx=ctx,
+            gpu_layers=gpu_layers,
+            device_free=rpc_free,
+            cache_type=cache_type,
         )
         check_fits(plan, ram, rpc_free, model=model, ram_headroom=ram_headroom)
         return Placement(backend, None, runtime, plan, ram, None, [])

@@ -18,8 +18,9 @@ import time
 
 from rbee_worker.gguf_info import GGUFInfo
 from rbee_worker.logfile import WORKER_LOG_ENV
+from rbee_worker.planning import SPLIT
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
-from rbee_worker.protocol.spawn import SpawnRequest
+from rbee_worker.protocol.spawn import DEFAULT_CACHE_TYPE, SpawnRequest
 from rbee_worker.runtimes import choose_backend as worker_choose_runtime
 
 from . import tls
@@ -142,7 +143,7 @@ async def launch(
         cmd += ["--tensor-split", ",".join(f"{w:g}" for w in req.tensor_split)]
     if req.embedding:
         cmd.append("--embedding")
-    if req.cache_type != "f16":
+    if req.cache_type != DEFAULT_CACHE_TYPE:
         cmd += ["--cache-type", req.cache_type]
     scheme = "http"
     if tls.needs_tls(config.address, config.tls):  # the keys, prompts and answers would cross the LAN
@@ -182,7 +183,7 @@ async def launch(
         runtime=placement.runtime,
         device=placement.device,
         gpu_layers=plan.gpu_layers,
-        planned_bytes=plan.host_bytes if plan.backend == "rpc" else plan.total_bytes,  # what lands here
+        planned_bytes=plan.host_bytes if plan.backend == SPLIT else plan.total_bytes,  # what lands here
         rpc_servers=list(req.rpc_servers),
         embedding=req.embedding,
     )

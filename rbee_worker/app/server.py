@@ -26,6 +26,7 @@ from ..model_shape import read_model_shape
 from ..planning import check_cache_type
 from ..protocol.errors import ErrorCode, RbeeError
 from ..protocol.hive_api import ReadyReport
+from ..protocol.spawn import DEFAULT_CACHE_TYPE
 from ..runtimes import LLAMA_CPP, choose_backend, device_choice, runtime_factory
 from . import event_loop
 from .connections import ConnectionLimits, guarded_protocol
@@ -180,12 +181,12 @@ async def _load_slots(
     factory = runtime_factory(backend)
     copies = 1 if backend == LLAMA_CPP else config.slots
     options: dict[str, Any] = {}
+    quantized_cache = config.cache_type != DEFAULT_CACHE_TYPE
     if backend == LLAMA_CPP:
         options = {"sequences": config.slots, "cache_type": config.cache_type, **offload}
-        if config.cache_type != "f16":  # llama.cpp's own refusal names only the context size
-            shape = await asyncio.to_thread(read_model_shape, config.model_path)
-            check_cache_type(shape, config.cache_type)
-    if backend != LLAMA_CPP and config.cache_type != "f16":
+        if quantized_cache:  # llama.cpp's own refusal names only the context size
+            check_cache_type(await asyncio.to_thread(read_model_shape, config.model_path), config.cache_type)
+    elif quantized_cache:
         raise RbeeError(
             ErrorCode.BACKEND_NOT_AVAILABLE, f"{backend} has no KV cache types; use llama-cpp", status=422
         )

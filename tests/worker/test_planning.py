@@ -22,7 +22,6 @@ from rbee_worker.planning import (
     kv_cells,
     parse_gpu_layers,
     plan_memory,
-    plan_split,
 )
 from rbee_worker.protocol.errors import RbeeError
 
@@ -210,7 +209,7 @@ def test_a_split_holds_a_model_bigger_than_its_worker_node() -> None:
         check_fits(whole, ram_free=3 * GIB, device_free=None, ram_headroom=1.2)
     assert caught.value.code == "INSUFFICIENT_RAM"
     # ... split over two 4 GB helpers, every layer goes to them and the node keeps the token embedding
-    split = plan_split(LLAMA3_8B, ctx=4096, servers_free=8 * GIB)
+    split = plan_memory(LLAMA3_8B, backend="rpc", ctx=4096, device_free=8 * GIB)
     assert split.backend == "rpc" and split.gpu_layers == 33 and split.full_offload
     assert split.host_bytes == LLAMA3_8B.host_bytes < 3 * GIB
     assert split.device_bytes == split.weights_bytes - split.host_bytes + split.kv_bytes + split.compute_bytes
@@ -218,7 +217,7 @@ def test_a_split_holds_a_model_bigger_than_its_worker_node() -> None:
 
 
 def test_a_split_keeps_what_its_servers_cannot_hold() -> None:
-    partial = plan_split(LLAMA3_8B, ctx=4096, servers_free=3 * GIB)
+    partial = plan_memory(LLAMA3_8B, backend="rpc", ctx=4096, device_free=3 * GIB)
     assert 0 < partial.gpu_layers < 33 and partial.device_bytes <= 3 * GIB
     check_fits(partial, ram_free=4 * GIB, device_free=3 * GIB)
     with pytest.raises(RbeeError) as caught:  # the layers left behind do not fit the node either
@@ -227,7 +226,7 @@ def test_a_split_keeps_what_its_servers_cannot_hold() -> None:
         caught.value.code == "INSUFFICIENT_RAM"
         and "offloaded layers leave on the host" in caught.value.message
     )
-    forced = plan_split(LLAMA3_8B, ctx=4096, gpu_layers="all", servers_free=3 * GIB)
+    forced = plan_memory(LLAMA3_8B, backend="rpc", ctx=4096, gpu_layers="all", device_free=3 * GIB)
     with pytest.raises(RbeeError) as caught:
         check_fits(forced, ram_free=64 * GIB, device_free=3 * GIB)
     err = caught.value
