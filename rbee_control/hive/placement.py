@@ -171,22 +171,11 @@ def place(
         raise _unavailable(f"{backend} needs the llama-cpp runtime, not {runtime}", "--runtime llama-cpp")
     check_cache_type(shape, cache_type)
     ram = node.find("cpu")[0].memory_free_bytes
-    if rpc_free is not None and backend == "cpu":  # a split worker: the layers go to the RPC servers
-        plan = plan_memory(
-            shape,
-            backend=SPLIT,
-            slots=slots,
-            ctx=ctx,
-            gpu_layers=gpu_layers,
-            device_free=rpc_free,
-            cache_type=cache_type,
-        )
-        check_fits(plan, ram, rpc_free, model=model, ram_headroom=ram_headroom)
-        return Placement(backend, None, runtime, plan, ram, None, [])
-    device_free = None if backend == "cpu" else dev.memory_free_bytes
+    split = rpc_free is not None and backend == "cpu"  # a split worker: the layers go to the RPC servers
+    device_free = rpc_free if split else None if backend == "cpu" else dev.memory_free_bytes
     plan = plan_memory(
         shape,
-        backend=backend,
+        backend=SPLIT if split else backend,
         slots=slots,
         ctx=ctx,
         device=None if backend == "cpu" else dev.device,
@@ -195,5 +184,7 @@ def place(
         cache_type=cache_type,
     )
     check_fits(plan, ram, device_free, model=model, ram_headroom=ram_headroom)
+    if split:  # what the servers have free is none of this node's devices
+        return Placement(backend, None, runtime, plan, ram, None, [])
     warnings = [w for w in node.warnings if backend == "cpu" and "not built for" in w]
     return Placement(backend, plan.device, runtime, plan, ram, device_free, warnings)
