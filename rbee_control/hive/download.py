@@ -9,6 +9,7 @@ finished `.part` file is worth.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import hashlib
@@ -17,6 +18,7 @@ import random
 import re
 import shutil
 import ssl
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,7 @@ import httpx
 from rbee_worker.protocol.errors import ErrorCode, RbeeError
 from rbee_worker.protocol.node_events import Emitter
 
-from .body_reader import body_chunks
+from .body_reader import READ_SLICE, body_chunks
 from .part_file import BATCH, Meter, PartDigest, PartSink
 from .refs import Source, TransientError
 
@@ -96,15 +98,14 @@ async def download(
     last: Exception | None = None
     timeout = httpx.Timeout(connect=10.0, read=policy.stall_timeout, write=30.0, pool=10.0)
 
-    async def no_downgrade(request: httpx.Request) -> None:
+    def no_downgrade(request: httpx.Request) -> None:
         """Every request of a redirect chain passes here before it is sent."""
         if source is not None and source.url.startswith("https:") and request.url.scheme != "https":
             raise _downgrade(source.url, str(request.url))
 
     hooks = {"request": [no_downgrade]}
-    async with httpx.AsyncClient(
-        timeout=timeout, follow_redirects=True, event_hooks=hooks, verify=_tls()
-    ) as client:
+    # a blocking client, driven from one thread per attempt: see `_fetch_in_thread`
+    with httpx.Client(timeout=timeout, follow_redirects=True, event_hooks=hooks, verify=_tls()) as client:
         for attempt in range(1, policy.attempts + 1):
             if attempt > 1:
                 delay = policy.delay(attempt - 1)
@@ -115,7 +116,8 @@ async def download(
             try:
                 if source is None:
                     source = await resolve()
-                await _fetch_once(client, source, part, emitter, digest, policy.max_bytes)
+                args = (client, source, part, emitter, digest, policy.max_bytes)
+                await _fetch_in_thread(functools.partial(_fetch_once, *args))
                 return source
             except TransientError as exc:
                 last = exc
@@ -132,6 +134,48 @@ async def download(
         },
         hint="run the same command again: it resumes from the partial file",
     )
+
+
+async def _fetch_in_thread(fetch: Callable[[threading.Event], None]) -> None:
+    """Run one attempt on a thread of its own; a cancelled attempt stops and lands what it received.
+
+    The body is read, hashed and handed to the writer on that thread with blocking
+    calls: reading it on the event loop and hashing elsewhere held a loopback
+    download to 0.85x curl, mostly because sha256 then read bytes another core had
+    touched last. Cancelling sets `stop`, which the body reader sees within
+    `READ_SLICE`; a thread still waiting for a connection or for headers is a
+    daemon, left to its timeouts, so Ctrl-C never waits for a silent server.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    stop = threading.Event()
+
+    def run() -> None:
+        outcome: BaseException | None = None
+        try:
+            fetch(stop)
+        except BaseException as exc:
+            outcome = exc
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            loop.call_soon_threadsafe(_settle, done, outcome)
+
+    threading.Thread(target=run, name="rbee-download", daemon=True).start()
+    try:
+        await asyncio.shield(done)
+    except asyncio.CancelledError:
+        stop.set()
+        with contextlib.suppress(Exception, asyncio.TimeoutError):
+            await asyncio.wait_for(done, 2 * READ_SLICE)
+        raise
+
+
+def _settle(done: asyncio.Future[None], exc: BaseException | None) -> None:
+    if done.cancelled():
+        return
+    if exc is None:
+        done.set_result(None)
+    else:
+        done.set_exception(exc)
 
 
 @functools.cache
@@ -171,13 +215,14 @@ def _overrun(url: str, part: Path, limit: int, declared: bool) -> RbeeError:
     )
 
 
-async def _fetch_once(
-    client: httpx.AsyncClient,
+def _fetch_once(
+    client: httpx.Client,
     source: Source,
     part: Path,
     emitter: Emitter,
     digest: PartDigest,
-    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_bytes: int,
+    stop: threading.Event,
 ) -> None:
     offset = part.stat().st_size if part.exists() else 0
     if source.size is not None:
@@ -189,7 +234,7 @@ async def _fetch_once(
     headers = {**source.headers, "Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
-    async with client.stream("GET", source.url, headers=headers) as resp:
+    with client.stream("GET", source.url, headers=headers) as resp:
         status = resp.status_code
         if status == 416:
             m = re.search(r"/(\d+)", resp.headers.get("content-range", ""))
@@ -241,21 +286,21 @@ async def _fetch_once(
             emitter.log(f"resuming at byte {offset}")
         meter = Meter(emitter, "download", offset, total)
         meter.add(0, force=True)
-        await digest.start_at(offset, emitter)
+        digest.catch_up(offset, emitter)
         overrun = False
         try:
             with part.open("ab" if offset else "wb") as f:
                 sink = PartSink(f, digest)
                 try:
                     # unbuffered: a drop loses nothing
-                    async for chunk in body_chunks(resp, client.timeout.read):
+                    for chunk in body_chunks(resp, client.timeout.read, stop):
                         if meter.done + len(chunk) > limit:
                             overrun = True
                             break
-                        await sink.add(chunk)
+                        sink.add(chunk)
                         meter.add(len(chunk))
                 finally:
-                    await sink.close()  # what was received is on disk before any retry resumes
+                    sink.close()  # what was received is on disk before any retry resumes
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise _disk_full(part) from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -40,9 +41,14 @@ def head(length: int | None, extra: str = "") -> bytes:
     return f"HTTP/1.1 200 OK\r\n{size}{extra}Connection: keep-alive\r\n\r\n".encode()
 
 
-async def fetch(url: str, read_timeout: float = 10.0) -> list[bytes]:
-    async with httpx.AsyncClient(timeout=read_timeout) as client, client.stream("GET", url) as resp:
-        return [chunk async for chunk in body_chunks(resp, read_timeout)]
+def _fetch_blocking(url: str, read_timeout: float, stop: threading.Event | None) -> list[bytes]:
+    with httpx.Client(timeout=read_timeout) as client, client.stream("GET", url) as resp:
+        return list(body_chunks(resp, read_timeout, stop))
+
+
+async def fetch(url: str, read_timeout: float = 10.0, stop: threading.Event | None = None) -> list[bytes]:
+    """The downloader reads on a thread of its own; so does this, while the server answers on the loop."""
+    return await asyncio.to_thread(_fetch_blocking, url, read_timeout, stop)
 
 
 async def test_a_sized_body_arrives_whole_in_large_reads() -> None:
@@ -89,6 +95,27 @@ async def test_a_stalled_body_is_httpx_read_timeout() -> None:
                 await fetch(url, read_timeout=0.3)
         finally:
             release.set()
+
+
+async def test_a_stop_request_ends_a_stalled_read() -> None:
+    release = asyncio.Event()
+    stop = threading.Event()
+
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        writer.write(head(len(BODY)) + BODY[: 1 << 20])
+        await writer.drain()
+        await release.wait()
+
+    async with serving(answer) as url:
+        reading = asyncio.ensure_future(fetch(url, read_timeout=60.0, stop=stop))
+        try:
+            await asyncio.sleep(0.5)
+            assert not reading.done()  # the server holds the rest back: the reader waits
+            stop.set()
+            got = b"".join(await asyncio.wait_for(reading, 10))  # well before the 60 s stall limit
+        finally:
+            release.set()
+    assert got == BODY[: 1 << 20]
 
 
 async def test_a_chunked_body_goes_through_h11() -> None:
