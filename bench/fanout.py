@@ -8,10 +8,14 @@ node costs one SSH connect and one round trip, no process on the node.
 
 Per repetition (the order of N rotated, reversed every other time):
 
-- *CLI*: the wall time of a whole `rbee-keeper --json status` process (what the
-  operator waits for: start-up, N connects, N round trips, the table);
-- *fan-out*: the same work in this process (`TransportPool` + `NodeClient.hive_status`,
-  connects included), without the keeper's start-up.
+- *CLI*: the wall time of a whole `rbee-keeper --json status` process with the
+  keeper's connection holder already holding the N connections (what the operator
+  waits for on every `status` but the first within `RBEE_SSH_PERSIST` seconds:
+  start-up, N round trips through the holder, the table);
+- *cold CLI*: the same right after the holder was stopped: the holder starts and
+  makes N connects (the first `status` of the day);
+- *fan-out*: direct connects in this process, no holder (`TransportPool` +
+  `NodeClient.hive_status`, connects included), without the keeper's start-up.
 
 Every answer must say `running` and `via: socket`, or the run stops. Ratios are
 medians of per-repetition ratios. The last line is
@@ -42,9 +46,17 @@ _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
-from bench.report.common import RUN_TIMEOUT, SshdPool, make_fleet, med, stop_hives  # noqa: E402
+from bench.report.common import (  # noqa: E402
+    RUN_TIMEOUT,
+    KeeperFleet,
+    SshdPool,
+    make_fleet,
+    med,
+    stop_hives,
+)
 from rbee_control.inventory.loader import load_inventory  # noqa: E402
 from rbee_control.node import NodeClient  # noqa: E402
+from rbee_control.ssh.held_paths import holder_pid, stop_holder  # noqa: E402
 from rbee_control.ssh.known_hosts import KnownHosts  # noqa: E402
 from rbee_control.ssh.pool import TransportPool  # noqa: E402
 
@@ -59,11 +71,12 @@ class FanoutResult:
     sizes: tuple[int, ...]
     cli: dict[int, list[float]]
     fan: dict[int, list[float]]
+    cold: dict[int, list[float]]
     hive_start_s: float
     load: tuple[float, float] = (0.0, 0.0)  # 1-minute load average at the start and at the end
 
     def ratio(self, n: int, which: str = "cli") -> float:
-        series = self.cli if which == "cli" else self.fan
+        series = {"cli": self.cli, "fan": self.fan, "cold": self.cold}[which]
         one = series[self.sizes[0]]
         return med([a / b for a, b in zip(series[n], one, strict=True)])
 
@@ -113,6 +126,8 @@ def run(base: Path, reps: int = 5, sizes: tuple[int, ...] = SIZES) -> FanoutResu
         nodes = {f"s{i}": pool.get(f"127.0.0.{i}") for i in range(2, 2 + largest)}
         names = list(nodes)
         fleets = {n: make_fleet(base / f"k{n}", {k: nodes[k] for k in names[:n]}, local=False) for n in sizes}
+        for n, fleet in fleets.items():  # the operator's default: the keeper holds its connections
+            fleet.keeper.env_extra.update(RBEE_SSH_PERSIST="300", RBEE_SSH_PERSIST_DIR=str(base / f"held{n}"))
         big = fleets[largest]
         for n, fleet in fleets.items():  # one set of homes (and hives): the largest fleet's
             if n != largest:
@@ -124,41 +139,57 @@ def run(base: Path, reps: int = 5, sizes: tuple[int, ...] = SIZES) -> FanoutResu
         hive_start = time.perf_counter() - t0
         cli: dict[int, list[float]] = {n: [] for n in sizes}
         fan: dict[int, list[float]] = {n: [] for n in sizes}
+        cold: dict[int, list[float]] = {n: [] for n in sizes}
         for rep in range(reps):
             k = rep % len(sizes)
             order = list(sizes[k:] + sizes[:k])
             if rep % 2:
                 order.reverse()
             for n in order:
-                status = fleets[n].keeper.run("status", json_mode=True, timeout=RUN_TIMEOUT)
-                answers = status.json().values() if status.rc == 0 else []
-                if status.rc != 0 or not all(a.get("via") == "socket" for a in answers):
-                    raise RuntimeError(f"status over {n} nodes did not answer over the sockets:\n{status}")
-                cli[n].append(status.seconds)
+                if not stop_holder(base / f"held{n}"):
+                    raise RuntimeError(f"the connection holder of the {n}-node keeper did not stop")
+                cold[n].append(socket_status(fleets[n], n))
+                if holder_pid(base / f"held{n}") is None:
+                    raise RuntimeError(f"the {n}-node keeper started no connection holder")
+                cli[n].append(socket_status(fleets[n], n))
                 known = fleets[n].keeper.config_dir / "known_hosts"
                 fanned = asyncio.wait_for(fan_out_status(fleets[n].inventory, known), FAN_OUT_TIMEOUT)
                 fan[n].append(asyncio.run(fanned))
             log(f"repetition {rep + 1}/{reps}: " + ", ".join(f"{n}: {cli[n][-1]:.2f}s" for n in sizes))
-        return FanoutResult(tuple(sizes), cli, fan, hive_start, (load_at_start, os.getloadavg()[0]))
+        return FanoutResult(tuple(sizes), cli, fan, cold, hive_start, (load_at_start, os.getloadavg()[0]))
     finally:
+        for n in sizes:
+            stop_holder(base / f"held{n}")
         if largest in fleets:
             stop_hives(fleets[largest])
         pool.close()
 
 
+def socket_status(fleet: KeeperFleet, n: int) -> float:
+    """One `rbee-keeper --json status`; its wall time once every node answered over its socket."""
+    status = fleet.keeper.run("status", json_mode=True, timeout=RUN_TIMEOUT)
+    answers = status.json().values() if status.rc == 0 else []
+    if status.rc != 0 or not all(a.get("via") == "socket" for a in answers):
+        raise RuntimeError(f"status over {n} nodes did not answer over the sockets:\n{status}")
+    return status.seconds
+
+
 def report(result: FanoutResult) -> str:
     one = result.sizes[0]
-    head = f"{'nodes':>5}  {'CLI s':>7}  {'CLI / 1':>7}  {'fan-out s':>9}  {'fan-out / 1':>11}"
-    lines = [f"{head}  CLI per repetition"]
+    head = f"{'nodes':>5}  {'CLI s':>7}  {'CLI / 1':>7}  {'cold s':>7}  {'cold / 1':>8}"
+    lines = [f"{head}  {'fan-out s':>9}  {'fan-out / 1':>11}  CLI per repetition"]
     for n in result.sizes:
         lines.append(
-            f"{n:>5}  {med(result.cli[n]):>7.2f}  {result.ratio(n):>7.2f}  {med(result.fan[n]):>9.2f}  "
+            f"{n:>5}  {med(result.cli[n]):>7.2f}  {result.ratio(n):>7.2f}  {med(result.cold[n]):>7.2f}  "
+            f"{result.ratio(n, 'cold'):>8.2f}  {med(result.fan[n]):>9.2f}  "
             f"{result.ratio(n, 'fan'):>11.2f}  {', '.join(f'{s:.2f}' for s in result.cli[n])}"
         )
     lines.append(
         f"({max(result.sizes)} hives started in {result.hive_start_s:.1f} s; "
         f"load average {result.load[0]:.1f} at the start, {result.load[1]:.1f} at the end)"
     )
+    for n in result.sizes[1:]:
+        lines.append(f"first status (holder starting) {n} nodes / {one} node: {result.ratio(n, 'cold'):.2f}")
     for n in result.sizes[1:]:
         lines.append(f"status {n} nodes / {one} node: {result.ratio(n):.2f}")
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,9 @@ import pytest
 from rbee_worker.tinymodel import write_tiny_model
 
 from .worker_proc import WorkerProcess, smollm2_path
+
+# keeper processes the tests start connect by themselves unless a test asks for the holder
+os.environ.setdefault("RBEE_SSH_PERSIST", "0")
 
 
 @pytest.fixture(scope="session")

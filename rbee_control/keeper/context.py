@@ -44,6 +44,7 @@ class KeeperContext:
 
     def pool(self) -> TransportPool:
         """A fresh pool over the inventory's nodes; use it as `async with ctx.pool() as pool`."""
+        from rbee_control.ssh.held_client import ConnectionHolder
         from rbee_control.ssh.pool import TransportPool
 
-        return TransportPool(self.inventory)
+        return TransportPool(self.inventory, holder=ConnectionHolder.from_env())

@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import Generic, TypeVar
 
 from rbee_control.inventory.model import Inventory, Node
+from rbee_control.ssh.held_client import ConnectionHolder
 from rbee_control.ssh.known_hosts import KnownHosts
 from rbee_control.ssh.local import LocalTransport
 from rbee_control.ssh.remote import SshTransport
@@ -29,19 +30,27 @@ FAILURE_TTL = 30.0
 
 
 def make_transport(
-    node: Node, *, known_hosts: KnownHosts | None = None, connect_timeout: float | None = None
+    node: Node,
+    *,
+    known_hosts: KnownHosts | None = None,
+    connect_timeout: float | None = None,
+    holder: ConnectionHolder | None = None,
 ) -> NodeTransport:
     """The transport the node's inventory entry asks for (not yet connected)."""
     if node.is_local:
         return LocalTransport(node)
-    return SshTransport(node, known_hosts=known_hosts, connect_timeout=connect_timeout)
+    return SshTransport(node, known_hosts=known_hosts, connect_timeout=connect_timeout, holder=holder)
 
 
 async def open_transport(
-    node: Node, *, known_hosts: KnownHosts | None = None, connect_timeout: float | None = None
+    node: Node,
+    *,
+    known_hosts: KnownHosts | None = None,
+    connect_timeout: float | None = None,
+    holder: ConnectionHolder | None = None,
 ) -> NodeTransport:
     """A connected transport for one node (the caller closes it)."""
-    transport = make_transport(node, known_hosts=known_hosts, connect_timeout=connect_timeout)
+    transport = make_transport(node, known_hosts=known_hosts, connect_timeout=connect_timeout, holder=holder)
     await transport.connect()
     return transport
 
@@ -69,8 +78,11 @@ class TransportPool:
         known_hosts: KnownHosts | None = None,
         connect_timeout: float | None = None,
         failure_ttl: float = FAILURE_TTL,
+        holder: ConnectionHolder | None = None,
     ) -> None:
+        """`holder`: the keeper's connection holder, for socket exchanges (see `SshTransport`)."""
         self.inventory = inventory
+        self._holder = holder
         self.known_hosts = known_hosts or KnownHosts()
         self._connect_timeout = connect_timeout
         self._failure_ttl = failure_ttl
@@ -93,7 +105,12 @@ class TransportPool:
             task = None
         if task is None:
             task = asyncio.create_task(
-                open_transport(target, known_hosts=self.known_hosts, connect_timeout=self._connect_timeout)
+                open_transport(
+                    target,
+                    known_hosts=self.known_hosts,
+                    connect_timeout=self._connect_timeout,
+                    holder=self._holder,
+                )
             )
             task.add_done_callback(functools.partial(self._note_failure, target.name))
             self._opening[target.name] = task

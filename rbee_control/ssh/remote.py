@@ -24,6 +24,8 @@ from rbee_control.inventory.model import Node
 from rbee_control.ssh.command import check_argv, remote_command_line, signal_exit_status
 from rbee_control.ssh.connect import ATTEMPTS, BACKOFF, default_connect_timeout, open_connection
 from rbee_control.ssh.failures import connection_lost
+from rbee_control.ssh.held_client import ConnectionHolder
+from rbee_control.ssh.held_paths import HolderUnavailable
 from rbee_control.ssh.known_hosts import KnownHosts
 from rbee_control.ssh.stream import CommandStream, StderrCallback
 from rbee_control.ssh.transport import (
@@ -188,7 +190,10 @@ class SshTransport(NodeTransport):
         attempts: int = ATTEMPTS,
         backoff: Sequence[float] = BACKOFF,
         max_channels: int = MAX_CHANNELS,
+        holder: ConnectionHolder | None = None,
     ) -> None:
+        """`holder`: socket exchanges go through the keeper's connection holder, which keeps
+        connections between runs; commands still use this transport's own connection."""
         super().__init__(node)
         if node.ssh is None:
             raise RbeeError(ErrorCode.INTERNAL_ERROR, f"node {node.name} is not an ssh node")
@@ -202,9 +207,11 @@ class SshTransport(NodeTransport):
         self._closed = False
         self._streams: set[CommandStream] = set()
         self._login_dir: str | None = None
+        self._holder = holder
 
     async def connect(self) -> None:
-        await self.connection()
+        if self._holder is None:  # with a holder, a run that only reads sockets opens no connection
+            await self.connection()
 
     async def connection(self) -> asyncssh.SSHClientConnection:
         """The open connection, (re)connecting if there is none or it dropped."""
@@ -269,6 +276,13 @@ class SshTransport(NodeTransport):
 
     async def unix_exchange(self, path: str, request: bytes, *, limit: int = UNIX_REPLY_LIMIT) -> bytes:
         """One direct-streamlocal channel (sshd: `AllowStreamLocalForwarding`, on by default)."""
+        if self._holder is not None:
+            try:
+                return await self._holder.exchange(
+                    self.node, self.known_hosts.path, self._timeout, path, request, limit
+                )
+            except HolderUnavailable:
+                self._holder = None  # this machine cannot hold connections: go direct from now on
         async with self.channels:
             target = await self._absolute(path)
             try:

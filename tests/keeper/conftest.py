@@ -80,6 +80,9 @@ class Keeper:
                 "XDG_STATE_HOME": str(self.state_dir),
                 "PYTHONUNBUFFERED": "1",
                 "COLUMNS": "200",  # a wide terminal: human tables are not cut at 80 columns
+                # each run connects itself: a connection holder outliving its test would keep
+                # connections to sshds the next test restarts (test_held_connections.py turns it on)
+                "RBEE_SSH_PERSIST": "0",
                 **HIVE_ENV,
                 **self.env_extra,
             }
