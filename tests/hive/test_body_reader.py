@@ -81,15 +81,20 @@ async def test_an_early_close_ends_the_body_short() -> None:
     assert got == BODY[: len(got)] and len(got) < len(BODY)  # the downloader counts and resumes
 
 
-async def test_a_stalled_body_is_httpx_read_timeout() -> None:
-    release = asyncio.Event()
+def first_mib_then_wait(release: asyncio.Event) -> Answer:
+    """An answer that sends its head and the body's first MiB, then nothing until `release` is set."""
 
     async def answer(writer: asyncio.StreamWriter) -> None:
         writer.write(head(len(BODY)) + BODY[: 1 << 20])
         await writer.drain()
         await release.wait()
 
-    async with serving(answer) as url:
+    return answer
+
+
+async def test_a_stalled_body_is_httpx_read_timeout() -> None:
+    release = asyncio.Event()
+    async with serving(first_mib_then_wait(release)) as url:
         try:
             with pytest.raises(httpx.ReadTimeout):
                 await fetch(url, read_timeout=0.3)
@@ -100,13 +105,7 @@ async def test_a_stalled_body_is_httpx_read_timeout() -> None:
 async def test_a_stop_request_ends_a_stalled_read() -> None:
     release = asyncio.Event()
     stop = threading.Event()
-
-    async def answer(writer: asyncio.StreamWriter) -> None:
-        writer.write(head(len(BODY)) + BODY[: 1 << 20])
-        await writer.drain()
-        await release.wait()
-
-    async with serving(answer) as url:
+    async with serving(first_mib_then_wait(release)) as url:
         reading = asyncio.ensure_future(fetch(url, read_timeout=60.0, stop=stop))
         try:
             await asyncio.sleep(0.5)
