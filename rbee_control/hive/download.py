@@ -141,7 +141,7 @@ async def _fetch_in_thread(fetch: Callable[[threading.Event], None]) -> None:
 
     The body is read, hashed and handed to the writer on that thread with blocking
     calls: reading it on the event loop and hashing elsewhere held a loopback
-    download to 0.85x curl, mostly because sha256 then read bytes another core had
+    download to 0.82x curl, mostly because sha256 then read bytes another core had
     touched last. Cancelling sets `stop`, which the body reader sees within
     `READ_SLICE`; a thread still waiting for a connection or for headers is a
     daemon, left to its timeouts, so Ctrl-C never waits for a silent server.
